@@ -1,0 +1,38 @@
+# Everything a fresh machine needs, from python3 and make alone.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: venv test lint typecheck unit demo bench test-browser clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+lint: $(STAMP)
+	$(BIN)/ruff check batch_engine tests bench
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+unit: $(STAMP)
+	$(BIN)/pytest -q
+
+test: lint typecheck unit
+
+demo: $(STAMP)
+	$(BIN)/batch-engine run jobs/demo.yaml --simulate --out out/demo --fresh --yes
+
+bench: $(STAMP)
+	$(BIN)/python -m bench
+
+test-browser: $(STAMP)
+	$(BIN)/python -m tests.browser.run
+
+clean:
+	rm -rf $(VENV) out .mypy_cache .ruff_cache .pytest_cache

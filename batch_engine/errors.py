@@ -1,0 +1,130 @@
+"""The project's exceptions: one base, and who raises each.
+
+    BatchEngineError
+    ├── UsageError              cli, config: a bad flag or environment value (exit 2)
+    ├── ManifestError           manifest: every problem found in a manifest, listed (exit 2)
+    ├── OutDirLocked            lock: another live run holds the out dir
+    ├── JournalError            journal: the journal is unreadable or belongs to another manifest
+    └── ApiError                client: one HTTP exchange went wrong (never raised past the engine)
+        ├── RetryLater          5xx, timeout or network error on a request that is safe to repeat
+        │   └── NotAccepted     a submit the server certainly never saw (connection refused)
+        ├── SlowDown            429: too many requests, or too many concurrent tasks
+        ├── ItemRejected        400: invalid request or content policy; this item fails, no retry
+        ├── SubmitOutcomeUnknown a submit was sent and its answer lost: it may have been billed
+        ├── StopRun             401: the key is missing or invalid; nothing else can succeed
+        └── StopSubmitting      403: no permission or no balance; finish what is in flight
+
+aiohttp's exceptions are mapped to these in exactly one place, `client.ApiClient._exchange`.
+A failed item is a value (`types.ItemError`), not an exception: only bugs and cancellation
+escape the engine's task group.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class BatchEngineError(Exception):
+    """Base of every error this package raises on purpose."""
+
+
+class UsageError(BatchEngineError):
+    """A command-line flag, environment variable or setting is wrong; the message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a manifest, located as precisely as it can be."""
+
+    file: str
+    message: str
+    field: str | None = None  #: dotted path of the field, e.g. ``items[3].size`` or ``settings.rate``
+    item_index: int | None = None  #: 0-based position in ``items``
+    item_id: str | None = None
+    line: int | None = None  #: 1-based line in the YAML file, when known
+
+    def __str__(self) -> str:
+        where = self.file + (f":{self.line}" if self.line is not None else "")
+        parts = [where]
+        if self.item_index is not None:
+            parts.append(f"item {self.item_index}" + (f" ({self.item_id!r})" if self.item_id else ""))
+        if self.field:
+            parts.append(self.field)
+        return ": ".join(parts) + ": " + self.message
+
+
+class ManifestError(BatchEngineError):
+    """A manifest failed validation; ``problems`` lists every problem found, not just the first."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = problems
+        noun = "problem" if len(problems) == 1 else "problems"
+        lines = "\n".join(f"  {p}" for p in problems)
+        super().__init__(f"{len(problems)} {noun} in the manifest:\n{lines}")
+
+
+class OutDirLocked(BatchEngineError):
+    """Another live run holds the out dir's lock; the message names it (pid, host, start time)."""
+
+
+class JournalError(BatchEngineError):
+    """The journal cannot be used as it is (corrupt, newer schema, or another job's)."""
+
+
+class ApiError(BatchEngineError):
+    """One exchange with the API failed; ``status`` is the HTTP status (None for network errors)."""
+
+    kind: str = "network"
+
+    def __init__(self, message: str, *, status: int | None = None, kind: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        if kind is not None:
+            self.kind = kind
+
+
+class RetryLater(ApiError):
+    """Server trouble or a network fault on a request that is safe to repeat (poll, download)."""
+
+    kind = "server_error"
+
+
+class NotAccepted(RetryLater):
+    """A submit that certainly never reached the server (connection refused): safe to resend."""
+
+    kind = "network"
+
+
+class SlowDown(ApiError):
+    """429. ``retry_after`` is the server's Retry-After in seconds, when it sent one."""
+
+    kind = "rate_limited"
+
+    def __init__(self, message: str, *, status: int | None = 429, retry_after: float | None = None) -> None:
+        super().__init__(message, status=status)
+        self.retry_after = retry_after
+
+
+class ItemRejected(ApiError):
+    """400: the request is invalid (kind ``invalid_request``) or refused by policy (``content_policy``)."""
+
+    kind = "invalid_request"
+
+
+class SubmitOutcomeUnknown(ApiError):
+    """A submit was sent but its answer was lost (timeout, dropped connection, 5xx): maybe billed."""
+
+    kind = "network"
+
+
+class StopRun(ApiError):
+    """401: the API key is missing or invalid."""
+
+    kind = "auth"
+
+
+class StopSubmitting(ApiError):
+    """403: the key lacks permission or the balance ran out; resumable after a top-up."""
+
+    kind = "balance"

@@ -1,0 +1,223 @@
+"""The values that flow between stages and out of the journal: small frozen dataclasses."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ItemState(enum.StrEnum):
+    """Where one manifest item stands. Transitions: pending → submitting → submitted → succeeded | failed.
+
+    ``submitting`` means the intent to submit was committed and the POST may be in flight: found at
+    start-up it marks an ambiguous submit (the server may have accepted it). ``failed`` may also be
+    reached from ``pending`` (validation at run time, budget) and ``submitting`` (a 400).
+    """
+
+    PENDING = "pending"
+    SUBMITTING = "submitting"
+    SUBMITTED = "submitted"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+    @property
+    def is_final(self) -> bool:
+        return self in (ItemState.SUCCEEDED, ItemState.FAILED)
+
+
+class ErrorKind(enum.StrEnum):
+    """One word saying why an item failed; the report's ``error.kind``."""
+
+    CONTENT_POLICY = "content_policy"
+    INVALID_REQUEST = "invalid_request"
+    RATE_LIMITED = "rate_limited"
+    SERVER_ERROR = "server_error"
+    NETWORK = "network"
+    TIMEOUT = "timeout"
+    INFERENCE_FAILED = "inference_failed"
+    DOWNLOAD = "download"  #: the prediction completed but an output could not be fetched or verified
+    AUTH = "auth"
+    BALANCE = "balance"
+    AMBIGUOUS_SUBMIT = "ambiguous_submit"  #: answer lost and --no-resubmit-ambiguous was given
+    DISK = "disk"  #: an output could not be written (disk full, permissions)
+
+
+@dataclass(frozen=True)
+class ItemError:
+    """Why an item failed. ``status`` is the HTTP status when one was involved."""
+
+    kind: str
+    message: str
+    status: int | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "status": self.status, "message": self.message}
+
+
+@dataclass(frozen=True)
+class OutputFile:
+    """One downloaded output. ``path`` is relative to the out dir, e.g. ``images/sku-1-1.png``."""
+
+    path: str
+    sha256: str
+    url: str | None = None  #: where it was downloaded from; None for b64_json outputs
+    nsfw: bool | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "url": self.url, "sha256": self.sha256, "nsfw": self.nsfw}
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """A parsed prediction envelope (submit and result answers alike), whatever variant it came in."""
+
+    id: str
+    status: str  #: lower-cased as received, e.g. ``created``, ``processing``, ``completed``, ``failed``
+    outputs: tuple[str, ...] = ()  #: URLs, or base64 strings (maybe with a ``data:`` prefix)
+    error: str | None = None  #: None when the server sent null or ""
+    nsfw: tuple[bool | None, ...] = ()
+    inference_ms: int | None = None
+    model: str | None = None
+    created_at: str | None = None
+
+
+@dataclass(frozen=True)
+class RunMeta:
+    """What the journal remembers of the manifest a run came from, for reports rebuilt without it."""
+
+    name: str
+    manifest_path: str
+    model: str
+    task: str
+    base_url: str
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    settings: Mapping[str, Any] = field(default_factory=dict)  #: as written in the manifest
+    started_at: float | None = None  #: unix seconds
+    finished_at: float | None = None
+    stopped_reason: str | None = None  #: None when the run finished; else e.g. "interrupted", "auth"
+    stats: Mapping[str, Any] = field(default_factory=dict)  #: ``RunStats.as_dict()`` of the last run
+
+
+@dataclass(frozen=True)
+class ItemRecord:
+    """One journal row: everything known of one manifest item."""
+
+    index: int  #: position in the manifest (0-based); the report's order
+    item_id: str
+    fingerprint: str
+    spec: Mapping[str, Any]  #: the item as written in the manifest (id and its own fields, no defaults)
+    request: Mapping[str, Any]  #: the request body sent, defaults applied (manifest field names)
+    state: ItemState = ItemState.PENDING
+    prediction_id: str | None = None
+    attempts: int = 0  #: submits sent for this item, across runs
+    possible_duplicate: bool = False  #: resubmitted after an answer was lost: may be billed twice
+    outputs: tuple[OutputFile, ...] = ()
+    error: ItemError | None = None
+    submitted_at: float | None = None  #: unix seconds of the accepted submit
+    completed_at: float | None = None  #: unix seconds the engine saw the prediction finish
+    inference_ms: int | None = None
+
+
+@dataclass(frozen=True)
+class Item:
+    """One validated manifest item."""
+
+    index: int  #: 0-based position in the manifest's ``items``
+    id: str  #: unique in the manifest; ``item-<index>`` when the manifest gives none
+    spec: Mapping[str, Any]  #: the item as written (its ``id`` included when given), no defaults
+    request: Mapping[str, Any]  #: request fields with defaults applied (manifest names, e.g. ``images``)
+    fingerprint: str  #: sha256 hex of model, task and ``request``, canonical JSON
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A validated manifest: what ``manifest.load_manifest`` returns."""
+
+    path: str  #: as given on the command line
+    name: str
+    model: str  #: ``provider/model``, e.g. ``openai/gpt-image-2-plus``
+    task: str  #: e.g. ``image-edit``
+    defaults: Mapping[str, Any]
+    settings: Mapping[str, Any]  #: as written (validated); see ``config.RunSettings``
+    items: tuple[Item, ...]
+    warnings: tuple[str, ...] = ()  #: not errors, e.g. quality ignored by a -plus model
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Live counts of a run, for the progress display and the periodic log line."""
+
+    total: int  #: items in the manifest
+    done_before: int  #: items already final when this run started (resume)
+    submitted: int  #: accepted submits in this run
+    in_flight: int  #: predictions submitted and not yet finished
+    succeeded: int  #: items succeeded, this run and before
+    failed: int  #: items failed, this run and before
+    rate: float  #: current submit rate, per second
+    rate_ceiling: float
+    rate_limited: int  #: 429 answers so far (submits and polls)
+    polls: int
+    elapsed: float  #: seconds since the run started
+    images: int  #: output files written in this run
+
+    @property
+    def finished(self) -> int:
+        return self.succeeded + self.failed
+
+
+@dataclass(frozen=True)
+class RunStats:
+    """What a run did, for the final summary, ``report.yaml`` and ``index.html``."""
+
+    total: int
+    by_state: Mapping[str, int]  #: item counts by ``ItemState`` value
+    by_error_kind: Mapping[str, int]
+    images: int  #: output files written in this run
+    elapsed: float  #: seconds
+    submits: int  #: accepted (billed) submits in this run
+    submit_attempts: int  #: submit requests sent in this run, 429s included
+    rate_limited: int  #: 429 answers in this run
+    polls: int
+    predictions_resolved: int  #: predictions whose final status was seen in this run
+    rate_final: float
+    rate_ceiling: float
+    possible_duplicates: int
+    stopped_reason: str | None = None
+    #: per-minute counts since the start: ``{"submitted": [...], "finished": [...], "rate_limited": [...]}``
+    timeline: Mapping[str, list[int]] = field(default_factory=dict)
+
+    @property
+    def average_rate(self) -> float:
+        return self.submits / self.elapsed if self.elapsed > 0 else 0.0
+
+    @property
+    def polls_per_prediction(self) -> float:
+        return self.polls / self.predictions_resolved if self.predictions_resolved else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "total": self.total,
+            "by_state": dict(self.by_state),
+            "by_error_kind": dict(self.by_error_kind),
+            "images": self.images,
+            "elapsed": round(self.elapsed, 3),
+            "submits": self.submits,
+            "submit_attempts": self.submit_attempts,
+            "rate_limited": self.rate_limited,
+            "polls": self.polls,
+            "predictions_resolved": self.predictions_resolved,
+            "polls_per_prediction": round(self.polls_per_prediction, 2),
+            "average_rate": round(self.average_rate, 3),
+            "rate_final": round(self.rate_final, 3),
+            "rate_ceiling": self.rate_ceiling,
+            "possible_duplicates": self.possible_duplicates,
+            "stopped_reason": self.stopped_reason,
+            "timeline": {k: list(v) for k, v in self.timeline.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RunStats:
+        names = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in data.items() if k in names})
