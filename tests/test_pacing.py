@@ -1,0 +1,384 @@
+"""The submit pacer (slots, pauses, adaptation) and the poll budget; time is faked throughout."""
+
+from __future__ import annotations
+
+import math
+
+import anyio
+import pytest
+
+from batch_engine.pacing import (
+    CUT_MAX,
+    HOLD_SUBMITS,
+    PollBudget,
+    SubmitPacer,
+    climb,
+    cut_factor,
+    pause_after_429,
+)
+
+pytestmark = pytest.mark.anyio
+
+
+class FakeClock:
+    def __init__(self, now: float = 0.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FakeSleep:
+    """Records each requested delay and, given a clock, advances it by that much."""
+
+    def __init__(self, clock: FakeClock | None = None) -> None:
+        self.clock = clock
+        self.delays: list[float] = []
+
+    async def __call__(self, delay: float) -> None:
+        self.delays.append(delay)
+        if self.clock is not None:
+            self.clock.now += delay
+        await anyio.lowlevel.checkpoint()
+
+
+def make_pacer(
+    clock: FakeClock, *, rate: float = 2.0, rate_min: float = 0.05, adapt: bool = True
+) -> SubmitPacer:
+    return SubmitPacer(rate=rate, rate_min=rate_min, adapt=adapt, clock=clock, rand=lambda: 0.5)
+
+
+# --- pure parts ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("clean", "factor"), [(0, 0.5), (1, 0.5), (3, 0.5), (6, 0.8), (11, 0.9), (500, CUT_MAX)]
+)
+def test_cut_factor_is_gentler_the_later_the_429_came(clean: int, factor: float) -> None:
+    """The cut is 1 - 1/(clean - 1), bounded to [0.5, CUT_MAX]: a quick 429 means a big overshoot."""
+    assert cut_factor(clean) == pytest.approx(factor)
+
+
+def test_climb_closes_a_tenth_of_the_gap_and_stops_at_the_plateau() -> None:
+    """Below the plateau each step closes 10% of the gap; at or above it nothing changes."""
+    assert climb(5.0, 10.0) == pytest.approx(5.5)
+    assert climb(10.0, 10.0) == 10.0
+    assert climb(12.0, 10.0) == 12.0
+
+
+def test_reserve_spaces_slots_evenly_with_no_opening_burst() -> None:
+    """The first slot is now, and each later one 1/rate after the previous, even with no time passing."""
+    pacer = make_pacer(FakeClock(10.0), rate=4.0)
+    assert [pacer.reserve() for _ in range(4)] == [10.0, 10.25, 10.5, 10.75]
+
+
+def test_reserve_after_idle_time_does_not_bank_a_burst() -> None:
+    """Idle time earns no credit: after a gap the next two slots are still 1/rate apart."""
+    clock = FakeClock()
+    pacer = make_pacer(clock, rate=2.0)
+    pacer.reserve()
+    clock.now = 100.0
+    assert [pacer.reserve(), pacer.reserve()] == [100.0, 100.5]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"rate": 0.0}, "rate"),
+        ({"rate_min": math.nan}, "rate_min"),
+        ({"rate": 1.0, "rate_min": 2.0}, "rate_min"),
+    ],
+)
+def test_pacer_rejects_bad_settings(kwargs: dict[str, float], name: str) -> None:
+    """Bad rates raise ValueError naming the setting."""
+    settings = {"rate": 2.0, "rate_min": 0.05} | kwargs
+    with pytest.raises(ValueError, match=rf"^{name}"):
+        SubmitPacer(**settings)  # type: ignore[arg-type]
+
+
+def test_429_pauses_everyone_for_the_retry_after_and_cuts_once_per_pause() -> None:
+    """The first 429 pauses all slots until Retry-After and cuts the rate; 429s in flight do not cut again."""
+    clock = FakeClock()
+    pacer = make_pacer(clock, rate=10.0)
+    assert pacer.on_rate_limited(2.0) == 2.0
+    cut_to = pacer.rate
+    assert cut_to == 5.0
+    assert pacer.known_bad == 10.0
+    clock.now = 0.5
+    assert pacer.on_rate_limited(1.0) == 1.5  # an echo: the longer pause already in force stands
+    assert pacer.on_rate_limited(None) == 1.5
+    assert pacer.rate == cut_to
+    assert pacer.rate_limited == 3
+    assert [pacer.reserve(), pacer.reserve()] == [2.0, 2.2]
+
+
+def test_pause_after_429_prefers_the_retry_after_else_growing_jitter() -> None:
+    """A Retry-After is clamped to max_pause; without one the pause is full jitter over 1 s * 2**streak."""
+    assert pause_after_429(90.0, streak=3, max_pause=60.0, rand=0.5) == 60.0
+    assert pause_after_429(None, streak=3, max_pause=60.0, rand=0.5) == 4.0
+    assert pause_after_429(None, streak=30, max_pause=60.0, rand=0.5) == 30.0
+
+
+def test_retry_after_is_clamped_to_max_pause() -> None:
+    """A huge Retry-After pauses for max_pause at most."""
+    pacer = SubmitPacer(rate=1.0, rate_min=0.1, clock=FakeClock(), max_pause=5.0)
+    assert pacer.on_rate_limited(3600.0) == 5.0
+
+
+def test_without_retry_after_the_pause_is_jittered_and_grows_with_consecutive_429s() -> None:
+    """With no Retry-After the pause is full jitter over 1, 2, 4 s (rand 0.5), and resets after a success."""
+    clock = FakeClock()
+    pacer = make_pacer(clock, rate=1000.0, rate_min=0.01)
+    pauses = []
+    for _ in range(3):
+        pauses.append(pacer.on_rate_limited(None))
+        clock.now = pacer.paused_until
+    assert pauses == [0.5, 1.0, 2.0]
+    pacer.on_success()
+    assert pacer.on_rate_limited(None) == pytest.approx(0.5)
+
+
+def test_without_retry_after_the_pause_is_at_least_one_slot_of_the_cut_rate() -> None:
+    """A jittered pause shorter than one slot at the cut rate is lengthened to that slot."""
+    pacer = make_pacer(FakeClock(), rate=0.5, rate_min=0.01)
+    assert pacer.on_rate_limited(None) == 1 / pacer.rate == 4.0
+
+
+def test_fixed_rate_pauses_but_never_changes_the_rate() -> None:
+    """With adapt off a 429 still pauses every submitter, and the rate stays the configured one."""
+    clock = FakeClock()
+    pacer = make_pacer(clock, rate=3.0, adapt=False)
+    pacer.on_rate_limited(1.0)
+    clock.now = 1.0
+    for _ in range(500):
+        pacer.on_success()
+    assert pacer.rate == 3.0
+    assert pacer.known_bad is None
+
+
+def test_successes_during_a_pause_neither_count_nor_raise_the_rate() -> None:
+    """Answers that arrive during a pause were sent before the cut, so the rate stays where it was cut to."""
+    clock = FakeClock()
+    pacer = make_pacer(clock, rate=10.0)
+    pacer.on_rate_limited(1.0)
+    for _ in range(20):
+        pacer.on_success()
+    assert pacer.rate == 5.0
+
+
+def test_after_a_cut_the_rate_returns_quickly_to_just_below_the_known_bad_level_and_holds() -> None:
+    """Clean submits climb the rate to CUT_MAX * known_bad and keep it there until the hold is over."""
+    clock = FakeClock()
+    pacer = make_pacer(clock, rate=10.0)
+    pacer.on_rate_limited(1.0)
+    clock.now = 1.0
+    for _ in range(HOLD_SUBMITS * 4):
+        pacer.on_success()
+    assert pacer.rate == pytest.approx(CUT_MAX * 10.0, rel=1e-3)
+    assert pacer.rate <= CUT_MAX * 10.0
+
+
+def test_after_the_hold_the_rate_probes_above_the_known_bad_level_slowly() -> None:
+    """Once the hold time and submits have passed, each clean submit adds a small step, up to the ceiling."""
+    clock = FakeClock()
+    pacer = make_pacer(clock, rate=10.0)
+    pacer.on_rate_limited(1.0)
+    clock.now = 1.0
+    for _ in range(HOLD_SUBMITS * 4):
+        pacer.on_success()
+    plateau = pacer.rate
+    clock.now = 1000.0
+    pacer.on_success()
+    assert plateau < pacer.rate < plateau * 1.01
+    for _ in range(10_000):
+        pacer.on_success()
+    assert pacer.rate == pacer.ceiling
+
+
+def test_the_rate_never_goes_below_the_floor() -> None:
+    """Cuts stop at rate_min."""
+    clock = FakeClock()
+    pacer = make_pacer(clock, rate=1.0, rate_min=0.3)
+    for _ in range(5):
+        pacer.on_rate_limited(1.0)
+        clock.now = pacer.paused_until
+    assert pacer.rate == pacer.floor == 0.3
+
+
+def test_pacer_repr_shows_live_state() -> None:
+    """The repr shows the current rate, ceiling, known-bad level, 429 count and remaining pause."""
+    clock = FakeClock()
+    pacer = make_pacer(clock, rate=10.0)
+    pacer.on_rate_limited(1.0)
+    text = repr(pacer)
+    assert "rate=5/s" in text
+    assert "ceiling=10/s" in text
+    assert "known_bad=10/s" in text
+    assert "rate_limited=1" in text
+    assert "paused=1.000s" in text
+
+
+# --- the event-loop half -------------------------------------------------------------------------
+
+
+async def test_acquire_asks_for_even_delays_in_call_order() -> None:
+    """Concurrent submitters get slots in the order they asked: delays 0.5, 1.0, 1.5 s after the first."""
+    sleep = FakeSleep()  # time stands still: every slot is reserved at t = 0
+    pacer = SubmitPacer(rate=2.0, rate_min=0.1, clock=FakeClock(), sleep=sleep)
+    async with anyio.create_task_group() as tg:
+        for _ in range(4):
+            tg.start_soon(pacer.acquire)
+    assert sorted(sleep.delays) == [0.5, 1.0, 1.5]
+
+
+async def test_acquire_queues_again_when_a_pause_begins_while_waiting() -> None:
+    """A submitter whose slot fell inside a new pause waits for the pause, then for a fresh slot."""
+    clock = FakeClock()
+    delays: list[float] = []
+    pacer: SubmitPacer
+
+    async def sleep(delay: float) -> None:
+        delays.append(delay)
+        if len(delays) == 1:
+            pacer.on_rate_limited(3.0)  # a 429 comes back while this task sleeps
+        await anyio.lowlevel.checkpoint()
+        clock.now += delay
+
+    pacer = SubmitPacer(rate=2.0, rate_min=0.1, clock=clock, sleep=sleep)
+    await pacer.acquire()
+    await pacer.acquire()
+    assert delays == [0.5, 2.5]
+    assert clock.now == pacer.paused_until == 3.0
+
+
+# --- simulation: the benchmark's target, in simulated time ------------------------------------------
+
+
+class GcraServer:
+    """A per-key limit of ``rate`` submits/s with a burst of ``burst`` (GCRA), as a strict API enforces it."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.interval = 1.0 / rate
+        self.tolerance = (burst - 1) * self.interval
+        self.tat = -math.inf
+
+    def accepts(self, t: float) -> bool:
+        tat = max(self.tat, t)
+        if tat - t > self.tolerance + 1e-9:
+            return False
+        self.tat = tat + self.interval
+        return True
+
+
+def simulate(
+    limit: float, *, ceiling: float, adapt: bool, burst: int = 2, accepted: int = 400
+) -> tuple[float, float]:
+    """Submit until ``accepted`` succeed, every 429 carrying Retry-After: 1, with time stepped slot by slot.
+
+    Returns the steady rate (over the second half of the accepted submits) as a share of ``limit``, and
+    the share of all attempts that got a 429.
+    """
+    clock = FakeClock()
+    pacer = SubmitPacer(rate=ceiling, rate_min=0.05, adapt=adapt, clock=clock, rand=lambda: 0.5)
+    server = GcraServer(limit, burst)
+    times: list[float] = []
+    attempts = 0
+    while len(times) < accepted:
+        clock.now = pacer.reserve()
+        attempts += 1
+        if server.accepts(clock.now):
+            times.append(clock.now)
+            pacer.on_success()
+        else:
+            pacer.on_rate_limited(1.0)
+    second_half = times[accepted // 2 :]
+    steady = (len(second_half) - 1) / (second_half[-1] - second_half[0])
+    return steady / limit, (attempts - accepted) / attempts
+
+
+@pytest.mark.parametrize("limit", [2.0, 10.0, 50.0])
+def test_simulated_fixed_rate_at_the_limit_is_clean(limit: float) -> None:
+    """Configured at the server's limit with adapt off, the pacer reaches >= 95% of it with no 429."""
+    share, refused = simulate(limit, ceiling=limit, adapt=False)
+    assert share >= 0.95
+    assert refused == 0.0
+
+
+@pytest.mark.parametrize("burst", [2, 1])
+@pytest.mark.parametrize("limit", [2.0, 10.0, 50.0])
+def test_simulated_adaptive_rate_learns_an_unknown_limit(limit: float, burst: int) -> None:
+    """Configured at 5x the limit, it settles at >= 85% of the limit with under 5% of submits refused."""
+    share, refused = simulate(limit, ceiling=5 * limit, adapt=True, burst=burst)
+    assert share >= 0.85, f"steady rate {share:.1%} of the limit"
+    assert refused < 0.05, f"{refused:.1%} of submits got a 429"
+
+
+# --- poll budget -------------------------------------------------------------------------------------
+
+
+async def test_poll_budget_lets_the_first_poll_through_and_spaces_the_next() -> None:
+    """The first poll passes at once; the second waits its slot (no opening burst)."""
+    budget = PollBudget(rate=0.01)
+    with anyio.fail_after(5):
+        await budget.acquire()
+    with anyio.move_on_after(0.05) as scope:
+        await budget.acquire()
+    assert scope.cancelled_caught
+
+
+async def test_poll_budget_pauses_for_retry_after_then_polls() -> None:
+    """After a poll's 429 with Retry-After, every poller first sleeps out the pause."""
+    clock = FakeClock()
+    sleep = FakeSleep(clock)
+    budget = PollBudget(rate=1000.0, clock=clock, sleep=sleep, max_pause=10.0)
+    assert budget.on_rate_limited(2.0) == 2.0
+    assert budget.on_rate_limited(99.0) == 10.0
+    with anyio.fail_after(5):
+        await budget.acquire()
+    assert sleep.delays == [10.0]
+
+
+def test_poll_budget_backoff_without_retry_after_grows_and_resets() -> None:
+    """With no Retry-After the pause is full jitter over 1, 2, 4 s; a successful poll starts it afresh."""
+    clock = FakeClock()
+    budget = PollBudget(rate=5.0, clock=clock, rand=lambda: 0.5)
+    pauses = []
+    for _ in range(3):
+        pauses.append(budget.on_rate_limited(None))
+        clock.now = budget.paused_until
+    assert pauses == [0.5, 1.0, 2.0]
+    budget.on_success()
+    assert budget.on_rate_limited(None) == 0.5
+    assert budget.rate_limited == 4
+
+
+def test_poll_budget_429s_during_a_pause_do_not_grow_the_backoff() -> None:
+    """429s answering polls sent before the pause leave the pause and the backoff as they are."""
+    clock = FakeClock()
+    budget = PollBudget(rate=5.0, clock=clock, rand=lambda: 0.5)
+    assert budget.on_rate_limited(None) == 0.5
+    for _ in range(10):
+        assert budget.on_rate_limited(None) == 0.5
+    clock.now = budget.paused_until
+    assert budget.on_rate_limited(None) == 1.0  # the second pause in a row, not the eleventh
+
+
+async def test_poll_budget_requeues_a_poller_paused_while_in_the_limiter() -> None:
+    """A pause that begins while a poller waits for its limiter slot still holds that poller back."""
+    clock = FakeClock()
+    sleep = FakeSleep(clock)
+    budget = PollBudget(rate=10.0, clock=clock, sleep=sleep)
+    await budget.acquire()
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(budget.acquire)
+            await anyio.wait_all_tasks_blocked()
+            budget.on_rate_limited(4.0)
+    assert sleep.delays == [4.0]
+
+
+def test_poll_budget_repr_and_rate() -> None:
+    """The budget reports its rate and live pause."""
+    budget = PollBudget(rate=4.0, clock=FakeClock())
+    assert budget.rate == 4.0
+    assert "rate=4/s" in repr(budget)
