@@ -1,0 +1,392 @@
+"""Show a person how a run is going while it runs, and sum it up at its end.
+
+Four views share one protocol: ``rich`` (a live region on a terminal), ``plain`` (a line every
+``log_every`` seconds, for cron, CI and pipes), ``json`` (the same events as JSON lines) and ``quiet``.
+None of them starts a thread or a task: the plain and JSON views decide from ``update()`` and the
+injected clock whether a line is due, and the rich view redraws from ``update()`` at most
+``REFRESH_PER_SECOND`` times a second.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol, TextIO
+
+from rich.console import Console, Group, RenderableType
+from rich.live import Live
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+from rich.text import Text
+
+from batch_engine.errors import UsageError
+from batch_engine.logs import iso_timestamp, redact
+from batch_engine.types import ItemError, ItemState, RunStats, Snapshot
+
+MODES = ("auto", "rich", "plain", "json", "quiet")
+REFRESH_PER_SECOND = 4.0
+BAR_WIDTH = 40
+MESSAGE_MAX = 300  #: a failure's message is cut to this many characters, on one line
+
+#: ``RunStats.stopped_reason`` codes (the keys of ``control.STOP_MESSAGES``) as the summary says them;
+#: any other code prints as "stopped early: <code>"
+STOP_REASONS: Mapping[str, str] = {
+    "auth": "stopped early: API key refused (401) — nothing else can succeed; fix the key and run again",
+    "balance": (
+        "stopped submitting: balance ran out or no permission (403); run again after a top-up to resume"
+    ),
+    "interrupted": "stopped early: interrupted; run again with the same out dir to resume",
+    "budget": "stopped submitting: the --max-submits budget was reached; run again to submit the rest",
+    "disk": "stopped early: an output or the journal could not be written (disk full?); free space and rerun",
+}
+
+Clock = Callable[[], float]
+
+
+class ProgressView(Protocol):
+    """What the engine tells the person watching a run."""
+
+    def start(self) -> None: ...
+
+    def update(self, snapshot: Snapshot) -> None: ...
+
+    def item_failed(self, item_id: str, error: ItemError) -> None: ...
+
+    def message(self, text: str) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+def make_view(
+    *,
+    mode: str,
+    stream: TextIO,
+    log_every: float,
+    clock: Clock = time.monotonic,
+    console: Console | None = None,
+    secrets: Sequence[str] = (),
+) -> ProgressView:
+    """The view for ``mode``; ``auto`` is the live display on a terminal and plain lines anywhere else."""
+    _check_options(mode, log_every)
+    if mode == "auto":
+        mode = "rich" if _is_terminal(stream) else "plain"
+    if mode == "rich":
+        return RichView(console or Console(file=stream), clock=clock, secrets=secrets)
+    if mode == "plain":
+        return PlainView(stream, log_every=log_every, clock=clock, secrets=secrets)
+    if mode == "json":
+        return JsonView(stream, log_every=log_every, clock=clock, secrets=secrets)
+    return QuietView()
+
+
+def _check_options(mode: str, log_every: float) -> None:
+    if mode not in MODES:
+        raise UsageError(f"progress mode must be one of {', '.join(MODES)}; got {mode!r}")
+    if not log_every >= 0:
+        raise UsageError(f"log_every must be 0 or more seconds, got {log_every}")
+
+
+def _is_terminal(stream: TextIO) -> bool:
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty())
+
+
+# --- the numbers every view shows ---------------------------------------------------------------
+
+
+def eta_seconds(snapshot: Snapshot) -> float | None:
+    """Seconds left at this run's throughput (items finished in this run per second); None until known."""
+    remaining = snapshot.total - snapshot.finished
+    if remaining <= 0:
+        return 0.0
+    finished_here = snapshot.finished - snapshot.done_before
+    if finished_here <= 0 or snapshot.elapsed <= 0:
+        return None
+    return remaining * snapshot.elapsed / finished_here
+
+
+def format_duration(seconds: float | None, *, unknown: str = "—") -> str:
+    """``4.2s``, ``45s``, ``7m20s``, ``2h05m``; ``unknown`` for None."""
+    if seconds is None:
+        return unknown
+    if seconds < 10:
+        return f"{seconds:.1f}s"
+    whole = round(seconds)
+    if whole < 3600:
+        return f"{whole // 60}m{whole % 60:02d}s" if whole >= 60 else f"{whole}s"
+    return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
+
+
+def progress_line(s: Snapshot) -> str:
+    """The plain progress line, e.g. ``progress: 120/1000 finished (117 ok, 3 failed), ...``."""
+    eta = format_duration(eta_seconds(s), unknown="unknown")
+    return (
+        f"progress: {s.finished}/{s.total} finished ({s.succeeded} ok, {s.failed} failed), "
+        f"{s.submitted} submitted, {s.in_flight} in flight, "
+        f"rate {s.rate:.2f}/s (ceiling {s.rate_ceiling:.2f}), 429s {s.rate_limited}, polls {s.polls}, "
+        f"images {s.images}, elapsed {format_duration(s.elapsed)}, eta {eta}"
+    )
+
+
+def failure_text(item_id: str, error: ItemError) -> str:
+    """``sku-12 content_policy (400): the message``, on one line whatever the server sent."""
+    status = f" ({error.status})" if error.status is not None else ""
+    return f"{item_id} {error.kind}{status}: {_one_line(error.message)}"
+
+
+def _one_line(text: str) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= MESSAGE_MAX else flat[: MESSAGE_MAX - 1] + "…"
+
+
+# --- views ---------------------------------------------------------------------------------------
+
+
+class QuietView:
+    """Prints nothing; the caller prints the final summary."""
+
+    def start(self) -> None:
+        pass
+
+    def update(self, snapshot: Snapshot) -> None:
+        pass
+
+    def item_failed(self, item_id: str, error: ItemError) -> None:
+        pass
+
+    def message(self, text: str) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+
+class _LineView:
+    """A line per failure and per message, and a progress line when ``log_every`` has passed."""
+
+    def __init__(self, stream: TextIO, *, log_every: float, clock: Clock, secrets: Sequence[str]) -> None:
+        self._stream = stream
+        self._log_every = log_every
+        self._clock = clock
+        self._secrets = tuple(secrets)
+        self._last_line: float | None = None  #: clock time of the last progress line, or of start()
+
+    def start(self) -> None:
+        self._last_line = self._clock()
+
+    def update(self, snapshot: Snapshot) -> None:
+        if self._line_due():
+            self._write(self._progress(snapshot))
+
+    def item_failed(self, item_id: str, error: ItemError) -> None:
+        self._write(self._failure(item_id, error))
+
+    def message(self, text: str) -> None:
+        self._write(self._message(text))
+
+    def stop(self) -> None:
+        self._stream.flush()
+
+    def _line_due(self) -> bool:
+        now = self._clock()
+        if self._last_line is None:  # update() before start(): the interval starts now
+            self._last_line = now
+            return False
+        if now - self._last_line < self._log_every:
+            return False
+        self._last_line = now
+        return True
+
+    def _write(self, line: str) -> None:
+        self._stream.write(line + "\n")
+        self._stream.flush()
+
+    def _progress(self, snapshot: Snapshot) -> str:
+        raise NotImplementedError
+
+    def _failure(self, item_id: str, error: ItemError) -> str:
+        raise NotImplementedError
+
+    def _message(self, text: str) -> str:
+        raise NotImplementedError
+
+
+class PlainView(_LineView):
+    """Plain text lines for logs: cron, CI, a pipe."""
+
+    def _progress(self, snapshot: Snapshot) -> str:
+        return progress_line(snapshot)
+
+    def _failure(self, item_id: str, error: ItemError) -> str:
+        return redact("failed: " + failure_text(item_id, error), self._secrets)
+
+    def _message(self, text: str) -> str:
+        return redact(text, self._secrets)
+
+
+class JsonView(_LineView):
+    """The plain view's events as JSON lines: ``{"ts", "event": "progress"|"item_failed"|"message", ...}``."""
+
+    def _progress(self, snapshot: Snapshot) -> str:
+        eta = eta_seconds(snapshot)
+        fields = dataclasses.asdict(snapshot) | {
+            "finished": snapshot.finished,
+            "eta_seconds": None if eta is None else round(eta, 1),
+        }
+        return _event("progress", **fields)
+
+    def _failure(self, item_id: str, error: ItemError) -> str:
+        fields = error.as_dict() | {"message": redact(error.message, self._secrets)}
+        return _event("item_failed", item_id=item_id, **fields)
+
+    def _message(self, text: str) -> str:
+        return _event("message", text=redact(text, self._secrets))
+
+
+def _event(event: str, **fields: Any) -> str:
+    return json.dumps({"ts": iso_timestamp(time.time()), "event": event, **fields})
+
+
+class RichView:
+    """A live region on a terminal, redrawn from ``update()``; failures and messages print above it."""
+
+    def __init__(self, console: Console, *, clock: Clock, secrets: Sequence[str] = ()) -> None:
+        self._console = console
+        self._clock = clock
+        self._secrets = tuple(secrets)
+        self._snapshot: Snapshot | None = None
+        self._last_refresh = float("-inf")
+        # No refresh thread: update() is called often enough, and one thread keeps Ctrl-C simple.
+        self._live = Live(
+            console=console,
+            auto_refresh=False,
+            transient=False,
+            redirect_stdout=True,
+            redirect_stderr=True,
+            get_renderable=self._render,
+        )
+
+    def start(self) -> None:
+        self._live.start(refresh=True)
+
+    def update(self, snapshot: Snapshot) -> None:
+        self._snapshot = snapshot
+        now = self._clock()
+        if self._live.is_started and now - self._last_refresh >= 1 / REFRESH_PER_SECOND:
+            self._last_refresh = now
+            self._live.refresh()
+
+    def item_failed(self, item_id: str, error: ItemError) -> None:
+        self._print("✗ " + failure_text(item_id, error), style="red")
+
+    def message(self, text: str) -> None:
+        self._print(text, style="bold yellow")
+
+    def stop(self) -> None:
+        """Draw the last state, show the cursor and give sys.stdout/sys.stderr back; safe to call twice."""
+        self._live.stop()
+
+    def _print(self, line: str, *, style: str) -> None:
+        # Text, not a markup string: an item id like "[red]" must print as written. While the live
+        # region runs, the console prints this above it.
+        self._console.print(Text(redact(line, self._secrets), style=style))
+
+    def _render(self) -> RenderableType:
+        if self._snapshot is None:
+            return Text("starting…", style="dim")
+        return render_snapshot(self._snapshot)
+
+
+def render_snapshot(s: Snapshot) -> RenderableType:
+    """The live region: a bar of finished/total, the counts, then the pace and the clock."""
+    head = Table.grid(padding=(0, 1))
+    before = f" ({s.done_before} before this run)" if s.done_before else ""
+    head.add_row(
+        ProgressBar(total=max(s.total, 1), completed=s.finished, width=BAR_WIDTH),
+        Text(f"{s.finished}/{s.total} finished{before}", style="bold"),
+    )
+    counts = Text.assemble(
+        f"submitted {s.submitted} · in flight {s.in_flight} · ",
+        (f"ok {s.succeeded}", "green"),
+        " · ",
+        (f"failed {s.failed}", "red" if s.failed else ""),
+    )
+    pace = Text(
+        f"rate {s.rate:.2f}/s (ceiling {s.rate_ceiling:.2f}) · 429s {s.rate_limited} · polls {s.polls}"
+        f" · images {s.images} · elapsed {format_duration(s.elapsed)} · eta {format_duration(eta_seconds(s))}"
+    )
+    return Group(head, counts, pace)
+
+
+# --- the end-of-run summary ----------------------------------------------------------------------
+
+
+def stop_sentence(reason: str | None) -> str | None:
+    """What a ``stopped_reason`` code means for the person, or None when the run finished."""
+    if reason is None:
+        return None
+    return STOP_REASONS.get(reason, f"stopped early: {reason}")
+
+
+def format_summary(stats: RunStats, *, report_paths: Mapping[str, Path], out_dir: Path) -> str:
+    """The end-of-run summary for humans: counts, pace, warnings, why it stopped, where the reports are."""
+    lines = [_headline(stats), *_count_lines(stats), *_pace_lines(stats), *_warning_lines(stats)]
+    lines.append(f"Output in {out_dir}")
+    width = max((len(name) for name in report_paths), default=0)
+    lines.extend(f"  {name:<{width}}  {path}" for name, path in report_paths.items())
+    return "\n".join(lines)
+
+
+def summary_json(stats: RunStats, *, report_paths: Mapping[str, Path]) -> str:
+    """The summary as one JSON line ``{"ts", "event": "summary", ...}``, without the per-minute timeline."""
+    fields = stats.as_dict()
+    fields.pop("timeline", None)
+    fields["stopped"] = stop_sentence(stats.stopped_reason)
+    fields["reports"] = {name: str(path) for name, path in report_paths.items()}
+    return _event("summary", **fields)
+
+
+def _headline(stats: RunStats) -> str:
+    verb = "finished in" if stats.stopped_reason is None else "stopped after"
+    return f"Run {verb} {format_duration(stats.elapsed)}: {stats.total} items"
+
+
+def _count_lines(stats: RunStats) -> list[str]:
+    counts = ", ".join(f"{stats.by_state.get(state, 0)} {state}" for state in _states_to_show(stats.by_state))
+    lines = ["  " + counts]
+    kinds = sorted(stats.by_error_kind.items(), key=lambda kv: (-kv[1], kv[0]))
+    if kinds:
+        lines.append("  failures by kind: " + ", ".join(f"{kind} {n}" for kind, n in kinds))
+    lines.append(f"  images written: {stats.images}")
+    return lines
+
+
+def _states_to_show(by_state: Mapping[str, int]) -> list[str]:
+    """succeeded and failed always, then any other state that has items, in ``ItemState`` order."""
+    always = [ItemState.SUCCEEDED.value, ItemState.FAILED.value]
+    others = [state.value for state in ItemState] + list(by_state)
+    return always + [s for s in dict.fromkeys(others) if s not in always and by_state.get(s)]
+
+
+def _pace_lines(stats: RunStats) -> list[str]:
+    return [
+        f"  submits: {stats.submits} (average {stats.average_rate:.2f}/s; "
+        f"final rate {stats.rate_final:.2f}/s, ceiling {stats.rate_ceiling:.2f})",
+        f"  429s: {stats.rate_limited}",
+        f"  polls: {stats.polls} ({stats.polls_per_prediction:.1f} per prediction)",
+    ]
+
+
+def _warning_lines(stats: RunStats) -> list[str]:
+    lines = []
+    if stats.possible_duplicates:
+        count = stats.possible_duplicates
+        lines.append(f"  warning: {count} possible duplicate(s) may have been billed twice")
+        lines.append("    (resubmitted after an answer was lost; see possible_duplicate in results.jsonl)")
+    stopped = stop_sentence(stats.stopped_reason)
+    if stopped:
+        lines.append("  " + stopped)
+    return lines
