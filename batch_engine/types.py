@@ -221,3 +221,24 @@ class RunStats:
     def from_dict(cls, data: Mapping[str, Any]) -> RunStats:
         names = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in data.items() if k in names})
+
+
+@dataclass(frozen=True)
+class Tracked:
+    """A prediction waiting for its next poll. It holds one in-flight slot until it resolves."""
+
+    item_id: str
+    prediction_id: str
+    submitted_at: float  #: unix seconds, from the journal, so deadlines survive a resume
+    deadline: float  #: unix seconds after which the item fails with kind ``timeout``
+    polls: int = 0  #: polls answered "not done yet"
+    errors: int = 0  #: consecutive polls that failed (5xx, network)
+    running_at: float = 0.0  #: seconds after submit of the last poll that found it unfinished
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A prediction that completed, on its way to the sink to have its outputs saved."""
+
+    item_id: str
+    prediction: Prediction

@@ -1,0 +1,100 @@
+"""Run control shared by the stages: the in-flight cap, why the run is stopping, and how hard."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import anyio
+
+log = logging.getLogger(__name__)
+
+#: Reasons a run stops early; each makes the exit code 3 and is named in the report.
+STOP_MESSAGES = {
+    "auth": "the API key was refused (401): nothing else can succeed; fix the key and run again to resume",
+    "balance": "the API refused further submits (403: no permission or balance); run again after a top-up",
+    "interrupted": "interrupted; run again with the same out dir to resume",
+    "budget": "the --max-submits budget was reached; run again to submit the rest",
+    "disk": "an output or the journal could not be written (disk full?); free space and run again",
+}
+
+
+class RunControl:
+    """What every stage may ask: may I still submit? Is the run over? Take or give back an in-flight slot.
+
+    Invariant: ``in_flight`` counts predictions submitted (or resumed) and not yet resolved; it never
+    exceeds ``max_in_flight`` because a slot is taken before a submit and given back on resolution.
+    """
+
+    __slots__ = (
+        "_critical",
+        "_hard_scopes",
+        "_slots",
+        "in_flight",
+        "reason",
+        "settled",
+        "submitters_done",
+        "submitting_closed",
+    )
+
+    def __init__(self, *, max_in_flight: int) -> None:
+        self._slots = anyio.Semaphore(max_in_flight)
+        self.in_flight = 0  #: predictions holding a slot
+        self.reason: str | None = None  #: why the run stops early, a key of STOP_MESSAGES
+        self.submitting_closed = anyio.Event()  #: set when no new submit may start
+        self.submitters_done = anyio.Event()  #: set when the submit stage has ended
+        self.settled = anyio.Event()  #: set when submitters are done and nothing is in flight
+        self._hard_scopes: list[anyio.CancelScope] = []
+        self._critical: set[anyio.CancelScope] = set()
+
+    def __repr__(self) -> str:
+        return f"RunControl(in_flight={self.in_flight}, reason={self.reason!r})"
+
+    async def take_slot(self) -> None:
+        await self._slots.acquire()
+        self.in_flight += 1
+
+    def give_slot(self) -> None:
+        self.in_flight -= 1
+        self._slots.release()
+        self._check_settled()
+
+    def finish_submitting(self) -> None:
+        self.submitters_done.set()
+        self._check_settled()
+
+    def _check_settled(self) -> None:
+        if self.submitters_done.is_set() and self.in_flight == 0:
+            self.settled.set()
+
+    @contextmanager
+    def critical(self) -> Iterator[anyio.CancelScope]:
+        """Shield a submit from a graceful stop (its answer must be recorded); `stop_now` still cancels it.
+
+        A submit cancelled here leaves its journal row in ``submitting``: the next run treats it as
+        ambiguous, which is exactly what it is.
+        """
+        with anyio.CancelScope(shield=True) as scope:
+            self._critical.add(scope)
+            try:
+                yield scope
+            finally:
+                self._critical.discard(scope)
+
+    def stop_submitting(self, reason: str) -> None:
+        """No new submits; what is in flight is still polled and downloaded."""
+        if self.reason is None:
+            self.reason = reason
+            log.warning("stopping: %s", STOP_MESSAGES.get(reason, reason))
+        self.submitting_closed.set()
+
+    def watch(self, scope: anyio.CancelScope) -> None:
+        """Register a scope that `stop_now` cancels (the engine's task group)."""
+        self._hard_scopes.append(scope)
+
+    def stop_now(self, reason: str) -> None:
+        """Stop everything at once; whatever was in flight is resumable from the journal."""
+        self.stop_submitting(reason)
+        for scope in [*self._hard_scopes, *self._critical]:
+            scope.cancel()

@@ -1,0 +1,395 @@
+"""The engine: the one module that knows every stage; it wires them, runs them and writes the reports."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+from anyio.streams.memory import MemoryObjectSendStream
+
+from batch_engine.backoff import RetryPolicy
+from batch_engine.client import ApiClient, ClientConfig, public_url
+from batch_engine.config import RunSettings
+from batch_engine.control import STOP_MESSAGES, RunControl
+from batch_engine.journal import SqliteJournal
+from batch_engine.ledger import Ledger
+from batch_engine.lock import OutDirLock
+from batch_engine.models import spec_for, submit_path, wire_body
+from batch_engine.pacing import PollBudget, SubmitPacer
+from batch_engine.paths import IMAGES_DIR, RESULTS_NAME
+from batch_engine.poll import Poller
+from batch_engine.polling import DueQueue, PollPlanner
+from batch_engine.progress import ProgressView
+from batch_engine.report import REPORT_FILES, write_reports
+from batch_engine.sink import Sink
+from batch_engine.submit import SubmitPlan, Submitter
+from batch_engine.types import (
+    ItemRecord,
+    ItemState,
+    Manifest,
+    Resolved,
+    RunMeta,
+    RunStats,
+    Snapshot,
+    Tracked,
+)
+
+log = logging.getLogger(__name__)
+
+TICK_SECONDS = 0.25
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunOptions:
+    """How to run a manifest: where to write, which API, which settings."""
+
+    out_dir: Path
+    settings: RunSettings
+    client: ClientConfig
+    fresh: bool = False  #: forget the journal and outputs first (the CLI asks before)
+    retry_failed: bool = False  #: send items that failed in an earlier run again
+    handle_signals: bool = False  #: SIGINT/SIGTERM: stop submitting, grace period, then stop
+    submit_workers: int = 64
+    poll_workers: int = 32
+    download_workers: int = 16
+
+
+@dataclass(frozen=True)
+class RunResult:
+    stats: RunStats
+    exit_code: int
+    report_paths: dict[str, Path]
+
+
+def exit_code(stats: RunStats) -> int:
+    """0: all succeeded; 1: finished with failures; 3: stopped early (auth, balance, interrupt, budget)."""
+    if stats.stopped_reason is not None:
+        return 3
+    unfinished = stats.total - stats.by_state.get("succeeded", 0) - stats.by_state.get("failed", 0)
+    return 1 if stats.by_state.get("failed", 0) or unfinished else 0
+
+
+async def run_manifest(manifest: Manifest, options: RunOptions, *, view: ProgressView) -> RunResult:
+    """Run (or resume) a manifest into its out dir, holding the out dir's lock throughout."""
+    options.out_dir.mkdir(parents=True, exist_ok=True)
+    with OutDirLock(options.out_dir) as lock:
+        if lock.stale_owner:
+            log.warning(
+                "took over a stale lock left by pid %s (no longer running)", lock.stale_owner.get("pid")
+            )
+        if options.fresh:
+            _forget_outputs(options.out_dir)
+        async with await SqliteJournal.open(options.out_dir) as journal, ApiClient(options.client) as client:
+            if options.fresh:
+                await journal.reset_all()
+            return await Engine(manifest, options, journal=journal, client=client, view=view).run()
+
+
+def _forget_outputs(out_dir: Path) -> None:
+    shutil.rmtree(out_dir / IMAGES_DIR, ignore_errors=True)
+    for name in (*REPORT_FILES, RESULTS_NAME):
+        (out_dir / name).unlink(missing_ok=True)
+
+
+class Engine:
+    """Prepares the journal, runs feeder → submitters → pollers → sink in one task group, reports."""
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        options: RunOptions,
+        *,
+        journal: SqliteJournal,
+        client: ApiClient,
+        view: ProgressView,
+    ) -> None:
+        settings = options.settings
+        self._manifest = manifest
+        self._options = options
+        self._settings = settings
+        self._journal = journal
+        self._client = client
+        self._view = view
+        self._control = RunControl(max_in_flight=settings.max_in_flight)
+        self._pacer = SubmitPacer(rate=settings.rate, rate_min=settings.rate_min, adapt=settings.adapt)
+        self._poll_budget = PollBudget(rate=settings.poll_rate)
+        self._planner = PollPlanner(
+            poll_after=settings.poll_after,
+            prior=spec_for(manifest.model).expected_seconds,
+            interval=settings.poll_interval,
+            interval_max=settings.poll_interval_max,
+        )
+        self._due: DueQueue[Tracked] = DueQueue()
+        self._retry = RetryPolicy()
+        self._started = time.time()
+        self._ledger: Ledger | None = None
+        self._done_before = 0
+        self._budget = [0]  #: submits that were (or may have been) paid for in this run, shared by submitters
+
+    async def run(self) -> RunResult:
+        meta = await self._prepare()
+        ledger = self._ledger = Ledger(self._journal, view=self._view)
+        self._done_before = ledger.succeeded + ledger.failed
+        ledger.open_results(self._options.out_dir)
+        self._view.start()
+        try:
+            await self._run_stages()
+        finally:
+            self._view.update(self._snapshot())
+            self._view.stop()
+            ledger.close_results()
+            with anyio.CancelScope(shield=True):
+                stats = self._stats()
+                await self._journal.set_meta(
+                    dataclasses.replace(
+                        meta,
+                        finished_at=time.time(),
+                        stopped_reason=stats.stopped_reason,
+                        stats=stats.as_dict(),
+                    )
+                )
+                paths = self._write_reports()
+        return RunResult(stats=stats, exit_code=exit_code(stats), report_paths=paths)
+
+    async def _prepare(self) -> RunMeta:
+        journal = self._journal
+        if self._options.retry_failed:
+            log.info("retrying %d failed item(s)", await journal.reset_failed())
+        sync = await journal.sync_manifest(self._manifest)
+        log.info(
+            "journal: %d new, %d changed, %d removed, %d unchanged item(s)",
+            sync.added,
+            sync.changed,
+            sync.removed,
+            sync.unchanged,
+        )
+        ambiguous = await journal.resolve_ambiguous(resubmit=self._settings.resubmit_ambiguous)
+        if ambiguous:
+            action = (
+                "sending them again (possible_duplicate)"
+                if self._settings.resubmit_ambiguous
+                else "failing them"
+            )
+            log.warning("%d submit(s) were in flight when the last run died; %s", len(ambiguous), action)
+        meta = RunMeta(
+            name=self._manifest.name,
+            manifest_path=self._manifest.path,
+            model=self._manifest.model,
+            task=self._manifest.task,
+            base_url=public_url(self._options.client.base_url),
+            defaults=dict(self._manifest.defaults),
+            settings=dict(self._manifest.settings),
+            started_at=self._started,
+        )
+        await journal.set_meta(meta)
+        return meta
+
+    async def _run_stages(self) -> None:
+        opts = self._options
+        async with anyio.create_task_group() as outer:
+            outer.start_soon(self._tick)
+            if opts.handle_signals:
+                outer.start_soon(self._signals, outer)
+            async with anyio.create_task_group() as tg:
+                self._control.watch(tg.cancel_scope)
+                send_done, recv_done = anyio.create_memory_object_stream[Resolved](opts.download_workers * 2)
+                tg.start_soon(self._produce, send_done.clone())
+                for _ in range(opts.poll_workers):
+                    tg.start_soon(self._poller().run, send_done.clone())
+                for _ in range(opts.download_workers):
+                    tg.start_soon(self._sink().run, recv_done.clone())
+                send_done.close()
+                recv_done.close()
+                tg.start_soon(self._close_when_settled)
+            outer.cancel_scope.cancel()
+
+    async def _produce(self, done: MemoryObjectSendStream[Resolved]) -> None:
+        """Resume predictions already submitted, then submit the pending items until done or stopped."""
+        async with done:
+            await self._resume_submitted()
+            send_items, recv_items = anyio.create_memory_object_stream[ItemRecord](
+                self._options.submit_workers
+            )
+            with anyio.CancelScope() as scope:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self._cancel_when_closed, scope)
+                    async with anyio.create_task_group() as workers:
+                        workers.start_soon(self._feed, send_items)
+                        for _ in range(self._options.submit_workers):
+                            workers.start_soon(self._submitter().run, recv_items.clone(), done.clone())
+                        recv_items.close()
+                    scope.cancel()
+        self._control.finish_submitting()
+
+    async def _resume_submitted(self) -> None:
+        now = time.monotonic()
+        for record in self._journal.records({ItemState.SUBMITTED}):
+            await self._control.take_slot()
+            submitted_at = record.submitted_at or time.time()
+            tracked = Tracked(
+                record.item_id,
+                record.prediction_id or "",
+                submitted_at,
+                submitted_at + self._settings.timeout,
+            )
+            self._due.push(tracked, now)
+
+    async def _feed(self, send: MemoryObjectSendStream[ItemRecord]) -> None:
+        async with send:
+            for record in self._journal.records({ItemState.PENDING}):
+                await send.send(record)
+
+    async def _cancel_when_closed(self, scope: anyio.CancelScope) -> None:
+        await self._control.submitting_closed.wait()
+        scope.cancel()
+
+    async def _close_when_settled(self) -> None:
+        await self._control.settled.wait()
+        self._due.close()
+
+    async def _tick(self) -> None:
+        while True:
+            self._view.update(self._snapshot())
+            await anyio.sleep(TICK_SECONDS)
+
+    async def _signals(self, outer: anyio.abc.TaskGroup) -> None:
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            count = 0
+            async for signum in signals:
+                count += 1
+                if count == 1:
+                    self._view.message(
+                        f"{signal.Signals(signum).name}: no new submits; waiting up to "
+                        f"{self._settings.grace:.0f} s for predictions in flight (again to stop at once)"
+                    )
+                    self._control.stop_submitting("interrupted")
+                    outer.start_soon(self._grace_then_stop)
+                else:
+                    self._control.stop_now("interrupted")
+
+    async def _grace_then_stop(self) -> None:
+        await anyio.sleep(self._settings.grace)
+        self._control.stop_now("interrupted")
+
+    def _submitter(self) -> Submitter:
+        assert self._ledger is not None
+        spec = spec_for(self._manifest.model)
+        manifest = self._manifest
+        plan = SubmitPlan(
+            path=submit_path(manifest.model, manifest.task),
+            body=lambda record: wire_body(spec, record.request),
+            timeout=self._settings.timeout,
+            resubmit_ambiguous=self._settings.resubmit_ambiguous,
+            max_submits=self._settings.max_submits,
+        )
+        return Submitter(
+            client=self._client,
+            ledger=self._ledger,
+            control=self._control,
+            pacer=self._pacer,
+            planner=self._planner,
+            due=self._due,
+            plan=plan,
+            budget=self._budget,
+            retry=self._retry,
+        )
+
+    def _poller(self) -> Poller:
+        assert self._ledger is not None
+        return Poller(
+            client=self._client,
+            ledger=self._ledger,
+            control=self._control,
+            budget=self._poll_budget,
+            planner=self._planner,
+            due=self._due,
+            retry=self._retry,
+        )
+
+    def _sink(self) -> Sink:
+        assert self._ledger is not None
+        return Sink(
+            client=self._client,
+            ledger=self._ledger,
+            control=self._control,
+            out_dir=self._options.out_dir,
+            retry=self._retry,
+        )
+
+    def _snapshot(self) -> Snapshot:
+        ledger = self._ledger
+        assert ledger is not None
+        return Snapshot(
+            total=len(self._manifest.items),
+            done_before=self._done_before,
+            submitted=ledger.submits,
+            in_flight=self._control.in_flight,
+            succeeded=ledger.succeeded,
+            failed=ledger.failed,
+            rate=self._pacer.rate,
+            rate_ceiling=self._pacer.ceiling,
+            rate_limited=ledger.rate_limited,
+            polls=ledger.polls,
+            elapsed=time.time() - self._started,
+            images=ledger.images,
+        )
+
+    def _stats(self) -> RunStats:
+        ledger = self._ledger
+        assert ledger is not None
+        journal = self._journal
+        return RunStats(
+            total=len(self._manifest.items),
+            by_state={state.value: n for state, n in journal.counts().items()},
+            by_error_kind=journal.error_kind_counts(),
+            images=ledger.images,
+            elapsed=time.time() - self._started,
+            submits=ledger.submits,
+            submit_attempts=ledger.submit_attempts,
+            rate_limited=ledger.rate_limited,
+            polls=ledger.polls,
+            predictions_resolved=ledger.resolved,
+            rate_final=self._pacer.rate,
+            rate_ceiling=self._pacer.ceiling,
+            possible_duplicates=journal.possible_duplicate_count(),
+            stopped_reason=self._control.reason,
+            timeline=ledger.timeline,
+        )
+
+    def _write_reports(self) -> dict[str, Path]:
+        meta = self._journal.meta()
+        assert meta is not None
+        return write_reports(self._options.out_dir, meta, self._records)
+
+    def _records(self) -> Iterator[ItemRecord]:
+        return self._journal.records()
+
+
+def stop_message(reason: str | None) -> str | None:
+    return STOP_MESSAGES.get(reason, reason) if reason else None
+
+
+def plan_counts(manifest: Manifest, journal_records: dict[str, ItemRecord]) -> dict[str, Any]:
+    """What a run would do, for ``--dry-run``: nothing is sent and nothing is written."""
+    counts = {"done": 0, "failed": 0, "to_poll": 0, "ambiguous": 0, "to_submit": 0, "images_billed": 0}
+    for item in manifest.items:
+        record = journal_records.get(item.id)
+        state = record.state if record and record.fingerprint == item.fingerprint else ItemState.PENDING
+        key = {
+            ItemState.SUCCEEDED: "done",
+            ItemState.FAILED: "failed",
+            ItemState.SUBMITTED: "to_poll",
+            ItemState.SUBMITTING: "ambiguous",
+        }.get(state, "to_submit")
+        counts[key] += 1
+        if key in ("to_submit", "ambiguous"):
+            counts["images_billed"] += int(item.request.get("n", 1))
+    return counts

@@ -1,0 +1,124 @@
+"""The one place every change of an item's state goes through: journal first, then counters and views."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TextIO
+
+from batch_engine.journal import SqliteJournal
+from batch_engine.paths import RESULTS_NAME
+from batch_engine.progress import ProgressView
+from batch_engine.report import result_line
+from batch_engine.types import ItemError, ItemState, OutputFile
+
+log = logging.getLogger(__name__)
+
+
+class Ledger:
+    """Records state changes durably and counts them.
+
+    Ordering is the crash-safety contract: every method awaits the journal's commit before it
+    touches a counter, a file or the view, so nothing is ever reported that a crash could undo.
+    """
+
+    __slots__ = (
+        "_clock",
+        "_journal",
+        "_results",
+        "_started",
+        "_view",
+        "failed",
+        "images",
+        "polls",
+        "rate_limited",
+        "resolved",
+        "submit_attempts",
+        "submits",
+        "succeeded",
+        "timeline",
+    )
+
+    def __init__(
+        self, journal: SqliteJournal, *, view: ProgressView, clock: Callable[[], float] = time.time
+    ) -> None:
+        self._journal = journal
+        self._view = view
+        self._clock = clock
+        self._started = clock()
+        self._results: TextIO | None = None
+        counts = journal.counts()
+        self.succeeded = counts[ItemState.SUCCEEDED]  #: items succeeded, before and during this run
+        self.failed = counts[ItemState.FAILED]
+        self.submits = 0  #: accepted submits in this run
+        self.submit_attempts = 0  #: submit requests sent in this run
+        self.resolved = 0  #: predictions whose final status this run saw
+        self.images = 0  #: output files written in this run
+        self.polls = 0  #: poll requests sent in this run
+        self.rate_limited = 0  #: 429 answers in this run, submits and polls
+        self.timeline: dict[str, list[int]] = {"submitted": [], "finished": [], "rate_limited": []}
+
+    def open_results(self, out_dir: Path) -> None:
+        """Start ``results.jsonl`` afresh with the items already final, then append as items finish."""
+        self._results = (out_dir / RESULTS_NAME).open("w", encoding="utf-8")
+        for record in self._journal.records({ItemState.SUCCEEDED, ItemState.FAILED}):
+            self._results.write(json.dumps(result_line(record)) + "\n")
+        self._results.flush()
+
+    def close_results(self) -> None:
+        if self._results is not None:
+            self._results.close()
+            self._results = None
+
+    def tick(self, series: str) -> None:
+        """Count one event in the per-minute timeline (``submitted``, ``finished``, ``rate_limited``)."""
+        minute = int((self._clock() - self._started) // 60)
+        bucket = self.timeline[series]
+        bucket.extend([0] * (minute + 1 - len(bucket)))
+        bucket[minute] += 1
+
+    def saw_rate_limit(self) -> None:
+        self.rate_limited += 1
+        self.tick("rate_limited")
+
+    async def submitting(self, item_id: str) -> None:
+        await self._journal.mark_submitting(item_id)
+        self.submit_attempts += 1
+
+    async def not_accepted(self, item_id: str, *, possible_duplicate: bool = False) -> None:
+        await self._journal.mark_pending(item_id, possible_duplicate=possible_duplicate)
+
+    async def submitted(self, item_id: str, prediction_id: str) -> float:
+        at = self._clock()
+        await self._journal.mark_submitted(item_id, prediction_id=prediction_id, submitted_at=at)
+        self.submits += 1
+        self.tick("submitted")
+        log.debug("item %s submitted as %s", item_id, prediction_id)
+        return at
+
+    async def succeed(self, item_id: str, outputs: Sequence[OutputFile], inference_ms: int | None) -> None:
+        await self._journal.mark_succeeded(
+            item_id, outputs=outputs, completed_at=self._clock(), inference_ms=inference_ms
+        )
+        self.succeeded += 1
+        self.images += len(outputs)
+        self._finished(item_id)
+
+    async def fail(self, item_id: str, error: ItemError, *, prediction_id: str | None = None) -> None:
+        await self._journal.mark_failed(
+            item_id, error=error, completed_at=self._clock(), prediction_id=prediction_id
+        )
+        self.failed += 1
+        log.info("item %s failed: %s: %s", item_id, error.kind, error.message)
+        self._view.item_failed(item_id, error)
+        self._finished(item_id)
+
+    def _finished(self, item_id: str) -> None:
+        self.tick("finished")
+        record = self._journal.get(item_id)
+        if self._results is not None and record is not None:
+            self._results.write(json.dumps(result_line(record)) + "\n")
+            self._results.flush()

@@ -1,0 +1,53 @@
+"""Where things live in an out dir, and file names that are safe whatever an item's id says."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+from pathlib import Path
+
+JOURNAL_NAME = "journal.sqlite"
+IMAGES_DIR = "images"
+INPUTS_DIR = "inputs"
+RESULTS_NAME = "results.jsonl"
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_MAX_STEM = 80
+
+
+def safe_stem(item_id: str) -> str:
+    """A file-name stem for an id: ``sku-1`` stays ``sku-1``; ``../a b`` becomes ``a_b-<hash>``.
+
+    Any id that had to change gets a short hash of the original, so two ids that clean up to the
+    same text (``a/b`` and ``a_b``) never share a file.
+    """
+    cleaned = _UNSAFE.sub("_", item_id).strip("._-")[:_MAX_STEM] or "item"
+    if cleaned == item_id:
+        return cleaned
+    return f"{cleaned}-{hashlib.sha256(item_id.encode()).hexdigest()[:8]}"
+
+
+def output_relpath(item_id: str, index: int, ext: str) -> str:
+    """``images/<safe id>-<k>.<ext>`` with k counting from 1, relative to the out dir."""
+    return f"{IMAGES_DIR}/{safe_stem(item_id)}-{index + 1}.{ext}"
+
+
+def write_atomic(out_dir: Path, relpath: str, data: bytes) -> Path:
+    """Write ``data`` under ``out_dir`` by temp file, fsync and rename: a reader never sees half a file."""
+    target = (out_dir / relpath).resolve()
+    if out_dir.resolve() not in target.parents:
+        raise ValueError(f"refusing to write outside the out dir: {relpath}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target

@@ -1,0 +1,123 @@
+"""The sink stage: fetches or decodes each completed prediction's outputs, verifies and saves them."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import anyio
+from anyio.abc import ObjectReceiveStream
+
+from batch_engine.backoff import DEFAULT_POLICY, RetryPolicy, full_jitter
+from batch_engine.client import ApiClient
+from batch_engine.control import RunControl
+from batch_engine.errors import ItemRejected, JournalError, RetryLater, SlowDown
+from batch_engine.images import decode_b64_output, sniff_extension, verify_image
+from batch_engine.ledger import Ledger
+from batch_engine.paths import output_relpath, write_atomic
+from batch_engine.types import ErrorKind, ItemError, OutputFile, Prediction, Resolved
+
+log = logging.getLogger(__name__)
+
+_DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO})
+
+
+class OutputFailed(Exception):
+    """An output could not be fetched or verified after every retry (internal to this stage)."""
+
+
+class Sink:
+    """One of a pool of download workers reading the resolved-predictions stream."""
+
+    def __init__(
+        self,
+        *,
+        client: ApiClient,
+        ledger: Ledger,
+        control: RunControl,
+        out_dir: Path,
+        retry: RetryPolicy = DEFAULT_POLICY,
+        sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        self._client = client
+        self._ledger = ledger
+        self._control = control
+        self._out_dir = out_dir
+        self._retry = retry
+        self._sleep = sleep
+        self._rand = rand
+
+    async def run(self, resolved: ObjectReceiveStream[Resolved]) -> None:
+        async with resolved:
+            async for item in resolved:
+                try:
+                    await self._deliver(item)
+                except (JournalError, OSError):
+                    # The item stays "submitted" in the journal: a later run polls and saves it again.
+                    log.exception("could not save the outputs of item %s", item.item_id)
+                    self._control.stop_now("disk")
+
+    async def _deliver(self, item: Resolved) -> None:
+        prediction = item.prediction
+        if not prediction.outputs:
+            error = ItemError(ErrorKind.INFERENCE_FAILED, "the prediction completed without any output")
+            await self._ledger.fail(item.item_id, error, prediction_id=prediction.id)
+            return
+        try:
+            outputs = [await self._save(item.item_id, prediction, k) for k in range(len(prediction.outputs))]
+        except OutputFailed as exc:
+            error = ItemError(ErrorKind.DOWNLOAD, str(exc))
+            await self._ledger.fail(item.item_id, error, prediction_id=prediction.id)
+            return
+        await self._ledger.succeed(item.item_id, outputs, prediction.inference_ms)
+
+    async def _save(self, item_id: str, prediction: Prediction, k: int) -> OutputFile:
+        source = prediction.outputs[k]
+        is_url = source.startswith(("http://", "https://"))
+        data = await self._fetch(source) if is_url else _decode(source)
+        ext = sniff_extension(data) or "png"
+        relpath = output_relpath(item_id, k, ext)
+        try:
+            await anyio.to_thread.run_sync(write_atomic, self._out_dir, relpath, data)
+        except OSError as exc:
+            if exc.errno in _DISK_ERRNOS:
+                raise
+            raise OutputFailed(f"cannot write {relpath}: {exc}") from exc
+        nsfw = prediction.nsfw[k] if k < len(prediction.nsfw) else None
+        digest = hashlib.sha256(data).hexdigest()
+        return OutputFile(path=relpath, sha256=digest, url=source if is_url else None, nsfw=nsfw)
+
+    async def _fetch(self, url: str) -> bytes:
+        """Download and verify one output, retrying the download (never the edit) on any fault."""
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                data = await self._client.download(url)
+                await anyio.to_thread.run_sync(verify_image, data)
+                return data
+            except ItemRejected as exc:
+                raise OutputFailed(exc.message) from exc
+            except (RetryLater, SlowDown, ValueError) as exc:
+                if attempt >= self._retry.attempts:
+                    raise OutputFailed(f"gave up after {attempt} attempts: {exc}") from exc
+                hint = exc.retry_after if isinstance(exc, SlowDown) else None
+                delay = hint or full_jitter(
+                    attempt, initial=self._retry.initial, maximum=self._retry.maximum, rand=self._rand()
+                )
+                log.debug("download of %s failed (%s); retrying in %.2fs", url, exc, delay)
+                await self._sleep(delay)
+
+
+def _decode(value: str) -> bytes:
+    try:
+        data = decode_b64_output(value)
+        verify_image(data)
+    except ValueError as exc:
+        raise OutputFailed(f"a b64_json output is not a valid image: {exc}") from exc
+    return data
