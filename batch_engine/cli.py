@@ -12,10 +12,12 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack
-from pathlib import Path
+from functools import partial
+from pathlib import Path, PurePosixPath
 from typing import Any, TextIO
+from urllib.parse import urlsplit
 
 import anyio
 
@@ -24,6 +26,7 @@ from batch_engine.client import ClientConfig
 from batch_engine.config import DEFAULT_BASE_URL, RunSettings
 from batch_engine.engine import RunOptions, RunResult, plan_counts, run_manifest
 from batch_engine.errors import BatchEngineError, ManifestError, UsageError
+from batch_engine.inputs import distinct_inputs, local_inputs
 from batch_engine.journal import SqliteJournal
 from batch_engine.logs import setup_logging
 from batch_engine.manifest import load_manifest
@@ -125,6 +128,7 @@ def _run_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="run against the built-in simulator in this process: no key, no network",
     )
+    g.add_argument("--sim-seed", type=int, default=0, help="seed of the --simulate simulator (default 0)")
     g.add_argument(
         "--raw-auth",
         action="store_true",
@@ -242,7 +246,8 @@ async def _rebuild_reports(out_dir: Path) -> dict[str, Path]:
         meta = journal.meta()
         if meta is None:
             raise UsageError(f"{out_dir}'s journal has no run recorded yet")
-        return write_reports(out_dir, meta, journal.records)
+        inputs = local_inputs(out_dir, distinct_inputs(journal.records()))
+        return write_reports(out_dir, meta, journal.records, inputs=inputs)
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -291,9 +296,11 @@ async def _run(
     view: ProgressView,
 ) -> RunResult:
     async with AsyncExitStack() as stack:
+        input_source: Callable[[str], str] = str
         if args.simulate:
-            sim = await stack.enter_async_context(Simulator(SimConfig(api_key=SIMULATOR_KEY)))
+            sim = await stack.enter_async_context(Simulator(simulate_config(args.sim_seed)))
             base_url, secret = sim.base_url, SIMULATOR_KEY
+            input_source = partial(_simulated_input, sim)
         else:
             base_url = args.base_url or os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL
         client = ClientConfig(
@@ -309,8 +316,21 @@ async def _run(
             fresh=args.fresh,
             retry_failed=args.retry_failed,
             handle_signals=True,
+            input_source=input_source,
         )
         return await run_manifest(manifest, options, view=view)
+
+
+def simulate_config(seed: int) -> SimConfig:
+    """What --simulate runs against: edits of about a second, a few failed predictions, a strict key."""
+    return SimConfig(
+        seed=seed, api_key=SIMULATOR_KEY, inference_median=1.0, inference_spread=0.4, p_failed=0.03
+    )
+
+
+def _simulated_input(sim: Simulator, url: str) -> str:
+    """Under --simulate there is no network: the simulator draws a stand-in for each input image."""
+    return sim.input_url(PurePosixPath(urlsplit(url).path).stem or "input")
 
 
 def _submit_timeout(manifest: Manifest, settings: RunSettings) -> float:

@@ -7,7 +7,7 @@ import logging
 import shutil
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ from batch_engine.backoff import RetryPolicy
 from batch_engine.client import ApiClient, ClientConfig, public_url
 from batch_engine.config import RunSettings
 from batch_engine.control import STOP_MESSAGES, RunControl
+from batch_engine.inputs import cache_inputs, distinct_inputs, local_inputs
 from batch_engine.journal import SqliteJournal
 from batch_engine.ledger import Ledger
 from batch_engine.lock import OutDirLock
@@ -57,6 +58,8 @@ class RunOptions:
     fresh: bool = False  #: forget the journal and outputs first (the CLI asks before)
     retry_failed: bool = False  #: send items that failed in an earlier run again
     handle_signals: bool = False  #: SIGINT/SIGTERM: stop submitting, grace period, then stop
+    copy_inputs: bool = True  #: keep local copies of input images for index.html
+    input_source: Callable[[str], str] = str  #: where an input URL is fetched from (the simulator maps it)
     submit_workers: int = 64
     poll_workers: int = 32
     download_workers: int = 16
@@ -156,7 +159,7 @@ class Engine:
                         stats=stats.as_dict(),
                     )
                 )
-                paths = self._write_reports()
+                paths = await self._write_reports()
         return RunResult(stats=stats, exit_code=exit_code(stats), report_paths=paths)
 
     async def _prepare(self) -> RunMeta:
@@ -364,10 +367,16 @@ class Engine:
             timeline=ledger.timeline,
         )
 
-    def _write_reports(self) -> dict[str, Path]:
+    async def _write_reports(self) -> dict[str, Path]:
         meta = self._journal.meta()
         assert meta is not None
-        return write_reports(self._options.out_dir, meta, self._records)
+        out_dir = self._options.out_dir
+        urls = distinct_inputs(self._journal.records())
+        if self._options.copy_inputs and self._control.reason != "disk":
+            inputs = await cache_inputs(self._client, out_dir, urls, resolve=self._options.input_source)
+        else:
+            inputs = local_inputs(out_dir, urls)
+        return write_reports(out_dir, meta, self._records, inputs=inputs)
 
     def _records(self) -> Iterator[ItemRecord]:
         return self._journal.records()

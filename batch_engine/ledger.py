@@ -112,7 +112,7 @@ class Ledger:
             item_id, error=error, completed_at=self._clock(), prediction_id=prediction_id
         )
         self.failed += 1
-        log.info("item %s failed: %s: %s", item_id, error.kind, error.message)
+        log.debug("item %s failed: %s: %s", item_id, error.kind, error.message)
         self._view.item_failed(item_id, error)
         self._finished(item_id)
 
