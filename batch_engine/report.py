@@ -101,8 +101,7 @@ def iso_utc(timestamp: float | None) -> str | None:
     return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-def result_line(record: ItemRecord) -> dict[str, Any]:
-    """One item's JSON object for results.jsonl."""
+def _common(record: ItemRecord) -> dict[str, Any]:
     return {
         "id": record.item_id,
         "status": record.state.value,
@@ -111,6 +110,13 @@ def result_line(record: ItemRecord) -> dict[str, Any]:
         "error": record.error.as_dict() if record.error else None,
         "attempts": record.attempts,
         "possible_duplicate": record.possible_duplicate,
+    }
+
+
+def result_line(record: ItemRecord) -> dict[str, Any]:
+    """One item's JSON object for results.jsonl: flat timings, for programs."""
+    return {
+        **_common(record),
         "submitted_at": iso_utc(record.submitted_at),
         "completed_at": iso_utc(record.completed_at),
         "inference_ms": record.inference_ms,
@@ -118,21 +124,13 @@ def result_line(record: ItemRecord) -> dict[str, Any]:
 
 
 def report_entry(record: ItemRecord) -> dict[str, Any]:
-    """One item's entry under report.yaml's ``items:``."""
-    return {
-        "id": record.item_id,
-        "status": record.state.value,
-        "prediction_id": record.prediction_id,
-        "outputs": [output.as_dict() for output in record.outputs],
-        "error": record.error.as_dict() if record.error else None,
-        "attempts": record.attempts,
-        "possible_duplicate": record.possible_duplicate,
-        "timings": {
-            "submitted": iso_utc(record.submitted_at),
-            "completed": iso_utc(record.completed_at),
-            "inference_ms": record.inference_ms,
-        },
+    """One item's entry under report.yaml's ``items:``: timings grouped, for people."""
+    timings = {
+        "submitted": iso_utc(record.submitted_at),
+        "completed": iso_utc(record.completed_at),
+        "inference_ms": record.inference_ms,
     }
+    return {**_common(record), "timings": timings}
 
 
 @contextlib.contextmanager
