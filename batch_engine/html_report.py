@@ -306,8 +306,11 @@ letter-spacing:.04em}
 .kinds,.legend{list-style:none;padding:0;margin:0;display:flex;flex-wrap:wrap;gap:.4rem .9rem}
 .kinds li{background:var(--bad-bg);color:var(--bad);border-radius:999px;padding:.15rem .7rem}
 .kinds .count{font-weight:600}
-.chart{width:100%;height:auto;max-height:240px;background:var(--card);border:1px solid var(--line);
-border-radius:10px}
+/* The SVG scales with its width: capped so it is never letterboxed, floored so its ticks stay legible on a
+phone (which scrolls it sideways instead). */
+.progress{overflow-x:auto}
+.chart{display:block;width:100%;min-width:540px;max-width:864px;height:auto;background:var(--card);
+border:1px solid var(--line);border-radius:10px}
 .chart .axis{stroke:var(--muted);stroke-width:1}.chart .grid{stroke:var(--line);stroke-dasharray:4 4}
 .chart .tick{fill:var(--muted);font-size:11px}
 .chart .series{fill:none;stroke-width:2;stroke-linejoin:round}
@@ -345,7 +348,7 @@ letter-spacing:.03em;background:var(--wait-bg);color:var(--wait)}
 .outputs .thumbs{grid-template-columns:repeat(auto-fill,minmax(120px,1fr))}
 .thumbs a{display:block;position:relative;border-radius:6px;overflow:hidden;background:var(--bg);
 aspect-ratio:1}
-.thumbs img{width:100%;height:100%;object-fit:cover;display:block}
+.thumbs img{width:100%;height:100%;object-fit:contain;display:block}
 .thumbs a.broken::after{content:"missing";position:absolute;inset:0;display:grid;place-items:center;
 font-size:.75rem;color:var(--muted)}
 .thumbs a.broken img{visibility:hidden}
