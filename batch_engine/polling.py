@@ -44,14 +44,13 @@ class PollPlanner:
     """
 
     __slots__ = (
-        "_fixed",
         "_growth",
         "_interval",
         "_interval_max",
         "_log_estimate",
-        "_prior",
         "_quantile",
         "_recent_first",
+        "_start",
         "observed",
     )
 
@@ -77,13 +76,13 @@ class PollPlanner:
             raise ValueError(f"growth must be a finite number >= 1, got {growth!r}")
         if not 0.0 < quantile < 1.0:
             raise ValueError(f"quantile must be between 0 and 1, got {quantile!r}")
-        self._fixed = poll_after  #: the user's first delay; when set, learning does not override it
-        self._prior = prior
+        #: where learning starts: the user's poll_after, else the model's prior (the issue: "learned from the
+        #: predictions that already finished in this run, starting from --poll-after")
+        self._start = poll_after if poll_after is not None else prior
         self._interval, self._interval_max, self._growth = interval, interval_max, growth
         self._quantile = quantile
-        start = poll_after if poll_after is not None else prior
-        self._log_estimate = math.log(max(start, DEFAULT_MIN_FIRST))
-        self._recent_first = start  #: a decaying maximum of the first delays in use lately
+        self._log_estimate = math.log(max(self._start, DEFAULT_MIN_FIRST))
+        self._recent_first = self._start  #: a decaying maximum of the first delays in use lately
         self.observed = 0
 
     @property
@@ -92,10 +91,8 @@ class PollPlanner:
         return math.exp(self._log_estimate)
 
     def first_delay(self) -> float:
-        """Submit to first poll, in seconds: ``poll_after`` if given, else the prior, later the estimate."""
-        if self._fixed is not None:
-            return self._fixed
-        return self._prior if self.observed < DEFAULT_WARMUP else self.estimate
+        """Submit to first poll, in seconds: the start (poll_after, else the prior), later the estimate."""
+        return self._start if self.observed < DEFAULT_WARMUP else self.estimate
 
     def next_delay(self, polls_done: int) -> float:
         """Seconds after poll number ``polls_done`` (1-based) until the next: interval * growth**k, capped."""
@@ -132,10 +129,9 @@ class PollPlanner:
         return 1.0 if duration <= first + max(self._interval, _DRIFT * first) else 0.0
 
     def __repr__(self) -> str:
-        fixed = f"{self._fixed:g}s" if self._fixed is not None else "none"
         return (
             f"<PollPlanner first={self.first_delay():.3g}s estimate={self.estimate:.3g}s"
-            f" observed={self.observed} poll_after={fixed} prior={self._prior:g}s"
+            f" observed={self.observed} start={self._start:g}s"
             f" interval={self._interval:g}..{self._interval_max:g}s x{self._growth:g}>"
         )
 

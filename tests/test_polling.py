@@ -79,13 +79,13 @@ def test_first_delay_is_the_prior_until_warmed_up_then_the_estimate() -> None:
     assert planner.first_delay() == planner.estimate < 60.0
 
 
-def test_poll_after_is_a_fixed_first_delay() -> None:
-    """A user's poll_after is used as the first delay however many completions are observed."""
-    planner = make_planner(poll_after=30.0)
+def test_poll_after_is_where_learning_starts() -> None:
+    """A user's poll_after replaces the prior as the first delay, and learning moves on from it."""
+    planner = make_planner(poll_after=30.0, prior=60.0)
+    assert planner.first_delay() == 30.0
     for _ in range(100):
         planner.observe(5.0)
-    assert planner.first_delay() == 30.0
-    assert planner.estimate < 30.0
+    assert planner.first_delay() == planner.estimate < 30.0
 
 
 @pytest.mark.parametrize(
