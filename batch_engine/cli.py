@@ -46,12 +46,17 @@ SIMULATOR_KEY = "sim-key"  #: the key --simulate uses against its own in-process
 #: Poll timing for --simulate, whose predictions take a fraction of a second (real ones take 20 s or more).
 SIMULATE_POLL = {"poll_after": 0.3, "poll_interval": 0.2, "poll_interval_max": 1.0}
 
-RUN_HELP = """\
-Run a manifest (or resume it: the journal in the out dir remembers every item).
-
-Environment:
+RUN_HELP = "Run a manifest (or resume it: the journal in the out dir remembers every item)."
+#: Every help text ends with how a run is configured, as the engine issue asks of each of them.
+CONFIG_HELP = """\
+Configuring a run (every flag in 'batch-engine run --help'):
   GPTPROTO_API_KEY   the API key (required unless --simulate); never printed or written anywhere
   GPTPROTO_BASE_URL  the API origin (default https://gptproto.com); --base-url overrides it
+  --out DIR, --base-url URL, --rate N, --max-in-flight N, --timeout S, --poll-after S,
+  --poll-interval S, -v/--verbose, --simulate (the built-in simulator: no key, no network)
+
+Exit codes: 0 all items succeeded, 1 some failed, 2 invalid manifest or usage,
+3 stopped early (resumable).
 """
 
 
@@ -75,40 +80,36 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="batch-engine",
         description="Bulk image edits from a YAML manifest against GPTProto's prediction API: "
-        "paced to the key's rate limit, resumable after any crash, reported.",
-        epilog="Exit codes: 0 all items succeeded, 1 some failed, 2 invalid manifest or usage, "
-        "3 stopped early (resumable). See 'batch-engine COMMAND --help'.",
+        "paced to the key's rate limit, resumable after any crash, reported. "
+        "See 'batch-engine COMMAND --help'.",
+        epilog=CONFIG_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"batch-engine {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("validate", help="check a manifest and list every problem; sends nothing")
+    p = _command(sub, "validate", help="check a manifest and list every problem; sends nothing")
     p.add_argument("manifest", help="path to the YAML manifest")
     p.set_defaults(func=cmd_validate)
 
-    p = sub.add_parser(
-        "run",
-        help="run or resume a manifest",
-        description=RUN_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = _command(sub, "run", help="run or resume a manifest", description=RUN_HELP)
     p.add_argument("manifest", help="path to the YAML manifest")
     _run_arguments(p)
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("status", help="counts by state from an out dir's journal; no network")
+    p = _command(sub, "status", help="counts by state from an out dir's journal; no network")
     p.add_argument("out_dir", type=Path)
     p.add_argument("--json", action="store_true", help="print the counts as JSON")
     p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser("report", help="rebuild report.yaml, results.jsonl, failures.yaml, index.html")
+    p = _command(sub, "report", help="rebuild report.yaml, results.jsonl, failures.yaml, index.html")
     p.add_argument("out_dir", type=Path)
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("schema", help="print the manifest's JSON Schema")
+    p = _command(sub, "schema", help="print the manifest's JSON Schema")
     p.set_defaults(func=cmd_schema)
 
-    p = sub.add_parser("simulate", help="serve the built-in API simulator for rehearsals")
+    p = _command(sub, "simulate", help="serve the built-in API simulator for rehearsals")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--seed", type=int, default=0)
@@ -117,6 +118,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--submit-rate", type=float, metavar="R", help="submits/s the simulated key allows")
     p.set_defaults(func=cmd_simulate)
     return parser
+
+
+def _command(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, **kwargs: Any
+) -> argparse.ArgumentParser:
+    """A subcommand whose help ends, like every help text here, with how a run is configured."""
+    return sub.add_parser(
+        name, epilog=CONFIG_HELP, formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs
+    )
 
 
 def _run_arguments(p: argparse.ArgumentParser) -> None:
@@ -264,7 +274,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     manifest = load_manifest(args.manifest)
     out_dir: Path = args.out or Path("out") / manifest.name
     settings = _settings(manifest, args)
-    secret = "" if args.simulate else _api_key()
+    secret = "" if args.simulate or args.dry_run else _api_key()  # a dry run sends nothing
     setup_logging(
         verbose=args.verbose,
         json_lines=args.json_logs,
@@ -275,7 +285,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     for warning in manifest.warnings:
         log.warning("%s", warning)
     if args.dry_run:
-        return _dry_run(manifest, out_dir, args)
+        return _dry_run(manifest, out_dir, settings, args)
     if args.fresh and not _confirm_fresh(out_dir, args.yes):
         print("not starting over; nothing changed", file=sys.stderr)
         return EXIT_USAGE
@@ -369,11 +379,16 @@ def _confirm_fresh(out_dir: Path, yes: bool) -> bool:
     return answer.strip().lower() in ("y", "yes")
 
 
-def _dry_run(manifest: Manifest, out_dir: Path, args: argparse.Namespace) -> int:
+def _dry_run(manifest: Manifest, out_dir: Path, settings: RunSettings, args: argparse.Namespace) -> int:
     records = anyio.run(_journal_records, out_dir) if (out_dir / JOURNAL_NAME).exists() else {}
     if args.fresh:
         records = {}
-    counts = plan_counts(manifest, records)
+    counts = plan_counts(
+        manifest,
+        records,
+        retry_failed=args.retry_failed,
+        resubmit_ambiguous=settings.resubmit_ambiguous,
+    )
     if args.json_logs:
         print(json.dumps({"event": "dry_run", "out_dir": str(out_dir), **counts}))
     else:

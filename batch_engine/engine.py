@@ -25,7 +25,7 @@ from batch_engine.ledger import Ledger
 from batch_engine.lock import OutDirLock
 from batch_engine.models import spec_for, submit_path, wire_body
 from batch_engine.pacing import PollBudget, SubmitPacer
-from batch_engine.paths import IMAGES_DIR, RESULTS_NAME
+from batch_engine.paths import IMAGES_DIR, INPUTS_DIR, RESULTS_NAME
 from batch_engine.poll import Poller
 from batch_engine.polling import DueQueue, PollPlanner
 from batch_engine.progress import ProgressView
@@ -46,6 +46,7 @@ from batch_engine.types import (
 log = logging.getLogger(__name__)
 
 TICK_SECONDS = 0.25
+TEMP_PREFIX = ".tmp-"  #: how paths.write_atomic names its temporary files
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -88,12 +89,21 @@ async def run_manifest(manifest: Manifest, options: RunOptions, *, view: Progres
             log.warning(
                 "took over a stale lock left by pid %s (no longer running)", lock.stale_owner.get("pid")
             )
-        if options.fresh:
-            _forget_outputs(options.out_dir)
+        _remove_leftovers(options.out_dir)
         async with await SqliteJournal.open(options.out_dir) as journal, ApiClient(options.client) as client:
             if options.fresh:
+                # The journal first: killed in between, the next run redoes items whose files are still
+                # there, rather than trusting a journal whose outputs are gone.
                 await journal.reset_all()
+                await anyio.to_thread.run_sync(_forget_outputs, options.out_dir)
             return await Engine(manifest, options, journal=journal, client=client, view=view).run()
+
+
+def _remove_leftovers(out_dir: Path) -> None:
+    """Delete the half-written temporary files of a run that was killed; holding the lock, no run writes."""
+    for folder in (out_dir / IMAGES_DIR, out_dir / INPUTS_DIR):
+        for path in folder.glob(f"{TEMP_PREFIX}*"):
+            path.unlink(missing_ok=True)
 
 
 def _forget_outputs(out_dir: Path) -> None:
@@ -386,12 +396,24 @@ def stop_message(reason: str | None) -> str | None:
     return STOP_MESSAGES.get(reason, reason) if reason else None
 
 
-def plan_counts(manifest: Manifest, journal_records: dict[str, ItemRecord]) -> dict[str, Any]:
-    """What a run would do, for ``--dry-run``: nothing is sent and nothing is written."""
+def plan_counts(
+    manifest: Manifest,
+    journal_records: dict[str, ItemRecord],
+    *,
+    retry_failed: bool = False,
+    resubmit_ambiguous: bool = True,
+) -> dict[str, Any]:
+    """What a run would do, for ``--dry-run``: nothing is sent and nothing is written.
+
+    The options are the run's: ``retry_failed`` sends failed items again, and ambiguous submits are
+    billed again only when ``resubmit_ambiguous`` (else the run fails them).
+    """
     counts = {"done": 0, "failed": 0, "to_poll": 0, "ambiguous": 0, "to_submit": 0, "images_billed": 0}
     for item in manifest.items:
         record = journal_records.get(item.id)
         state = record.state if record and record.fingerprint == item.fingerprint else ItemState.PENDING
+        if state is ItemState.FAILED and retry_failed:
+            state = ItemState.PENDING
         key = {
             ItemState.SUCCEEDED: "done",
             ItemState.FAILED: "failed",
@@ -399,6 +421,6 @@ def plan_counts(manifest: Manifest, journal_records: dict[str, ItemRecord]) -> d
             ItemState.SUBMITTING: "ambiguous",
         }.get(state, "to_submit")
         counts[key] += 1
-        if key in ("to_submit", "ambiguous"):
+        if key == "to_submit" or (key == "ambiguous" and resubmit_ambiguous):
             counts["images_billed"] += int(item.request.get("n", 1))
     return counts

@@ -319,7 +319,8 @@ class SqliteJournal:
         return await self._write(lambda conn: _resolve_ambiguous(conn, resubmit, now))
 
     async def reset_failed(self) -> int:
-        """Failed items back to pending (``--retry-failed``); attempts are kept. Returns how many."""
+        """Failed items back to pending (``--retry-failed``); attempts are kept, and an ambiguous submit
+        is flagged ``possible_duplicate``. Returns how many."""
         now = self._clock()
         return await self._write(lambda conn: _reset_failed(conn, now))
 
@@ -678,11 +679,13 @@ def _resolve_ambiguous(conn: sqlite3.Connection, resubmit: bool, now: float) -> 
 
 
 def _reset_failed(conn: sqlite3.Connection, now: float) -> int:
+    # An ambiguous submit may have been billed: sending it again must say so in the report.
     cursor = conn.execute(
         "UPDATE items SET state = 'pending', error = NULL, prediction_id = NULL, outputs = NULL,"
-        " submitted_at = NULL, completed_at = NULL, inference_ms = NULL, updated_at = ?"
+        " submitted_at = NULL, completed_at = NULL, inference_ms = NULL, updated_at = ?,"
+        " possible_duplicate = max(possible_duplicate, coalesce(json_extract(error, '$.kind') = ?, 0))"
         " WHERE state = 'failed'",
-        (now,),
+        (now, ErrorKind.AMBIGUOUS_SUBMIT.value),
     )
     return cursor.rowcount
 
