@@ -58,14 +58,17 @@ class ClientConfig:
     def __post_init__(self) -> None:
         parts = urlsplit(self.base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise UsageError(f"base URL must be http(s)://host[:port], got {public_url(self.base_url)!r}")
+            raise UsageError(
+                f"base URL must be http(s)://host[:port][/path], got {public_url(self.base_url)!r}"
+            )
         if not self.api_key:
             raise UsageError("the API key is empty: set GPTPROTO_API_KEY (or use --simulate)")
 
     @property
-    def origin(self) -> str:
+    def api_root(self) -> str:
+        """What API paths are appended to: the origin and the base URL's path (a gateway's prefix), if any."""
         parts = urlsplit(self.base_url)
-        return urlunsplit((parts.scheme, parts.netloc, "", "", ""))
+        return urlunsplit((parts.scheme, parts.netloc, parts.path.rstrip("/"), "", ""))
 
 
 def public_url(url: str) -> str:
@@ -102,13 +105,13 @@ class ApiClient:
 
     async def submit(self, path: str, body: Mapping[str, Any]) -> Prediction:
         """POST one edit. The server may have accepted it unless this raises NotAccepted/SlowDown."""
-        url = self._config.origin + path
+        url = self._config.api_root + path
         payload = await self._exchange("POST", url, body=body, submit=True)
         return _prediction(payload, submit=True)
 
     async def poll(self, prediction_id: str) -> Prediction:
-        """GET a prediction's result; the URL is always built on the configured origin."""
-        url = f"{self._config.origin}/api/v3/predictions/{quote(prediction_id, safe='')}/result"
+        """GET a prediction's result; the URL is always built on the configured base URL."""
+        url = f"{self._config.api_root}/api/v3/predictions/{quote(prediction_id, safe='')}/result"
         payload = await self._exchange("GET", url, body=None, submit=False)
         return _prediction(payload, submit=False)
 

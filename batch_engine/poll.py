@@ -66,17 +66,13 @@ class Poller:
                     self._control.stop_now("disk")
 
     async def _poll(self, tracked: Tracked, done: ObjectSendStream[Resolved]) -> None:
-        if self._clock() > tracked.deadline:
-            message = f"no result within the {tracked.deadline - tracked.submitted_at:.0f} s timeout"
-            await self._fail(tracked, ItemError(ErrorKind.TIMEOUT, message))
-            return
         await self._budget.acquire()
         self._ledger.polls += 1
         try:
             prediction = await self._client.poll(tracked.prediction_id)
         except SlowDown as exc:
             self._ledger.saw_rate_limit()
-            self._later(tracked, self._budget.on_rate_limited(exc.retry_after))
+            await self._again(tracked, self._budget.on_rate_limited(exc.retry_after))
         except RetryLater as exc:
             await self._trouble(tracked, exc)
         except StopSubmitting as exc:
@@ -89,6 +85,7 @@ class Poller:
             log.error("%s", exc.message)
             self._control.stop_now("auth")
         else:
+            self._budget.on_success()  # the next 429 starts the backoff afresh
             await self._resolve(tracked, prediction, done)
 
     async def _resolve(
@@ -99,7 +96,7 @@ class Poller:
         if where is Phase.PENDING:
             polls = tracked.polls + 1
             seen = dataclasses.replace(tracked, polls=polls, errors=0, running_at=age)
-            self._later(seen, self._planner.next_delay(polls))
+            await self._again(seen, self._planner.next_delay(polls))
             return
         if where is Phase.FAILED:
             message = prediction.error or f"the prediction ended as {prediction.status!r}"
@@ -120,7 +117,19 @@ class Poller:
         delay = full_jitter(
             errors, initial=self._retry.initial, maximum=self._retry.maximum, rand=self._rand()
         )
-        self._later(dataclasses.replace(tracked, errors=errors), delay)
+        await self._again(dataclasses.replace(tracked, errors=errors), delay)
+
+    async def _again(self, tracked: Tracked, delay: float) -> None:
+        """Poll again after ``delay``; past the deadline, time the item out instead.
+
+        Checked after a poll, never before one: a paid prediction fails as timeout only once a poll after
+        its deadline found it unfinished (a run resumed the next night may find it long completed).
+        """
+        if self._clock() <= tracked.deadline:
+            self._later(tracked, delay)
+            return
+        message = f"no result within the {tracked.deadline - tracked.submitted_at:.0f} s timeout"
+        await self._fail(tracked, ItemError(ErrorKind.TIMEOUT, message))
 
     def _later(self, tracked: Tracked, delay: float) -> None:
         self._due.push(tracked, self._monotonic() + delay)

@@ -12,7 +12,7 @@ from pathlib import Path
 import anyio
 from anyio.abc import ObjectReceiveStream
 
-from batch_engine.backoff import DEFAULT_POLICY, RetryPolicy, full_jitter
+from batch_engine.backoff import DEFAULT_POLICY, RetryPolicy, clamp_retry_after, full_jitter
 from batch_engine.client import ApiClient
 from batch_engine.control import RunControl
 from batch_engine.errors import ItemRejected, JournalError, RetryLater, SlowDown
@@ -106,12 +106,17 @@ class Sink:
             except (RetryLater, SlowDown, ValueError) as exc:
                 if attempt >= self._retry.attempts:
                     raise OutputFailed(f"gave up after {attempt} attempts: {exc}") from exc
-                hint = exc.retry_after if isinstance(exc, SlowDown) else None
-                delay = hint or full_jitter(
-                    attempt, initial=self._retry.initial, maximum=self._retry.maximum, rand=self._rand()
-                )
+                delay = self._delay(attempt, exc)
                 log.debug("download of %s failed (%s); retrying in %.2fs", url, exc, delay)
                 await self._sleep(delay)
+
+    def _delay(self, attempt: int, exc: Exception) -> float:
+        hint = exc.retry_after if isinstance(exc, SlowDown) else None
+        if hint:  # a host's Retry-After is honoured within reason, as the pacers do: never a day's stall
+            return clamp_retry_after(hint)
+        return full_jitter(
+            attempt, initial=self._retry.initial, maximum=self._retry.maximum, rand=self._rand()
+        )
 
 
 def _decode(value: str) -> bytes:

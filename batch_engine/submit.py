@@ -98,15 +98,19 @@ class Submitter:
         state = _Attempts(possible_duplicate=record.possible_duplicate)
         while True:
             await self._control.take_slot()
-            await self._pacer.acquire()
+            try:
+                await self._pacer.acquire()
+            except BaseException:  # a graceful stop cancels waiting submitters: the slot must go back
+                self._control.give_slot()
+                raise
             if self._control.submitting_closed.is_set() or not self._reserve():
                 self._control.give_slot()
                 return
             with self._control.critical():
                 prediction, step = await self._exchange(record, state)
-            if prediction is not None:
-                await self._route(record, prediction, done, state.submitted_at)
-                return
+                if prediction is not None:  # routed under the shield too: an accepted item is never dropped
+                    await self._route(record, prediction, done, state.submitted_at)
+                    return
             self._control.give_slot()
             if step is _Next.DONE:
                 return
@@ -206,6 +210,7 @@ class Submitter:
             self._due.push(tracked, self._monotonic() + self._planner.first_delay())
             return
         self._control.give_slot()
+        self._ledger.resolved += 1  # its final status came with the submit's answer (sync mode)
         if where is Phase.FAILED:
             error = ItemError(
                 ErrorKind.INFERENCE_FAILED, prediction.error or f"prediction {prediction.status}"

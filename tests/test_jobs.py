@@ -11,9 +11,9 @@ JOBS = Path(__file__).resolve().parent.parent / "jobs"
 
 
 def test_committed_schema_is_the_generated_one() -> None:
-    """jobs/manifest.schema.json, which the example manifests point editors at, equals `batch-engine schema`."""
+    """jobs/manifest.schema.json, which the example jobs point editors at, equals `batch-engine schema`."""
     committed = json.loads((JOBS / "manifest.schema.json").read_text(encoding="utf-8"))
-    assert committed == manifest_schema(), "regenerate it: batch-engine schema > jobs/manifest.schema.json"
+    assert committed == manifest_schema(), "run: batch-engine schema > jobs/manifest.schema.json"
 
 
 def test_every_example_job_points_editors_at_the_schema() -> None:
