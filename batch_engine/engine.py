@@ -15,7 +15,7 @@ from typing import Any
 import anyio
 from anyio.streams.memory import MemoryObjectSendStream
 
-from batch_engine.backoff import RetryPolicy
+from batch_engine.backoff import DEFAULT_POLICY, RetryPolicy
 from batch_engine.client import ApiClient, ClientConfig, public_url
 from batch_engine.config import RunSettings
 from batch_engine.control import STOP_MESSAGES, RunControl
@@ -24,7 +24,7 @@ from batch_engine.journal import SqliteJournal
 from batch_engine.ledger import Ledger
 from batch_engine.lock import OutDirLock
 from batch_engine.models import spec_for, submit_path, wire_body
-from batch_engine.pacing import PollBudget, SubmitPacer
+from batch_engine.pacing import DEFAULT_PAUSE_INITIAL, PollBudget, SubmitPacer
 from batch_engine.paths import IMAGES_DIR, INPUTS_DIR, RESULTS_NAME
 from batch_engine.poll import Poller
 from batch_engine.polling import DueQueue, PollPlanner
@@ -61,6 +61,8 @@ class RunOptions:
     handle_signals: bool = False  #: SIGINT/SIGTERM: stop submitting, grace period, then stop
     copy_inputs: bool = True  #: keep local copies of input images for index.html
     input_source: Callable[[str], str] = str  #: where an input URL is fetched from (the simulator maps it)
+    retry: RetryPolicy = DEFAULT_POLICY  #: polls, downloads and refused submits
+    pause_initial: float = DEFAULT_PAUSE_INITIAL  #: first pause after a 429 without Retry-After
     submit_workers: int = 64
     poll_workers: int = 32
     download_workers: int = 16
@@ -132,8 +134,13 @@ class Engine:
         self._client = client
         self._view = view
         self._control = RunControl(max_in_flight=settings.max_in_flight)
-        self._pacer = SubmitPacer(rate=settings.rate, rate_min=settings.rate_min, adapt=settings.adapt)
-        self._poll_budget = PollBudget(rate=settings.poll_rate)
+        self._pacer = SubmitPacer(
+            rate=settings.rate,
+            rate_min=settings.rate_min,
+            adapt=settings.adapt,
+            pause_initial=options.pause_initial,
+        )
+        self._poll_budget = PollBudget(rate=settings.poll_rate, pause_initial=options.pause_initial)
         self._planner = PollPlanner(
             poll_after=settings.poll_after,
             prior=spec_for(manifest.model).expected_seconds,
@@ -141,7 +148,7 @@ class Engine:
             interval_max=settings.poll_interval_max,
         )
         self._due: DueQueue[Tracked] = DueQueue()
-        self._retry = RetryPolicy()
+        self._retry = options.retry
         self._started = time.time()
         self._ledger: Ledger | None = None
         self._done_before = 0

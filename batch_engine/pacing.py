@@ -49,11 +49,18 @@ def cut_factor(clean: int) -> float:
     return min(CUT_MAX, max(CUT_MIN, 1.0 - 1.0 / (clean - 1)))
 
 
-def pause_after_429(retry_after: float | None, *, streak: int, max_pause: float, rand: float) -> float:
+def pause_after_429(
+    retry_after: float | None,
+    *,
+    streak: int,
+    max_pause: float,
+    rand: float,
+    initial: float = DEFAULT_PAUSE_INITIAL,
+) -> float:
     """A 429's pause: its Retry-After clamped to ``max_pause``, else full jitter growing with ``streak``."""
     if retry_after is not None:
         return clamp_retry_after(retry_after, maximum=max_pause)
-    return full_jitter(streak, initial=DEFAULT_PAUSE_INITIAL, maximum=max_pause, rand=rand)
+    return full_jitter(streak, initial=initial, maximum=max_pause, rand=rand)
 
 
 def climb(rate: float, plateau: float) -> float:
@@ -82,6 +89,7 @@ class SubmitPacer:
         "_hold",
         "_known_bad",
         "_max_pause",
+        "_pause_initial",
         "_paused_until",
         "_rand",
         "_rate",
@@ -103,10 +111,12 @@ class SubmitPacer:
         sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
         rand: Callable[[], float] = random.random,
         max_pause: float = DEFAULT_MAX_PAUSE,
+        pause_initial: float = DEFAULT_PAUSE_INITIAL,
     ) -> None:
         _check_positive("rate", rate)
         _check_positive("rate_min", rate_min)
         _check_positive("max_pause", max_pause)
+        _check_positive("pause_initial", pause_initial)
         if rate_min > rate:
             raise ValueError(f"rate_min ({rate_min}) must not exceed rate ({rate})")
         self._ceiling = self._rate = float(rate)
@@ -114,6 +124,7 @@ class SubmitPacer:
         self._adapt = adapt
         self._clock, self._sleep, self._rand = clock, sleep, rand
         self._max_pause = max_pause
+        self._pause_initial = pause_initial  #: first pause after a 429 without Retry-After (jitter range)
         self._tat = -math.inf  #: the next free slot; invariant: slots before it are handed out
         self._paused_until = -math.inf
         self._generation = 0  #: bumped by each pause: slots handed out before it are void
@@ -208,12 +219,14 @@ class SubmitPacer:
         self._streak += 1
         self._clean = 0
         self._epoch_started = now
-        self._hold = HOLD_PAUSES * max(pause, DEFAULT_PAUSE_INITIAL)
+        self._hold = HOLD_PAUSES * max(pause, self._pause_initial)
         self._pause(now + pause)
 
     def _pause_for(self, retry_after: float | None) -> float:
         streak, rand = self._streak, self._rand()
-        pause = pause_after_429(retry_after, streak=streak, max_pause=self._max_pause, rand=rand)
+        pause = pause_after_429(
+            retry_after, streak=streak, max_pause=self._max_pause, rand=rand, initial=self._pause_initial
+        )
         if retry_after is None:  # a guess: make it at least one slot of the new rate
             pause = max(pause, 1.0 / self._rate)
         return pause
@@ -245,6 +258,7 @@ class PollBudget:
         "_clock",
         "_limiter",
         "_max_pause",
+        "_pause_initial",
         "_paused_until",
         "_rand",
         "_sleep",
@@ -262,12 +276,15 @@ class PollBudget:
         sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
         rand: Callable[[], float] = random.random,
         max_pause: float = DEFAULT_MAX_PAUSE,
+        pause_initial: float = DEFAULT_PAUSE_INITIAL,
     ) -> None:
         _check_positive("rate", rate)
         _check_positive("max_pause", max_pause)
+        _check_positive("pause_initial", pause_initial)
         self._limiter = AsyncLimiter(1, 1.0 / rate)
         self._clock, self._sleep, self._rand = clock, sleep, rand
         self._max_pause = max_pause
+        self._pause_initial = pause_initial  #: first pause after a 429 without Retry-After (jitter range)
         self._paused_until = -math.inf
         self._streak = 0  #: pauses in a row with no successful poll between them
         self.rate_limited = 0
@@ -314,7 +331,13 @@ class PollBudget:
         return self._paused_until - now
 
     def _pause_for(self, retry_after: float | None) -> float:
-        return pause_after_429(retry_after, streak=self._streak, max_pause=self._max_pause, rand=self._rand())
+        return pause_after_429(
+            retry_after,
+            streak=self._streak,
+            max_pause=self._max_pause,
+            rand=self._rand(),
+            initial=self._pause_initial,
+        )
 
     def __repr__(self) -> str:
         paused = max(0.0, self._paused_until - self._clock())

@@ -21,7 +21,7 @@ import pytest
 import yaml
 from aiohttp import web
 
-from batch_engine import backoff, engine, pacing
+from batch_engine import backoff
 from batch_engine.client import ClientConfig
 from batch_engine.config import RunSettings
 from batch_engine.engine import RunOptions, RunResult, run_manifest
@@ -52,6 +52,7 @@ FAST = RunSettings(
 BASE_SIM = SimConfig(inference_polls=2, image_scale=SCALE)
 #: Retries of polls, downloads and lost submits in milliseconds, not seconds.
 FAST_RETRY = backoff.RetryPolicy(initial=0.01, maximum=0.05, total=30.0)
+FAST_PAUSE = 0.02  #: the first pause after a 429 without Retry-After (1 s in real runs)
 
 
 def fast_settings(**changes: Any) -> RunSettings:
@@ -196,8 +197,9 @@ class Harness:
         """Run ``manifest`` against ``api`` into ``tmp_path/out``; return what it left behind."""
         out_dir = self.tmp_path / out
         config = ClientConfig(base_url=api.base_url, api_key=key, **(client or {}))
+        timing: dict[str, Any] = {"retry": FAST_RETRY, "pause_initial": FAST_PAUSE} | options
         run_options = RunOptions(
-            out_dir=out_dir, settings=settings, client=config, copy_inputs=copy_inputs, **options
+            out_dir=out_dir, settings=settings, client=config, copy_inputs=copy_inputs, **timing
         )
         view = make_view(mode="quiet", stream=io.StringIO(), log_every=1)
         result = await run_manifest(load_manifest(manifest), run_options, view=view)
@@ -217,14 +219,6 @@ async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
         yield made
     finally:
         await made.aclose()
-
-
-@pytest.fixture
-def fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Millisecond retries and 429 pauses: the engine builds its RetryPolicy itself, so patch the class
-    it calls, and the pacers' first-pause scale (a 429 without Retry-After waits up to 1 s otherwise)."""
-    monkeypatch.setattr(engine, "RetryPolicy", lambda: FAST_RETRY)
-    monkeypatch.setattr(pacing, "DEFAULT_PAUSE_INITIAL", 0.02)
 
 
 @pytest.fixture

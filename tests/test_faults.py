@@ -29,7 +29,7 @@ from tests.helpers import (
 )
 
 pytest_plugins = ("tests.helpers",)
-pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("fast_retries")]
+pytestmark = pytest.mark.anyio
 
 ITEMS = 6
 IDS = [f"item-{k}" for k in range(ITEMS)]
