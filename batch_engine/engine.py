@@ -278,6 +278,8 @@ class Engine:
     async def _tick(self) -> None:
         while True:
             self._view.update(self._snapshot())
+            if self._ledger is not None:
+                self._ledger.flush_results()
             await anyio.sleep(TICK_SECONDS)
 
     async def _signals(self, outer: anyio.abc.TaskGroup) -> None:

@@ -121,4 +121,8 @@ class Ledger:
         record = self._journal.get(item_id)
         if self._results is not None and record is not None:
             self._results.write(json.dumps(result_line(record)) + "\n")
+
+    def flush_results(self) -> None:
+        """Push finished lines to results.jsonl; the engine calls it on every progress tick."""
+        if self._results is not None:
             self._results.flush()

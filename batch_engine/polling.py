@@ -16,9 +16,9 @@ T = TypeVar("T")
 DEFAULT_GROWTH = 1.5
 DEFAULT_QUANTILE = 0.4  #: aim the first poll where this share of predictions is already done
 DEFAULT_WARMUP = 8  #: observations before the learned first delay replaces the prior
-DEFAULT_MIN_FIRST = 1.0  #: seconds: the learned first delay never goes below this
+DEFAULT_MIN_FIRST = 1.0  #: seconds: the learned first delay never goes below this, or the start if lower
+_TINY_FIRST = 1e-3  #: the floor for a start of 0 (log space needs one)
 _STEP_MIN = 0.05  #: the smallest learning step, in log-seconds, so the estimate keeps tracking drift
-_LOG_MIN_FIRST = math.log(DEFAULT_MIN_FIRST)
 _FORGET = 1 / 128  #: per observation, how fast a first delay no longer in use is forgotten
 _DRIFT = 0.1  #: how far the estimate may have moved since an observed prediction's first poll was planned
 
@@ -48,6 +48,7 @@ class PollPlanner:
         "_interval",
         "_interval_max",
         "_log_estimate",
+        "_log_floor",
         "_quantile",
         "_recent_first",
         "_start",
@@ -81,7 +82,9 @@ class PollPlanner:
         self._start = poll_after if poll_after is not None else prior
         self._interval, self._interval_max, self._growth = interval, interval_max, growth
         self._quantile = quantile
-        self._log_estimate = math.log(max(self._start, DEFAULT_MIN_FIRST))
+        # A user who asks for a first poll sooner than the floor gets it: the floor follows the start.
+        self._log_floor = math.log(max(_TINY_FIRST, min(DEFAULT_MIN_FIRST, self._start)))
+        self._log_estimate = max(math.log(max(self._start, _TINY_FIRST)), self._log_floor)
         self._recent_first = self._start  #: a decaying maximum of the first delays in use lately
         self.observed = 0
 
@@ -117,7 +120,7 @@ class PollPlanner:
         else:
             done = done_by(t, duration=duration, not_done_at=not_done_at)
         step = max(_STEP_MIN, 1.0 / math.sqrt(self.observed))
-        self._log_estimate = max(self._log_estimate + step * (self._quantile - done), _LOG_MIN_FIRST)
+        self._log_estimate = max(self._log_estimate + step * (self._quantile - done), self._log_floor)
 
     def _guess_done(self, duration: float) -> float:
         # A prediction caught by a later poll was seen at least ``interval`` after its first poll; so a

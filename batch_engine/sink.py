@@ -77,38 +77,28 @@ class Sink:
         await self._ledger.succeed(item.item_id, outputs, prediction.inference_ms)
 
     async def _save(self, item_id: str, prediction: Prediction, k: int) -> OutputFile:
+        """Fetch (or decode) one output, verify it and write it; a bad download is fetched again."""
         source = prediction.outputs[k]
         is_url = source.startswith(("http://", "https://"))
-        data = await self._fetch(source) if is_url else _decode(source)
-        ext = sniff_extension(data) or "png"
-        relpath = output_relpath(item_id, k, ext)
-        try:
-            await anyio.to_thread.run_sync(write_atomic, self._out_dir, relpath, data)
-        except OSError as exc:
-            if exc.errno in _DISK_ERRNOS:
-                raise
-            raise OutputFailed(f"cannot write {relpath}: {exc}") from exc
-        nsfw = prediction.nsfw[k] if k < len(prediction.nsfw) else None
-        digest = hashlib.sha256(data).hexdigest()
-        return OutputFile(path=relpath, sha256=digest, url=source if is_url else None, nsfw=nsfw)
-
-    async def _fetch(self, url: str) -> bytes:
-        """Download and verify one output, retrying the download (never the edit) on any fault."""
         attempt = 0
         while True:
             attempt += 1
             try:
-                data = await self._client.download(url)
-                await anyio.to_thread.run_sync(verify_image, data)
-                return data
+                data: bytes | str = await self._client.download(source) if is_url else source
+                relpath, digest = await anyio.to_thread.run_sync(_store, self._out_dir, item_id, k, data)
+                break
             except ItemRejected as exc:
                 raise OutputFailed(exc.message) from exc
             except (RetryLater, SlowDown, ValueError) as exc:
+                if not is_url:
+                    raise OutputFailed(f"a b64_json output is not a valid image: {exc}") from exc
                 if attempt >= self._retry.attempts:
                     raise OutputFailed(f"gave up after {attempt} attempts: {exc}") from exc
                 delay = self._delay(attempt, exc)
-                log.debug("download of %s failed (%s); retrying in %.2fs", url, exc, delay)
+                log.debug("download of %s failed (%s); retrying in %.2fs", source, exc, delay)
                 await self._sleep(delay)
+        nsfw = prediction.nsfw[k] if k < len(prediction.nsfw) else None
+        return OutputFile(path=relpath, sha256=digest, url=source if is_url else None, nsfw=nsfw)
 
     def _delay(self, attempt: int, exc: Exception) -> float:
         hint = exc.retry_after if isinstance(exc, SlowDown) else None
@@ -119,10 +109,19 @@ class Sink:
         )
 
 
-def _decode(value: str) -> bytes:
+def _store(out_dir: Path, item_id: str, k: int, data: bytes | str) -> tuple[str, str]:
+    """Decode, verify, write atomically and hash one output, in one worker-thread hop.
+
+    ValueError: not a complete image (the caller fetches it again). OSError: a disk error, which stops
+    the run; any other write error fails the item.
+    """
+    raw = decode_b64_output(data) if isinstance(data, str) else data
+    verify_image(raw)
+    relpath = output_relpath(item_id, k, sniff_extension(raw) or "png")
     try:
-        data = decode_b64_output(value)
-        verify_image(data)
-    except ValueError as exc:
-        raise OutputFailed(f"a b64_json output is not a valid image: {exc}") from exc
-    return data
+        write_atomic(out_dir, relpath, raw)
+    except OSError as exc:
+        if exc.errno in _DISK_ERRNOS:
+            raise
+        raise OutputFailed(f"cannot write {relpath}: {exc}") from exc
+    return relpath, hashlib.sha256(raw).hexdigest()

@@ -293,3 +293,11 @@ def test_due_queue_repr_shows_live_state() -> None:
     queue: DueQueue[str] = DueQueue(clock=FakeClock(10.0))
     queue.push("x", 12.5)
     assert repr(queue) == "<DueQueue open items=1 next_due_in=2.500s>"
+
+
+def test_a_start_below_the_floor_is_honoured_after_warmup() -> None:
+    """With poll_after 0 and instant predictions, learning keeps the first poll near 0, not at a 1 s floor."""
+    planner = make_planner(poll_after=0.0)
+    for _ in range(50):
+        planner.observe(0.01, not_done_at=0.0)
+    assert planner.first_delay() < 0.01
