@@ -139,7 +139,7 @@ class ApiClient:
         """Send one request; return the JSON (API) or bytes (download); map every failure to an ApiError."""
         session = self._session
         assert session is not None, "use ApiClient as an async context manager"
-        where = public_url(url)
+        where = _Shown(url)
         log.debug("%s %s", method, where)
         try:
             async with session.request(
@@ -168,6 +168,18 @@ class ApiClient:
         raise _classify(code, raw, retry_after=retry_after, submit=submit, where=where)
 
 
+class _Shown:
+    """A URL as logs and errors show it, worked out only when a message really uses it (hot path)."""
+
+    __slots__ = ("url",)
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def __str__(self) -> str:
+        return public_url(self.url)
+
+
 async def _read(resp: aiohttp.ClientResponse) -> bytes:
     declared = resp.content_length
     if declared is not None and declared > MAX_DOWNLOAD_BYTES:
@@ -187,7 +199,7 @@ def _lost(submit: bool, message: str) -> ApiError:
     return RetryLater(message, kind="network")
 
 
-def _json(raw: bytes, *, submit: bool, where: str) -> Any:
+def _json(raw: bytes, *, submit: bool, where: _Shown) -> Any:
     try:
         return json.loads(raw)
     except ValueError as exc:
@@ -207,7 +219,7 @@ def _prediction(payload: Any, *, submit: bool) -> Prediction:
         raise RetryLater(message, status=200) from exc
 
 
-def _download_error(status: int, raw: bytes, *, retry_after: str | None, where: str) -> ApiError:
+def _download_error(status: int, raw: bytes, *, retry_after: str | None, where: _Shown) -> ApiError:
     """Output hosts are not the API: a 403 there is an expired link, not an empty balance."""
     message = f"download of {where} answered {status}: {error_message(raw)}"
     if status == 429:
@@ -217,7 +229,7 @@ def _download_error(status: int, raw: bytes, *, retry_after: str | None, where: 
     return ItemRejected(message, status=status, kind="download")
 
 
-def _classify(status: int, raw: bytes, *, retry_after: str | None, submit: bool, where: str) -> ApiError:
+def _classify(status: int, raw: bytes, *, retry_after: str | None, submit: bool, where: _Shown) -> ApiError:
     """HTTP status → error class, as the API facts' error table says; the body only adds detail."""
     message = error_message(raw)
     if status == 429:

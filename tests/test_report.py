@@ -15,6 +15,7 @@ from PIL import Image
 
 from batch_engine.report import (
     REPORT_FILES,
+    block_yaml,
     count_items,
     iso_utc,
     result_line,
@@ -380,3 +381,20 @@ def test_results_stream_100k_records_in_bounded_memory(tmp_path: Path) -> None:
     assert peak < 5_000_000  # a list of 100k records alone would take well over 10 MB
     with path.open(encoding="utf-8") as lines:
         assert sum(1 for _ in lines) == 100_000
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        [{"id": "sku-1", "outputs": [{"path": "images/a.png", "url": "https://x/y?z=1", "nsfw": None}]}],
+        [{"id": "yes", "n": "no", "on": "off", "empty": "", "null": "null", "t": "~"}],
+        [{"date": "2026-01-01", "num": "1e3", "oct": "0o17", "neg": "-1", "colon": "a: b", "hash": "x #y"}],
+        [{"quotes": "'single' \"double\"", "newline": "a\nb", "unicode": "ünï ✓", "tab": "a\tb"}],
+        [{"nested": [[1, 2], [], {}], "deep": {"a": {"b": [True, False, 0, 1.5]}}}],
+        [],
+        {},
+    ],
+)
+def test_block_yaml_reads_back_as_written(value: Any) -> None:
+    """The report's YAML writer round-trips through yaml.safe_load, whatever the strings look like."""
+    assert yaml.safe_load("".join(block_yaml(value))) == value
