@@ -119,7 +119,7 @@ class Journal(Protocol):
         outputs: Sequence[OutputFile],
         completed_at: float,
         inference_ms: int | None,
-    ) -> None: ...
+    ) -> ItemRecord: ...
     async def mark_failed(
         self,
         item_id: str,
@@ -127,7 +127,7 @@ class Journal(Protocol):
         error: ItemError,
         completed_at: float | None = None,
         prediction_id: str | None = None,
-    ) -> None: ...
+    ) -> ItemRecord: ...
     async def mark_pending(self, item_id: str, *, possible_duplicate: bool = False) -> None: ...
     async def resolve_ambiguous(self, *, resubmit: bool) -> list[str]: ...
     async def reset_failed(self) -> int: ...
@@ -278,7 +278,7 @@ class SqliteJournal:
     async def mark_submitting(self, item_id: str) -> int:
         """Record the intent to submit (before the POST); returns the item's new ``attempts``."""
         sets = "attempts = attempts + 1"
-        return await self._move(item_id, ItemState.SUBMITTING, sets, ())
+        return (await self._move(item_id, ItemState.SUBMITTING, sets, ())).attempts
 
     async def mark_submitted(self, item_id: str, *, prediction_id: str, submitted_at: float) -> None:
         sets = "prediction_id = ?, submitted_at = ?"
@@ -291,10 +291,11 @@ class SqliteJournal:
         outputs: Sequence[OutputFile],
         completed_at: float,
         inference_ms: int | None,
-    ) -> None:
+    ) -> ItemRecord:
+        """Record a success; returns the item's final row (the UPDATE returns it: no second query)."""
         sets = "outputs = ?, completed_at = ?, inference_ms = ?, error = NULL"
         encoded = _dumps([output.as_dict() for output in outputs])
-        await self._move(item_id, ItemState.SUCCEEDED, sets, (encoded, completed_at, inference_ms))
+        return await self._move(item_id, ItemState.SUCCEEDED, sets, (encoded, completed_at, inference_ms))
 
     async def mark_failed(
         self,
@@ -303,10 +304,11 @@ class SqliteJournal:
         error: ItemError,
         completed_at: float | None = None,
         prediction_id: str | None = None,
-    ) -> None:
+    ) -> ItemRecord:
+        """Record a failure; returns the item's final row."""
         sets = "error = ?, completed_at = ?, prediction_id = coalesce(?, prediction_id)"
         params = (_dumps(error.as_dict()), completed_at, prediction_id)
-        await self._move(item_id, ItemState.FAILED, sets, params)
+        return await self._move(item_id, ItemState.FAILED, sets, params)
 
     async def mark_pending(self, item_id: str, *, possible_duplicate: bool = False) -> None:
         """Back to pending; a ``possible_duplicate`` flag once set stays set (for the report)."""
@@ -328,10 +330,10 @@ class SqliteJournal:
         """Forget every item and the run meta (``--fresh``); the schema stays."""
         await self._write(_reset_all)
 
-    async def _move(self, item_id: str, target: ItemState, sets: str, params: tuple[Any, ...]) -> int:
+    async def _move(self, item_id: str, target: ItemState, sets: str, params: tuple[Any, ...]) -> ItemRecord:
         now = self._clock()
         move = functools.partial(_move, item_id=item_id, target=target, sets=sets, params=params, now=now)
-        return await self._write(move, savepoint=False)
+        return _record(await self._write(move, savepoint=False))  # decoded here, off the writer thread
 
     async def _write(self, apply: Callable[[sqlite3.Connection], _T], *, savepoint: bool = True) -> _T:
         if self._closed:
@@ -614,17 +616,17 @@ def _move(
     sets: str,
     params: tuple[Any, ...],
     now: float,
-) -> int:
-    """Move one item to ``target`` if it is in an accepted state; returns its ``attempts``."""
+) -> tuple[Any, ...]:
+    """Move one item to ``target`` if it is in an accepted state; returns its row as it now stands."""
     sources = _SOURCES[target]
     sql = (
         f"UPDATE items SET state = ?, updated_at = ?, {sets}"
-        f" WHERE item_id = ? AND state IN ({', '.join('?' * len(sources))}) RETURNING attempts"
+        f" WHERE item_id = ? AND state IN ({', '.join('?' * len(sources))}) RETURNING {_COLUMNS}"
     )
     rows = conn.execute(sql, (target.value, now, *params, item_id, *sources)).fetchall()
     if not rows:
         raise _refusal(conn, item_id, target)
-    return int(rows[0][0])
+    return tuple(rows[0])
 
 
 def _refusal(conn: sqlite3.Connection, item_id: str, target: ItemState) -> JournalError:

@@ -13,7 +13,7 @@ from batch_engine.journal import SqliteJournal
 from batch_engine.paths import RESULTS_NAME
 from batch_engine.progress import ProgressView
 from batch_engine.report import result_line
-from batch_engine.types import ItemError, ItemState, OutputFile
+from batch_engine.types import ItemError, ItemRecord, ItemState, OutputFile
 
 log = logging.getLogger(__name__)
 
@@ -100,26 +100,25 @@ class Ledger:
         return at
 
     async def succeed(self, item_id: str, outputs: Sequence[OutputFile], inference_ms: int | None) -> None:
-        await self._journal.mark_succeeded(
+        record = await self._journal.mark_succeeded(
             item_id, outputs=outputs, completed_at=self._clock(), inference_ms=inference_ms
         )
         self.succeeded += 1
         self.images += len(outputs)
-        self._finished(item_id)
+        self._finished(record)
 
     async def fail(self, item_id: str, error: ItemError, *, prediction_id: str | None = None) -> None:
-        await self._journal.mark_failed(
+        record = await self._journal.mark_failed(
             item_id, error=error, completed_at=self._clock(), prediction_id=prediction_id
         )
         self.failed += 1
         log.debug("item %s failed: %s: %s", item_id, error.kind, error.message)
         self._view.item_failed(item_id, error)
-        self._finished(item_id)
+        self._finished(record)
 
-    def _finished(self, item_id: str) -> None:
+    def _finished(self, record: ItemRecord) -> None:
         self.tick("finished")
-        record = self._journal.get(item_id)
-        if self._results is not None and record is not None:
+        if self._results is not None:
             self._results.write(json.dumps(result_line(record)) + "\n")
 
     def flush_results(self) -> None:

@@ -125,6 +125,21 @@ async def test_set_meta_replaces_the_previous_meta(journal: SqliteJournal) -> No
     assert (meta.stopped_reason, meta.finished_at) == ("interrupted", 9.0)
 
 
+async def test_final_marks_return_the_row_as_committed(journal: SqliteJournal) -> None:
+    """mark_succeeded and mark_failed hand back the item's final row, equal to what a read returns."""
+    await journal.sync_manifest(manifest_of("ok", "bad"))
+    for item_id in ("ok", "bad"):
+        await journal.mark_submitting(item_id)
+        await journal.mark_submitted(item_id, prediction_id=f"p-{item_id}", submitted_at=1.0)
+    output = OutputFile(path="images/ok-1.png", sha256="ab", url="https://x/1.png", nsfw=False)
+    done = await journal.mark_succeeded("ok", outputs=[output], completed_at=2.0, inference_ms=5)
+    failed = await journal.mark_failed("bad", error=ItemError("timeout", "late"), completed_at=3.0)
+    assert done == journal.get("ok")
+    assert failed == journal.get("bad")
+    assert (done.state, done.outputs, done.attempts) == (ItemState.SUCCEEDED, (output,), 1)
+    assert (failed.prediction_id, failed.error) == ("p-bad", ItemError("timeout", "late"))
+
+
 async def test_records_come_in_manifest_order(journal: SqliteJournal) -> None:
     """records() yields rows in the manifest's current order, also after the manifest is reordered."""
     await journal.sync_manifest(manifest_of("c", "a", "b"))
