@@ -167,7 +167,9 @@ def _run_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--poll-interval", type=float, help="seconds between later polls, at first (default 3)")
     g.add_argument("--poll-interval-max", type=float, help="the cap later polls slow to (default 15)")
     g.add_argument(
-        "--poll-rate", type=float, help="polls per second, a budget apart from submits (default 10)"
+        "--poll-rate",
+        type=float,
+        help="polls per second, a budget apart from submits (default 10, or 2 x --rate when higher)",
     )
 
     g = p.add_argument_group("safety and resume")

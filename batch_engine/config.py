@@ -33,14 +33,16 @@ class RunSettings:
     poll_after: float | None = None  #: seconds from submit to the first poll; None: the model's prior
     poll_interval: float = DEFAULT_POLL_INTERVAL  #: seconds between later polls, at first
     poll_interval_max: float = DEFAULT_POLL_INTERVAL_MAX  #: the cap the poll interval grows to
-    poll_rate: float = DEFAULT_POLL_RATE  #: polls per second, a budget separate from submits
+    poll_rate: float | None = None  #: polls per second, apart from submits; None: 10, or 2 x rate if higher
     max_submits: int | None = None  #: stop submitting after this many paid submits in this run
     grace: float = DEFAULT_GRACE  #: seconds to keep polling after SIGINT/SIGTERM
     resubmit_ambiguous: bool = True  #: resend a submit whose answer was lost (marked possible_duplicate)
 
     def __post_init__(self) -> None:
-        for name in ("rate", "rate_min", "poll_interval", "poll_interval_max", "poll_rate", "timeout"):
+        for name in ("rate", "rate_min", "poll_interval", "poll_interval_max", "timeout"):
             _require(name, getattr(self, name), minimum=0.0, inclusive=False)
+        if self.poll_rate is not None:
+            _require("poll_rate", self.poll_rate, minimum=0.0, inclusive=False)
         for name in ("poll_after", "grace"):
             value = getattr(self, name)
             if value is not None:
@@ -53,6 +55,11 @@ class RunSettings:
             raise UsageError(f"rate_min ({self.rate_min}) must not exceed rate ({self.rate})")
         if self.poll_interval_max < self.poll_interval:
             raise UsageError("poll_interval_max must be at least poll_interval")
+
+    @property
+    def polls_per_second(self) -> float:
+        """The poll budget: as set, else enough for predictions finishing as fast as submits start."""
+        return self.poll_rate if self.poll_rate is not None else max(DEFAULT_POLL_RATE, 2.0 * self.rate)
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:

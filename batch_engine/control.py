@@ -10,13 +10,16 @@ import anyio
 
 log = logging.getLogger(__name__)
 
-#: Reasons a run stops early; each makes the exit code 3 and is named in the report.
+#: Why a run stopped early (``RunStats.stopped_reason``), as the log, the summary and the report say it.
+#: Each makes the exit code 3.
 STOP_MESSAGES = {
-    "auth": "the API key was refused (401): nothing else can succeed; fix the key and run again to resume",
-    "balance": "the API refused further submits (403: no permission or balance); run again after a top-up",
-    "interrupted": "interrupted; run again with the same out dir to resume",
-    "budget": "the --max-submits budget was reached; run again to submit the rest",
-    "disk": "an output or the journal could not be written (disk full?); free space and run again",
+    "auth": "stopped early: API key refused (401) — nothing else can succeed; fix the key and run again",
+    "balance": (
+        "stopped submitting: balance ran out or no permission (403); run again after a top-up to resume"
+    ),
+    "interrupted": "stopped early: interrupted; run again with the same out dir to resume",
+    "budget": "stopped submitting: the --max-submits budget was reached; run again to submit the rest",
+    "disk": "stopped early: an output or the journal could not be written (disk full?); free space and rerun",
 }
 
 
@@ -86,7 +89,7 @@ class RunControl:
         """No new submits; what is in flight is still polled and downloaded."""
         if self.reason is None:
             self.reason = reason
-            log.warning("stopping: %s", STOP_MESSAGES.get(reason, reason))
+            log.warning("%s", STOP_MESSAGES.get(reason, f"stopped early: {reason}"))
         self.submitting_closed.set()
 
     def watch(self, scope: anyio.CancelScope) -> None:

@@ -18,7 +18,7 @@ from anyio.streams.memory import MemoryObjectSendStream
 from batch_engine.backoff import DEFAULT_POLICY, RetryPolicy
 from batch_engine.client import ApiClient, ClientConfig, public_url
 from batch_engine.config import RunSettings
-from batch_engine.control import STOP_MESSAGES, RunControl
+from batch_engine.control import RunControl
 from batch_engine.inputs import cache_inputs, distinct_inputs, local_inputs
 from batch_engine.journal import SqliteJournal
 from batch_engine.ledger import Ledger
@@ -140,7 +140,7 @@ class Engine:
             adapt=settings.adapt,
             pause_initial=options.pause_initial,
         )
-        self._poll_budget = PollBudget(rate=settings.poll_rate, pause_initial=options.pause_initial)
+        self._poll_budget = PollBudget(rate=settings.polls_per_second, pause_initial=options.pause_initial)
         self._planner = PollPlanner(
             poll_after=settings.poll_after,
             prior=spec_for(manifest.model).expected_seconds,
@@ -399,10 +399,6 @@ class Engine:
 
     def _records(self) -> Iterator[ItemRecord]:
         return self._journal.records()
-
-
-def stop_message(reason: str | None) -> str | None:
-    return STOP_MESSAGES.get(reason, reason) if reason else None
 
 
 def plan_counts(

@@ -22,6 +22,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from batch_engine.control import STOP_MESSAGES
 from batch_engine.errors import UsageError
 from batch_engine.logs import iso_timestamp, redact
 from batch_engine.types import ItemError, ItemState, RunStats, Snapshot
@@ -31,17 +32,6 @@ REFRESH_PER_SECOND = 4.0
 BAR_WIDTH = 40
 MESSAGE_MAX = 300  #: a failure's message is cut to this many characters, on one line
 
-#: ``RunStats.stopped_reason`` codes (the keys of ``control.STOP_MESSAGES``) as the summary says them;
-#: any other code prints as "stopped early: <code>"
-STOP_REASONS: Mapping[str, str] = {
-    "auth": "stopped early: API key refused (401) — nothing else can succeed; fix the key and run again",
-    "balance": (
-        "stopped submitting: balance ran out or no permission (403); run again after a top-up to resume"
-    ),
-    "interrupted": "stopped early: interrupted; run again with the same out dir to resume",
-    "budget": "stopped submitting: the --max-submits budget was reached; run again to submit the rest",
-    "disk": "stopped early: an output or the journal could not be written (disk full?); free space and rerun",
-}
 
 Clock = Callable[[], float]
 
@@ -328,7 +318,7 @@ def stop_sentence(reason: str | None) -> str | None:
     """What a ``stopped_reason`` code means for the person, or None when the run finished."""
     if reason is None:
         return None
-    return STOP_REASONS.get(reason, f"stopped early: {reason}")
+    return STOP_MESSAGES.get(reason, f"stopped early: {reason}")
 
 
 def format_summary(stats: RunStats, *, report_paths: Mapping[str, Path], out_dir: Path) -> str:
