@@ -28,6 +28,7 @@ from batch_engine.engine import RunOptions, RunResult, plan_counts, run_manifest
 from batch_engine.errors import BatchEngineError, ManifestError, UsageError
 from batch_engine.inputs import distinct_inputs, local_inputs
 from batch_engine.journal import SqliteJournal
+from batch_engine.lock import OutDirLock
 from batch_engine.logs import setup_logging
 from batch_engine.manifest import load_manifest
 from batch_engine.paths import JOURNAL_NAME
@@ -247,7 +248,8 @@ async def _read_status(out_dir: Path) -> tuple[dict[str, int], Any]:
 def cmd_report(args: argparse.Namespace) -> int:
     if not (args.out_dir / JOURNAL_NAME).exists():
         raise UsageError(f"{args.out_dir} has no journal ({JOURNAL_NAME}): nothing to report")
-    paths = anyio.run(_rebuild_reports, args.out_dir)
+    with OutDirLock(args.out_dir):  # a running run rewrites these files itself: never race it
+        paths = anyio.run(_rebuild_reports, args.out_dir)
     for name, path in paths.items():
         print(f"{name}: {path}")
     return EXIT_OK

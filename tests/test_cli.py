@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from batch_engine.cli import main
+from batch_engine.lock import OutDirLock
 from batch_engine.simulator import SimConfig, Simulator
 from tests.procs import engine_env, items, run_args, run_engine, write_manifest
 
@@ -168,6 +169,18 @@ def test_status_and_report_of_a_dir_without_journal_exit_2(
 
     assert code == EXIT_USAGE
     assert f"{tmp_path} has no journal" in err
+
+
+def test_report_refuses_while_a_run_holds_the_out_dir(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`report` on an out dir a run is using exits 2 naming that run, instead of racing its writes."""
+    (tmp_path / "journal.sqlite").touch()
+    with OutDirLock(tmp_path):
+        code, _, err = cli(capsys, "report", str(tmp_path))
+
+    assert code == EXIT_USAGE
+    assert "is in use by another batch-engine run" in err
 
 
 # -- run: as a subprocess -----------------------------------------------------------------------------------
