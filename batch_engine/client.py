@@ -61,6 +61,11 @@ class ClientConfig:
             raise UsageError(
                 f"base URL must be http(s)://host[:port][/path], got {public_url(self.base_url)!r}"
             )
+        if parts.username or parts.password or parts.query or parts.fragment:
+            raise UsageError(
+                "base URL must not carry credentials, a query or a fragment (the key comes from "
+                f"GPTPROTO_API_KEY): got {public_url(self.base_url)!r}"
+            )
         if not self.api_key:
             raise UsageError("the API key is empty: set GPTPROTO_API_KEY (or use --simulate)")
 
@@ -136,7 +141,23 @@ class ApiClient:
     async def _exchange(
         self, method: str, url: str, *, body: Mapping[str, Any] | None, submit: bool, auth: bool = True
     ) -> Any:
-        """Send one request; return the JSON (API) or bytes (download); map every failure to an ApiError."""
+        """Send one request; return the JSON (API) or bytes (download); map every failure to an ApiError.
+
+        Error messages quote response bodies, which end up in reports: a server or gateway that echoes
+        the key back must not put it there, so every message is scrubbed of it here.
+        """
+        try:
+            return await self._send(method, url, body=body, submit=submit, auth=auth)
+        except ApiError as exc:
+            key = self._config.api_key
+            if key in exc.message:
+                exc.message = exc.message.replace(key, "***")
+                exc.args = (exc.message,)
+            raise
+
+    async def _send(
+        self, method: str, url: str, *, body: Mapping[str, Any] | None, submit: bool, auth: bool
+    ) -> Any:
         session = self._session
         assert session is not None, "use ApiClient as an async context manager"
         where = _Shown(url)
@@ -160,11 +181,12 @@ class ApiClient:
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise _lost(submit, f"{type(exc).__name__} from {where}: {exc}") from exc
         log.debug("%s %s -> %s", method, where, status)
-        if status == 200 and not (auth and body_code(raw) not in (None, 200)):
+        success = 200 <= status < 300
+        if success and not (auth and body_code(raw) not in (None, 200)):
             return raw if not auth else _json(raw, submit=submit, where=where)
         if not auth:
             raise _download_error(status, raw, retry_after=retry_after, where=where)
-        code = status if status != 200 else (body_code(raw) or status)
+        code = status if not success else (body_code(raw) or status)
         raise _classify(code, raw, retry_after=retry_after, submit=submit, where=where)
 
 
@@ -240,9 +262,13 @@ def _classify(status: int, raw: bytes, *, retry_after: str | None, submit: bool,
         return StopSubmitting(
             f"forbidden (403), no permission or insufficient balance: {message}", status=status
         )
-    if status >= 500 or status in (408, 425):
-        if submit:
-            return SubmitOutcomeUnknown(f"server error {status}: {message}", status=status)
-        return RetryLater(f"server error {status} from {where}: {message}", status=status)
-    kind = "content_policy" if any(w in message.lower() for w in _POLICY_WORDS) else "invalid_request"
-    return ItemRejected(message, status=status, kind=kind)
+    policy = any(word in message.lower() for word in _POLICY_WORDS)
+    if status == 503 and policy:  # the vendor documents content-policy refusals as "503"
+        return ItemRejected(message, status=status, kind="content_policy")
+    if status >= 500 or status in (408, 425) or 300 <= status < 400:
+        if submit:  # a gateway's 5xx, or a redirect we do not follow: the POST may have been accepted
+            return SubmitOutcomeUnknown(f"server answered {status}: {message}", status=status)
+        return RetryLater(f"server answered {status} from {where}: {message}", status=status)
+    if status == 404 and not submit:  # a new prediction id may take a moment to become visible
+        return RetryLater(f"prediction not found (404) at {where}: {message}", status=status)
+    return ItemRejected(message, status=status, kind="content_policy" if policy else "invalid_request")

@@ -40,6 +40,8 @@ def parse_prediction(payload: Any) -> Prediction:
     if not isinstance(pred_id, str) or not pred_id:
         raise ValueError("the answer has no prediction id (data.id)")
     outputs = data.get("outputs") or []
+    if isinstance(outputs, str):  # one output sent bare, not in a list
+        outputs = [outputs]
     return Prediction(
         id=pred_id,
         status=str(data.get("status") or "created").strip().lower(),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -21,6 +22,7 @@ from batch_engine.errors import (
     StopRun,
     StopSubmitting,
     SubmitOutcomeUnknown,
+    UsageError,
 )
 from batch_engine.simulator import Simulator
 from batch_engine.types import Prediction
@@ -133,8 +135,8 @@ CLASSIFICATION: list[tuple[str, Reply, type[ApiError], type[ApiError], str, str]
         "404",
         Reply.json({"error": {"message": "prediction not found"}}, 404),
         ItemRejected,
-        ItemRejected,
-        "invalid_request",
+        RetryLater,  # a new prediction id may take a moment to become visible: polled again, bounded
+        "",
         "prediction not found",
     ),
     (
@@ -321,7 +323,7 @@ async def test_simulator_answers_are_classified(harness: Harness) -> None:
         with pytest.raises(ItemRejected) as policy:
             await client.submit(EDIT_PATH, edit_body(sim, "a FORBIDDEN picture"))
         assert policy.value.kind == "content_policy"
-        with pytest.raises(ItemRejected, match="prediction not found"):
+        with pytest.raises(RetryLater, match="prediction not found"):
             await client.poll("no-such-prediction")
     assert sim.stats.accepted == 1
 
@@ -436,13 +438,14 @@ async def test_a_download_never_carries_the_key(harness: Harness, scripted: Scri
 async def test_a_redirect_from_the_api_is_not_followed_with_the_key(
     scripted: Scripted, path: str, submit: bool
 ) -> None:
-    """An API answer redirecting elsewhere is not followed: the other host never sees the request or key."""
+    """An API redirect is not followed, so the other host never sees the key; a redirected submit may
+    have been accepted, so it counts as ambiguous, and a redirected poll is tried again later."""
     api_server, elsewhere = await scripted(), await scripted()
     elsewhere.reply(path, Reply.json(ENVELOPE))
     error = await answer_of(api_server, Reply(307, b"", {"Location": elsewhere.url + path}), submit=submit)
 
     assert error.status == 307
-    assert not isinstance(error, SubmitOutcomeUnknown | RetryLater)
+    assert isinstance(error, SubmitOutcomeUnknown if submit else RetryLater)
     assert elsewhere.seen == []
     assert len(api_server.seen) == 1
 
@@ -485,7 +488,44 @@ async def test_a_truncated_download_is_retryable(harness: Harness) -> None:
 
 def test_the_key_is_not_in_the_config_repr() -> None:
     """ClientConfig's repr, which may reach a log or a traceback, does not show the key."""
-    config = ClientConfig(base_url="https://user:pw@api.example.com/x?token=t", api_key=KEY)
+    config = ClientConfig(base_url="https://api.example.com/x", api_key=KEY)
     assert KEY not in repr(config)
     assert KEY not in repr(ApiClient(config))
-    assert "pw" not in repr(ApiClient(config))
+
+
+@pytest.mark.parametrize("url", ["https://user:pw@api.example.com", "https://api.example.com/?token=t"])
+def test_a_base_url_carrying_credentials_is_refused(url: str) -> None:
+    """A base URL with user-info or a query is refused (without echoing it): the key has one source."""
+    with pytest.raises(UsageError, match="must not carry credentials") as refused:
+        ClientConfig(base_url=url, api_key=KEY)
+    assert "pw" not in str(refused.value)
+    assert "token" not in str(refused.value)
+
+
+async def test_a_key_echoed_in_an_error_body_is_scrubbed(scripted: Scripted) -> None:
+    """A gateway that echoes the key in its error body does not get it into the message (and reports)."""
+    api_server = await scripted()
+    body = {"error": {"message": f"bad token Bearer {KEY}"}}
+    error = await answer_of(api_server, Reply.json(body, 400), submit=True)
+    assert KEY not in error.message
+    assert KEY not in str(error)
+    assert "bad token Bearer ***" in error.message
+
+
+async def test_a_202_submit_answer_is_an_accepted_prediction(scripted: Scripted) -> None:
+    """Any 2xx carrying the envelope is an accepted submit, its prediction id kept."""
+    api_server = await scripted()
+    headers = {"Content-Type": "application/json"}
+    api_server.reply(EDIT_PATH, Reply(202, json.dumps(ENVELOPE).encode(), headers))
+    async with api(api_server.url) as client:
+        prediction = await client.submit(EDIT_PATH, {"prompt": "x"})
+    assert prediction.id == "p-1"
+
+
+async def test_a_503_naming_the_content_policy_fails_the_item_as_content_policy(scripted: Scripted) -> None:
+    """The vendor documents content-policy refusals as 503: one that says so is not retried."""
+    api_server = await scripted()
+    body = {"error": {"message": "Content blocked due to safety concerns"}}
+    error = await answer_of(api_server, Reply.json(body, 503), submit=True)
+    assert isinstance(error, ItemRejected)
+    assert error.kind == "content_policy"
