@@ -321,8 +321,12 @@ class SqliteJournal:
         return await self._write(lambda conn: _resolve_ambiguous(conn, resubmit, now))
 
     async def reset_failed(self) -> int:
-        """Failed items back to pending (``--retry-failed``); attempts are kept, and an ambiguous submit
-        is flagged ``possible_duplicate``. Returns how many."""
+        """Failed items back to work (``--retry-failed``); returns how many.
+
+        An item whose accepted prediction failed on our side (timeout, download, network, balance...)
+        goes back to ``submitted`` and is polled again, not paid for again; the rest go back to
+        ``pending`` with their attempts kept, an ambiguous submit flagged ``possible_duplicate``.
+        """
         now = self._clock()
         return await self._write(lambda conn: _reset_failed(conn, now))
 
@@ -680,7 +684,27 @@ def _resolve_ambiguous(conn: sqlite3.Connection, resubmit: bool, now: float) -> 
     return ids
 
 
+#: Failures of a prediction that was accepted and may yet be (or have been) completed: --retry-failed
+#: polls it again instead of paying for a new one.
+_REPOLL_KINDS = (
+    ErrorKind.TIMEOUT,
+    ErrorKind.DOWNLOAD,
+    ErrorKind.NETWORK,
+    ErrorKind.SERVER_ERROR,
+    ErrorKind.BALANCE,
+    ErrorKind.RATE_LIMITED,
+    ErrorKind.DISK,
+)
+
+
 def _reset_failed(conn: sqlite3.Connection, now: float) -> int:
+    repoll = conn.execute(
+        "UPDATE items SET state = 'submitted', error = NULL, outputs = NULL, completed_at = NULL,"
+        " inference_ms = NULL, updated_at = ?"
+        f" WHERE state = 'failed' AND prediction_id IS NOT NULL AND submitted_at IS NOT NULL"
+        f" AND json_extract(error, '$.kind') IN ({', '.join('?' * len(_REPOLL_KINDS))})",
+        (now, *(kind.value for kind in _REPOLL_KINDS)),
+    ).rowcount
     # An ambiguous submit may have been billed: sending it again must say so in the report.
     cursor = conn.execute(
         "UPDATE items SET state = 'pending', error = NULL, prediction_id = NULL, outputs = NULL,"
@@ -689,7 +713,7 @@ def _reset_failed(conn: sqlite3.Connection, now: float) -> int:
         " WHERE state = 'failed'",
         (now, ErrorKind.AMBIGUOUS_SUBMIT.value),
     )
-    return cursor.rowcount
+    return repoll + cursor.rowcount
 
 
 def _reset_all(conn: sqlite3.Connection) -> None:

@@ -76,9 +76,10 @@ class Poller:
         except RetryLater as exc:
             await self._trouble(tracked, exc)
         except StopSubmitting as exc:
+            # The prediction is paid for: never fail it. It stays "submitted"; the next run polls it.
             self._control.stop_submitting("balance")
-            log.error("%s", exc.message)
-            await self._trouble(tracked, exc)
+            log.error("%s; item %s is left to the next run to poll", exc.message, tracked.item_id)
+            self._control.give_slot()
         except ItemRejected as exc:
             await self._fail(tracked, ItemError(exc.kind, exc.message, exc.status))
         except StopRun as exc:
@@ -108,7 +109,7 @@ class Poller:
         self._control.give_slot()
         await done.send(Resolved(tracked.item_id, prediction))
 
-    async def _trouble(self, tracked: Tracked, exc: RetryLater | StopSubmitting) -> None:
+    async def _trouble(self, tracked: Tracked, exc: RetryLater) -> None:
         errors = tracked.errors + 1
         if errors >= self._retry.attempts:
             message = f"polling failed {errors} times in a row: {exc.message}"

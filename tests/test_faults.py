@@ -309,6 +309,36 @@ async def test_an_output_hosts_retry_after_is_bounded(
     assert slept[0] <= 60.0
 
 
+async def test_a_poll_refused_403_leaves_the_paid_prediction_to_the_next_run(
+    harness: Harness, scripted: Scripted
+) -> None:
+    """A 403 on a poll stops submitting and leaves the accepted prediction "submitted", never failed;
+    the next run polls it (no new submit) and saves its output."""
+    server = await scripted()
+    created = {"id": "p-1", "status": "created", "outputs": [], "error": None}
+    server.reply("/api/v3/openai/gpt-image-2-plus/image-edit", Reply.json({"data": created, "code": 200}))
+    server.reply(
+        "/api/v3/predictions/p-1/result", Reply.json({"error": {"message": "insufficient balance"}}, 403)
+    )
+    manifest = harness.manifest([{"id": "a", "prompt": "edit a", "images": ["https://example.com/a.png"]}])
+
+    stopped = await harness.run(manifest, server)
+
+    assert stopped.exit_code == 3
+    assert stopped.report["stopped_reason"] == "balance"
+    assert (stopped.entry("a")["status"], stopped.entry("a")["prediction_id"]) == ("submitted", "p-1")
+
+    done = {"id": "p-1", "status": "completed", "outputs": [server.url + "/o.png"], "error": None}
+    server.reply("/api/v3/predictions/p-1/result", Reply.json({"data": done, "code": 200}))
+    server.reply(
+        "/o.png", Reply(200, render_output(64, 64, prompt="edit a", index=0), {"Content-Type": "image/png"})
+    )
+    resumed = await harness.run(manifest, server)
+
+    check_settled(resumed, ["a"], {"a": (64, 64)})
+    assert [s.method for s in server.seen].count("POST") == 1
+
+
 # ---- everything at once -------------------------------------------------------------------------------
 
 

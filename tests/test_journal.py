@@ -267,6 +267,27 @@ async def test_reset_failed_requeues_failed_items_keeping_attempts(journal: Sqli
     assert journal.counts()[ItemState.PENDING] == 3
 
 
+async def test_reset_failed_polls_accepted_predictions_again_instead_of_paying_twice(
+    journal: SqliteJournal,
+) -> None:
+    """An accepted prediction that failed on our side (timeout, download) goes back to submitted,
+    its prediction id kept; one the model itself failed goes back to pending."""
+    await journal.sync_manifest(manifest_of("late", "lost", "bad"))
+    for item_id in ("late", "lost", "bad"):
+        await journal.mark_submitting(item_id)
+        await journal.mark_submitted(item_id, prediction_id=f"p-{item_id}", submitted_at=1.0)
+    await journal.mark_failed("late", error=ItemError(kind="timeout", message="late"))
+    await journal.mark_failed("lost", error=ItemError(kind="download", message="gone"))
+    await journal.mark_failed("bad", error=ItemError(kind="inference_failed", message="model"))
+    assert await journal.reset_failed() == 3
+    states = {r.item_id: (r.state, r.prediction_id, r.error) for r in journal.records()}
+    assert states == {
+        "late": (ItemState.SUBMITTED, "p-late", None),
+        "lost": (ItemState.SUBMITTED, "p-lost", None),
+        "bad": (ItemState.PENDING, None, None),
+    }
+
+
 async def test_reset_all_forgets_items_and_meta(tmp_path: Path) -> None:
     """reset_all deletes every row and the run meta; the journal stays usable."""
     async with await SqliteJournal.open(tmp_path) as journal:
