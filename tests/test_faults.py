@@ -315,7 +315,7 @@ async def test_a_poll_refused_403_leaves_the_paid_prediction_to_the_next_run(
     """A 403 on a poll stops submitting and leaves the accepted prediction "submitted", never failed;
     the next run polls it (no new submit) and saves its output."""
     server = await scripted()
-    created = {"id": "p-1", "status": "created", "outputs": [], "error": None}
+    created: dict[str, Any] = {"id": "p-1", "status": "created", "outputs": [], "error": None}
     server.reply("/api/v3/openai/gpt-image-2-plus/image-edit", Reply.json({"data": created, "code": 200}))
     server.reply(
         "/api/v3/predictions/p-1/result", Reply.json({"error": {"message": "insufficient balance"}}, 403)
