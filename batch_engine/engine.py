@@ -19,6 +19,7 @@ from batch_engine.backoff import DEFAULT_POLICY, RetryPolicy
 from batch_engine.client import ApiClient, ClientConfig, public_url
 from batch_engine.config import RunSettings
 from batch_engine.control import RunControl
+from batch_engine.errors import JournalError
 from batch_engine.inputs import cache_inputs, distinct_inputs, local_inputs
 from batch_engine.journal import SqliteJournal
 from batch_engine.ledger import Ledger
@@ -167,17 +168,22 @@ class Engine:
             self._view.stop()
             ledger.close_results()
             with anyio.CancelScope(shield=True):
-                stats = self._stats()
-                await self._journal.set_meta(
-                    dataclasses.replace(
-                        meta,
-                        finished_at=time.time(),
-                        stopped_reason=stats.stopped_reason,
-                        stats=stats.as_dict(),
-                    )
-                )
-                paths = await self._write_reports()
+                stats, paths = await self._finish(meta)
         return RunResult(stats=stats, exit_code=exit_code(stats), report_paths=paths)
+
+    async def _finish(self, meta: RunMeta) -> tuple[RunStats, dict[str, Path]]:
+        """Record the run's figures and write the reports; a full disk here is a "disk" stop, not a crash."""
+        stats = self._stats()
+        try:
+            finished = dataclasses.replace(
+                meta, finished_at=time.time(), stopped_reason=stats.stopped_reason, stats=stats.as_dict()
+            )
+            await self._journal.set_meta(finished)
+            return stats, await self._write_reports()
+        except (JournalError, OSError):
+            log.exception("the reports could not be written; `batch-engine report OUT_DIR` rebuilds them")
+            self._control.stop_submitting("disk")
+            return self._stats(), {}
 
     async def _prepare(self) -> RunMeta:
         journal = self._journal

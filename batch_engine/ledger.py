@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -70,7 +71,7 @@ class Ledger:
 
     def close_results(self) -> None:
         if self._results is not None:
-            self._results.close()
+            self._guarded(self._results.close)
             self._results = None
 
     def tick(self, series: str) -> None:
@@ -119,9 +120,21 @@ class Ledger:
     def _finished(self, record: ItemRecord) -> None:
         self.tick("finished")
         if self._results is not None:
-            self._results.write(json.dumps(result_line(record)) + "\n")
+            self._guarded(self._results.write, json.dumps(result_line(record)) + "\n")
 
     def flush_results(self) -> None:
         """Push finished lines to results.jsonl; the engine calls it on every progress tick."""
         if self._results is not None:
-            self._results.flush()
+            self._guarded(self._results.flush)
+
+    def _guarded(self, write: Callable[..., object], *args: str) -> None:
+        """results.jsonl is a view the end of the run rewrites from the journal: a full disk here only
+        stops the live copy, it never fails an item whose state the journal already holds."""
+        try:
+            write(*args)
+        except OSError as exc:
+            log.error("results.jsonl cannot be written (%s); it is rebuilt from the journal at the end", exc)
+            results, self._results = self._results, None
+            with contextlib.suppress(OSError):
+                if results is not None:
+                    results.close()

@@ -33,9 +33,6 @@ from batch_engine.types import ErrorKind, ItemError, ItemRecord, Prediction, Res
 
 log = logging.getLogger(__name__)
 
-#: A submit whose answer was lost this many times is failed rather than sent once more.
-MAX_LOST_ANSWERS = 3
-
 
 class _Next(enum.Enum):
     DONE = "done"  #: the item left the submit stage (submitted, failed, or the run stops)
@@ -151,7 +148,17 @@ class Submitter:
             log.error("%s", exc.message)
             return None, _Next.DONE
         self._pacer.on_success()
-        state.submitted_at = await self._ledger.submitted(item_id, prediction.id)
+        try:
+            state.submitted_at = await self._ledger.submitted(item_id, prediction.id)
+        except JournalError:
+            # The one place a paid prediction id exists only in memory: say it where a person will see
+            # it, so it can be recovered by hand; the row stays "submitting" (ambiguous next run).
+            log.error(
+                "item %s was accepted as prediction %s, but the journal could not record it",
+                item_id,
+                prediction.id,
+            )
+            raise
         return prediction, _Next.DONE
 
     async def _unpaid(self, item_id: str, state: _Attempts) -> None:
@@ -181,7 +188,7 @@ class Submitter:
             message = f"{exc.message}; not resent because of --no-resubmit-ambiguous"
             await self._ledger.fail(item_id, ItemError(ErrorKind.AMBIGUOUS_SUBMIT, message, exc.status))
             return _Next.DONE
-        if state.lost >= MAX_LOST_ANSWERS:
+        if state.lost >= self._retry.attempts:
             message = f"{exc.message}; the answer was lost {state.lost} times, each may have been billed"
             await self._ledger.fail(item_id, ItemError(exc.kind, message, exc.status))
             return _Next.DONE
