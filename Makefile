@@ -29,7 +29,7 @@ demo: $(STAMP)
 	$(BIN)/batch-engine run jobs/demo.yaml --simulate --out out/demo --fresh --yes
 
 bench: $(STAMP)
-	$(BIN)/python -m bench
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 test-browser: $(STAMP)
 	$(BIN)/python -m tests.browser.run
