@@ -25,8 +25,12 @@ unit: $(STAMP)
 
 test: lint typecheck unit
 
+# The demo job fails a few items on purpose (a content-policy prompt, simulated model failures), so the
+# run's exit code is 1 ("finished with failed items"); only 2 and 3 mean the demo itself went wrong.
 demo: $(STAMP)
-	$(BIN)/batch-engine run jobs/demo.yaml --simulate --out out/demo --fresh --yes
+	@$(BIN)/batch-engine run jobs/demo.yaml --simulate --out out/demo --fresh --yes; \
+	code=$$?; if [ $$code -gt 1 ]; then exit $$code; fi; \
+	echo "demo done: open out/demo/index.html (report: out/demo/report.yaml)"
 
 bench: $(STAMP)
 	$(BIN)/python -m bench $(BENCH_ARGS)
