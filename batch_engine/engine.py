@@ -7,7 +7,7 @@ import logging
 import shutil
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,7 @@ from batch_engine.ledger import Ledger
 from batch_engine.lock import OutDirLock
 from batch_engine.models import spec_for, submit_path, wire_body
 from batch_engine.pacing import DEFAULT_PAUSE_INITIAL, PollBudget, SubmitPacer
-from batch_engine.paths import IMAGES_DIR, INPUTS_DIR, RESULTS_NAME
+from batch_engine.paths import IMAGES_DIR, INPUTS_DIR, RESULTS_NAME, TEMP_PREFIX
 from batch_engine.poll import Poller
 from batch_engine.polling import DueQueue, PollPlanner
 from batch_engine.progress import ProgressView
@@ -47,7 +47,6 @@ from batch_engine.types import (
 log = logging.getLogger(__name__)
 
 TICK_SECONDS = 0.25
-TEMP_PREFIX = ".tmp-"  #: how paths.write_atomic names its temporary files
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -153,6 +152,7 @@ class Engine:
         self._started = time.time()
         self._ledger: Ledger | None = None
         self._done_before = 0
+        self._plan = self._submit_plan()  #: shared by every submitter
         self._budget = [0]  #: submits that were (or may have been) paid for in this run, shared by submitters
 
     async def run(self) -> RunResult:
@@ -179,7 +179,7 @@ class Engine:
                 meta, finished_at=time.time(), stopped_reason=stats.stopped_reason, stats=stats.as_dict()
             )
             await self._journal.set_meta(finished)
-            return stats, await self._write_reports()
+            return stats, await self._write_reports(finished)
         except (JournalError, OSError):
             log.exception("the reports could not be written; `batch-engine report OUT_DIR` rebuilds them")
             self._control.stop_submitting("disk")
@@ -307,17 +307,18 @@ class Engine:
         await anyio.sleep(self._settings.grace)
         self._control.stop_now("interrupted")
 
-    def _submitter(self) -> Submitter:
-        assert self._ledger is not None
+    def _submit_plan(self) -> SubmitPlan:
         spec = spec_for(self._manifest.model)
-        manifest = self._manifest
-        plan = SubmitPlan(
-            path=submit_path(manifest.model, manifest.task),
+        return SubmitPlan(
+            path=submit_path(self._manifest.model, self._manifest.task),
             body=lambda record: wire_body(spec, record.request),
             timeout=self._settings.timeout,
             resubmit_ambiguous=self._settings.resubmit_ambiguous,
             max_submits=self._settings.max_submits,
         )
+
+    def _submitter(self) -> Submitter:
+        assert self._ledger is not None
         return Submitter(
             client=self._client,
             ledger=self._ledger,
@@ -325,7 +326,7 @@ class Engine:
             pacer=self._pacer,
             planner=self._planner,
             due=self._due,
-            plan=plan,
+            plan=self._plan,
             budget=self._budget,
             retry=self._retry,
         )
@@ -392,19 +393,14 @@ class Engine:
             timeline=ledger.timeline,
         )
 
-    async def _write_reports(self) -> dict[str, Path]:
-        meta = self._journal.meta()
-        assert meta is not None
+    async def _write_reports(self, meta: RunMeta) -> dict[str, Path]:
         out_dir = self._options.out_dir
         urls = distinct_inputs(self._journal.records())
         if self._options.copy_inputs and self._control.reason != "disk":
             inputs = await cache_inputs(self._client, out_dir, urls, resolve=self._options.input_source)
         else:
             inputs = local_inputs(out_dir, urls)
-        return write_reports(out_dir, meta, self._records, inputs=inputs)
-
-    def _records(self) -> Iterator[ItemRecord]:
-        return self._journal.records()
+        return write_reports(out_dir, meta, self._journal.records, inputs=inputs)
 
 
 def plan_counts(

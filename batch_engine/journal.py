@@ -26,12 +26,12 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Protocol, TypeVar, cast
 
-from .errors import JournalError
-from .types import ErrorKind, ItemError, ItemRecord, ItemState, Manifest, OutputFile, RunMeta
+from batch_engine.errors import JournalError
+from batch_engine.paths import JOURNAL_NAME
+from batch_engine.types import ErrorKind, ItemError, ItemRecord, ItemState, Manifest, OutputFile, RunMeta
 
 logger = logging.getLogger(__name__)
 
-JOURNAL_NAME = "journal.sqlite"
 SCHEMA_VERSION = 1
 DEFAULT_MAX_BATCH = 1000  #: writes applied in one transaction, at most
 DEFAULT_READ_BATCH = 1000  #: rows fetched per query by ``records()``

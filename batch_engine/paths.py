@@ -12,6 +12,7 @@ JOURNAL_NAME = "journal.sqlite"
 IMAGES_DIR = "images"
 INPUTS_DIR = "inputs"
 RESULTS_NAME = "results.jsonl"
+TEMP_PREFIX = ".tmp-"  #: write_atomic's temporary files; a run deletes leftovers of a killed one
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _MAX_STEM = 80
@@ -45,7 +46,7 @@ def write_atomic(out_dir: Path, relpath: str, data: bytes) -> Path:
         raise ValueError(f"refusing to write outside the out dir: {relpath}")
     target = out_dir / relpath
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=target.parent)
+    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=target.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)

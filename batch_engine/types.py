@@ -217,11 +217,6 @@ class RunStats:
             "timeline": {k: list(v) for k, v in self.timeline.items()},
         }
 
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> RunStats:
-        names = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in data.items() if k in names})
-
 
 @dataclass(frozen=True)
 class Tracked:

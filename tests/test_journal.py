@@ -17,7 +17,8 @@ import pytest
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from batch_engine.errors import JournalError
-from batch_engine.journal import JOURNAL_NAME, Journal, SqliteJournal, SyncResult
+from batch_engine.journal import Journal, SqliteJournal, SyncResult
+from batch_engine.paths import JOURNAL_NAME
 from batch_engine.types import Item, ItemError, ItemState, Manifest, OutputFile, RunMeta
 
 pytestmark = pytest.mark.anyio
