@@ -6,8 +6,10 @@ anything else happens to it, an output only once recorded. Reports are rebuilt f
 
 Writes go through one writer thread with group commit: callers queue an operation and await a
 future; the thread applies everything queued in one transaction, commits once (one fsync) and then
-resolves every future. Reads use their own connection on the caller's thread (WAL readers never
-block the writer) and are synchronous.
+resolves every future. A write may name files it records (``durable``): the thread fsyncs them, and
+each of their folders once, before that commit, so output files are made durable in groups too.
+Reads use their own connection on the caller's thread (WAL readers never block the writer) and are
+synchronous.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar, cast
 
 from batch_engine.errors import JournalError
-from batch_engine.paths import JOURNAL_NAME
+from batch_engine.paths import JOURNAL_NAME, fsync_path
 from batch_engine.types import ErrorKind, ItemError, ItemRecord, ItemState, Manifest, OutputFile, RunMeta
 
 logger = logging.getLogger(__name__)
@@ -119,6 +121,7 @@ class Journal(Protocol):
         outputs: Sequence[OutputFile],
         completed_at: float,
         inference_ms: int | None,
+        durable: Sequence[Path] = (),
     ) -> ItemRecord: ...
     async def mark_failed(
         self,
@@ -291,11 +294,17 @@ class SqliteJournal:
         outputs: Sequence[OutputFile],
         completed_at: float,
         inference_ms: int | None,
+        durable: Sequence[Path] = (),
     ) -> ItemRecord:
-        """Record a success; returns the item's final row (the UPDATE returns it: no second query)."""
+        """Record a success; returns the item's final row (the UPDATE returns it: no second query).
+
+        ``durable``: the output files, written but not yet fsynced; they are fsynced (with their
+        folders) before the commit, and an OSError doing so fails this write and nothing else.
+        """
         sets = "outputs = ?, completed_at = ?, inference_ms = ?, error = NULL"
         encoded = _dumps([output.as_dict() for output in outputs])
-        return await self._move(item_id, ItemState.SUCCEEDED, sets, (encoded, completed_at, inference_ms))
+        params = (encoded, completed_at, inference_ms)
+        return await self._move(item_id, ItemState.SUCCEEDED, sets, params, durable=tuple(durable))
 
     async def mark_failed(
         self,
@@ -334,15 +343,30 @@ class SqliteJournal:
         """Forget every item and the run meta (``--fresh``); the schema stays."""
         await self._write(_reset_all)
 
-    async def _move(self, item_id: str, target: ItemState, sets: str, params: tuple[Any, ...]) -> ItemRecord:
+    async def _move(
+        self,
+        item_id: str,
+        target: ItemState,
+        sets: str,
+        params: tuple[Any, ...],
+        *,
+        durable: tuple[Path, ...] = (),
+    ) -> ItemRecord:
         now = self._clock()
         move = functools.partial(_move, item_id=item_id, target=target, sets=sets, params=params, now=now)
-        return _record(await self._write(move, savepoint=False))  # decoded here, off the writer thread
+        row = await self._write(move, savepoint=False, durable=durable)
+        return _record(row)  # decoded here, off the writer thread
 
-    async def _write(self, apply: Callable[[sqlite3.Connection], _T], *, savepoint: bool = True) -> _T:
+    async def _write(
+        self,
+        apply: Callable[[sqlite3.Connection], _T],
+        *,
+        savepoint: bool = True,
+        durable: tuple[Path, ...] = (),
+    ) -> _T:
         if self._closed:
             raise JournalError(f"the journal {self.path} is closed; no more writes are accepted")
-        return await self._writer.write(apply, savepoint=savepoint)
+        return await self._writer.write(apply, savepoint=savepoint, durable=durable)
 
 
 @dataclass(slots=True)
@@ -355,6 +379,7 @@ class _Job:
     #: run ``apply`` in a savepoint, so that a failure undoes its partial changes; a job of one
     #: statement needs none (SQLite undoes a failed statement by itself) and skips the cost
     savepoint: bool = True
+    durable: tuple[Path, ...] = ()  #: files to fsync (with their folders) before the commit
 
 
 @dataclass(slots=True)
@@ -402,17 +427,25 @@ class _Writer:
     def __repr__(self) -> str:
         return f"writes={self.writes} commits={self.commits} queued={self._queue.qsize()}"
 
-    async def write(self, apply: Callable[[sqlite3.Connection], _T], *, savepoint: bool = True) -> _T:
-        return cast(_T, await self._enqueue(apply, savepoint=savepoint))
+    async def write(
+        self,
+        apply: Callable[[sqlite3.Connection], _T],
+        *,
+        savepoint: bool = True,
+        durable: tuple[Path, ...] = (),
+    ) -> _T:
+        return cast(_T, await self._enqueue(apply, savepoint=savepoint, durable=durable))
 
     async def stop(self) -> None:
         """Wait for every job queued before this call to commit, then close the connection."""
         await self._enqueue(None)
         self._thread.join()  # already finishing: the stop job is the thread's last act
 
-    def _enqueue(self, apply: Apply | None, *, savepoint: bool = True) -> asyncio.Future[Any]:
+    def _enqueue(
+        self, apply: Apply | None, *, savepoint: bool = True, durable: tuple[Path, ...] = ()
+    ) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
-        job = _Job(apply, loop, loop.create_future(), savepoint)
+        job = _Job(apply, loop, loop.create_future(), savepoint, durable)
         self._queue.put(job)
         return job.future
 
@@ -443,7 +476,7 @@ class _Writer:
     def _commit(self, batch: list[_Job]) -> list[_Outcome]:
         """Apply ``batch`` in one transaction; a job that made SQLite drop it is left out and the
         rest reapplied (the rollback undid them too), so each round removes one job."""
-        refused: list[_Outcome] = []
+        batch, refused = _make_durable(batch)
         while batch:
             try:
                 done = self._transaction(batch)
@@ -501,6 +534,37 @@ class _Writer:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+
+def _make_durable(batch: list[_Job]) -> tuple[list[_Job], list[_Outcome]]:
+    """fsync the files the batch's jobs name, then each of their folders once, before the commit.
+
+    Returns the jobs to apply and the outcomes of those left out: a job whose file (or folder) could
+    not be synced fails with that OSError, so no row ever records a file a power loss could take back.
+    """
+    if not any(job.durable for job in batch):
+        return batch, []
+    failed: dict[int, OSError] = {}
+    folders: dict[Path, list[_Job]] = {}
+    for job in batch:
+        try:
+            for path in job.durable:
+                fsync_path(path)
+        except OSError as exc:
+            failed[id(job)] = exc
+            continue
+        for path in job.durable:
+            folders.setdefault(path.parent, []).append(job)
+    for folder, jobs in folders.items():
+        try:
+            fsync_path(folder, folder=True)
+        except OSError as exc:
+            for job in jobs:
+                failed.setdefault(id(job), exc)
+    if not failed:
+        return batch, []
+    kept = [job for job in batch if id(job) not in failed]
+    return kept, [_Outcome(job, error=failed[id(job)]) for job in batch if id(job) in failed]
 
 
 def _settle(outcomes: list[_Outcome]) -> None:

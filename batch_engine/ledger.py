@@ -100,9 +100,17 @@ class Ledger:
         log.debug("item %s submitted as %s", item_id, prediction_id)
         return at
 
-    async def succeed(self, item_id: str, outputs: Sequence[OutputFile], inference_ms: int | None) -> None:
+    async def succeed(
+        self,
+        item_id: str,
+        outputs: Sequence[OutputFile],
+        inference_ms: int | None,
+        *,
+        durable: Sequence[Path] = (),
+    ) -> None:
+        """Record a success; ``durable`` names output files the journal must fsync before its commit."""
         record = await self._journal.mark_succeeded(
-            item_id, outputs=outputs, completed_at=self._clock(), inference_ms=inference_ms
+            item_id, outputs=outputs, completed_at=self._clock(), inference_ms=inference_ms, durable=durable
         )
         self.succeeded += 1
         self.images += len(outputs)

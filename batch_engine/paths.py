@@ -35,9 +35,12 @@ def output_relpath(item_id: str, index: int, ext: str) -> str:
     return f"{IMAGES_DIR}/{safe_stem(item_id)}-{index + 1}.{ext}"
 
 
-def write_atomic(out_dir: Path, relpath: str, data: bytes) -> Path:
-    """Write ``data`` under ``out_dir`` by temp file, fsync and rename: a reader never sees half a file.
+def write_atomic(out_dir: Path, relpath: str, data: bytes, *, durable: bool = True) -> Path:
+    """Write ``data`` under ``out_dir`` by temp file and rename: a reader never sees half a file.
 
+    ``durable``: fsync the file before the rename and its folder after it, so the file survives a power
+    loss once this returns. The sink passes False and has the journal writer fsync a whole group of
+    outputs (`fsync_path`) just before the commit that records them, which costs far less per file.
     ``relpath`` must be relative and free of ``..`` (checked on the string: resolving both paths per
     file cost more than the write itself in the benchmark).
     """
@@ -50,19 +53,25 @@ def write_atomic(out_dir: Path, relpath: str, data: bytes) -> Path:
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
-            fh.flush()
-            os.fdatasync(fh.fileno())
+            if durable:
+                fh.flush()
+                os.fdatasync(fh.fileno())
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_dir(target.parent)  # the rename itself must survive a power loss before the journal counts it
+    if durable:
+        fsync_path(target.parent, folder=True)  # the rename itself must survive a power loss
     return target
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
+def fsync_path(path: Path, *, folder: bool = False) -> None:
+    """Flush a file's data, or a ``folder``'s entries, to disk. OSError if it cannot be done."""
+    fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(fd)
+        if folder:
+            os.fsync(fd)
+        else:
+            os.fdatasync(fd)
     finally:
         os.close(fd)

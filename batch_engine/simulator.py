@@ -111,6 +111,8 @@ class SimConfig:
     slow_seconds: float = 2.0
     p_download_500: float = 0.0  #: an output download gets 500
     p_download_truncated: float = 0.0  #: an output download declares its full length, sends half, closes
+    #: an output download arrives at its full length with one byte changed in the middle (a mangling proxy)
+    p_download_corrupt: float = 0.0
     content_policy_marker: str = "FORBIDDEN"  #: a prompt containing it gets 400 content policy
     balance: int | None = None  #: after this many accepted submits, further submits get 403
     # Envelope variants: each is something the real API (or its siblings) is known to send.
@@ -195,6 +197,7 @@ class SimStats:
     poll_counts: dict[str, int] = field(default_factory=dict)  #: prediction id → polls answered 200
     dropped: int = 0  #: connections closed with no answer (submits)
     truncated_downloads: int = 0
+    corrupt_downloads: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         """Everything, JSON-ready."""
@@ -660,6 +663,10 @@ class Simulator:
         png = await self._output_png(pred, k)
         if self._happens("download-truncated", key, self.config.p_download_truncated):
             return await self._truncated(request, png)
+        if self._happens("download-corrupt", key, self.config.p_download_corrupt):
+            self.stats.corrupt_downloads += 1
+            middle = len(png) // 2
+            png = png[:middle] + bytes([png[middle] ^ 0xFF]) + png[middle + 1 :]
         return web.Response(body=png, content_type="image/png")
 
     async def _truncated(self, request: web.Request, data: bytes) -> web.StreamResponse:

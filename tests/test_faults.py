@@ -4,11 +4,14 @@ lost, and nothing is resubmitted except as the ambiguous-submit policy says."""
 from __future__ import annotations
 
 import functools
+import io
 import itertools
+import random
 from collections import Counter
 from typing import Any
 
 import pytest
+from PIL import Image
 
 from batch_engine import engine
 from batch_engine.backoff import clamp_retry_after
@@ -16,7 +19,7 @@ from batch_engine.client import ApiClient
 from batch_engine.images import render_output
 from batch_engine.pacing import PollBudget
 from batch_engine.simulator import PredictionRecord, Simulator
-from batch_engine.sink import Sink
+from batch_engine.sink import INLINE_BYTES, Sink
 from batch_engine.types import Prediction
 from tests.helpers import (
     Harness,
@@ -267,13 +270,14 @@ async def test_concurrency_cap_429s_are_handled_like_a_rate_limit(harness: Harne
     [
         {"p_download_500": 0.5},
         {"p_download_truncated": 0.5},
-        {"p_download_500": 0.3, "p_download_truncated": 0.3},
+        {"p_download_corrupt": 0.5},
+        {"p_download_500": 0.3, "p_download_truncated": 0.3, "p_download_corrupt": 0.3},
     ],
-    ids=["500", "truncated", "both"],
+    ids=["500", "truncated", "corrupt", "all"],
 )
 async def test_failed_downloads_are_retried_not_the_edit(harness: Harness, knobs: dict[str, float]) -> None:
-    """An output download that fails (500, or cut short) is fetched again; the edit is not resubmitted
-    and the file on disk is complete."""
+    """An output download that fails (500, cut short, or whole but with a changed byte) is fetched
+    again; the edit is not resubmitted and the file on disk is complete."""
     sim = await harness.sim(seed=9, **knobs)
     outcome = await run_items(harness, sim)
 
@@ -282,6 +286,8 @@ async def test_failed_downloads_are_retried_not_the_edit(harness: Harness, knobs
     assert sim.stats.downloads > ITEMS
     if "p_download_truncated" in knobs:
         assert sim.stats.truncated_downloads > 0
+    if "p_download_corrupt" in knobs:
+        assert sim.stats.corrupt_downloads > 0
 
 
 async def test_an_output_hosts_retry_after_is_bounded(
@@ -307,6 +313,30 @@ async def test_an_output_hosts_retry_after_is_bounded(
     assert [s.path for s in server.seen].count("/o.png") == 2
     assert slept == [clamp_retry_after(86400.0)]
     assert slept[0] <= 60.0
+
+
+async def test_a_large_output_changed_on_the_way_is_fetched_again(
+    harness: Harness, scripted: Scripted
+) -> None:
+    """An output over INLINE_BYTES (checked and written in a worker thread) that arrives whole in length
+    but with one byte changed fails its check and is fetched again; the file saved is the good one."""
+    server = await scripted()
+    done = {"id": "p-1", "status": "completed", "outputs": [server.url + "/o.png"], "error": None}
+    server.reply("/api/v3/openai/gpt-image-2-plus/image-edit", Reply.json({"data": done, "code": 200}))
+    noise = Image.frombytes("RGB", (200, 200), random.Random(7).randbytes(200 * 200 * 3))
+    buffer = io.BytesIO()
+    noise.save(buffer, format="PNG")
+    png = buffer.getvalue()
+    assert len(png) > INLINE_BYTES
+    changed = png[: len(png) // 2] + bytes([png[len(png) // 2] ^ 0xFF]) + png[len(png) // 2 + 1 :]
+    headers = {"Content-Type": "image/png"}
+    server.reply("/o.png", Reply(200, changed, headers), Reply(200, png, headers))
+    items = [{"id": "a", "prompt": "edit a", "images": ["https://example.com/a.png"]}]
+    outcome = await harness.run(harness.manifest(items), server)
+
+    check_settled(outcome, ["a"], {"a": (200, 200)})
+    assert [s.path for s in server.seen].count("/o.png") == 2
+    assert (outcome.out_dir / "images" / "a-1.png").read_bytes() == png
 
 
 async def test_a_poll_refused_403_leaves_the_paid_prediction_to_the_next_run(

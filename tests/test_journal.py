@@ -351,6 +351,41 @@ async def test_one_failing_write_does_not_affect_the_others_in_its_batch(journal
     assert journal.counts()[ItemState.SUBMITTING] == 50
 
 
+async def test_a_success_commits_only_once_its_output_files_are_synced(
+    journal: SqliteJournal, tmp_path: Path
+) -> None:
+    """A success naming its output files commits when they can be fsynced; one whose file is gone
+    gets the OSError, stays submitted, and takes none of the other successes in its batch with it."""
+    ids = ids_of(20)
+    await journal.sync_manifest(manifest_of(*ids))
+    images = tmp_path / "images"
+    images.mkdir()
+    for n, item_id in enumerate(ids):
+        await journal.mark_submitting(item_id)
+        await journal.mark_submitted(item_id, prediction_id=f"p-{n}", submitted_at=1.0)
+        if item_id != "item-00007":
+            (images / f"{item_id}-1.png").write_bytes(b"png")
+    errors: list[OSError] = []
+
+    async def succeed(item_id: str) -> None:
+        output = OutputFile(path=f"images/{item_id}-1.png", sha256="0" * 64)
+        try:
+            await journal.mark_succeeded(
+                item_id, outputs=[output], completed_at=2.0, inference_ms=5, durable=[tmp_path / output.path]
+            )
+        except OSError as exc:
+            errors.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        for item_id in ids:
+            tg.start_soon(succeed, item_id)
+    assert [exc.filename for exc in errors] == [str(images / "item-00007-1.png")]
+    assert journal.counts()[ItemState.SUCCEEDED] == 19
+    missing = journal.get("item-00007")
+    assert missing is not None
+    assert (missing.state, missing.prediction_id, missing.outputs) == (ItemState.SUBMITTED, "p-7", ())
+
+
 async def test_a_bug_in_a_write_reaches_its_caller_and_the_writer_survives(journal: SqliteJournal) -> None:
     """An unexpected exception inside the writer thread is raised to the caller, and later writes work."""
     broken = replace(manifest_of("a"), items=(Item(0, "a", {"x": object()}, {}, "fp"),))
