@@ -14,12 +14,12 @@ import hashlib
 import html
 import json
 import re
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 from urllib.parse import quote
 
-from batch_engine.report import Counts, atomic_text, count_items, iso_utc
+from batch_engine.report import Counts, Records, atomic_text, count_items, iso_utc
 from batch_engine.types import ItemRecord, ItemState, RunMeta
 
 PAGE_SIZE = 100
@@ -32,7 +32,7 @@ _SAFE_URL = re.compile(r"^(https?:|data:image/)", re.IGNORECASE)
 def write_html_report(
     out_dir: Path,
     meta: RunMeta,
-    records: Callable[[], Iterator[ItemRecord]],
+    records: Records,
     *,
     inputs: Mapping[str, str] | None = None,
     counts: Counts | None = None,
@@ -44,20 +44,41 @@ def write_html_report(
     counts = counts if counts is not None else count_items(records())
     path = out_dir / "index.html"
     with atomic_text(path) as stream:
+        gallery = Gallery(stream, meta, counts, inputs or {})
+        for record in failures_first(records):
+            gallery.add(record)
+        gallery.close()
+    return path
+
+
+class Gallery:
+    """Writes index.html to ``stream``: the page head at once, then one card per ``add``, then ``close``."""
+
+    __slots__ = ("_cards", "_inputs", "_stream")
+
+    def __init__(self, stream: IO[str], meta: RunMeta, counts: Counts, inputs: Mapping[str, str]) -> None:
+        self._stream = stream
+        self._inputs = inputs
+        self._cards = 0
         stream.write(_head(meta))
         stream.write(_summary(meta, counts))
         stream.write(_timeline_section(meta.stats.get("timeline") or {}))
         stream.write(_toolbar(counts))
-        stream.write('<script type="application/json" id="items-data">')
-        _write_items_json(stream, failures_first(records), inputs or {})
-        stream.write(f"</script>\n<script>{_SCRIPT}</script>\n</body>\n</html>\n")
-    return path
+        stream.write('<script type="application/json" id="items-data">[')
+
+    def add(self, record: ItemRecord) -> None:
+        text = json.dumps(card_data(record, self._inputs), ensure_ascii=False, separators=(",", ":"))
+        self._stream.write(("," if self._cards else "") + "\n" + escape_json_for_script(text))
+        self._cards += 1
+
+    def close(self) -> None:
+        self._stream.write(f"\n]</script>\n<script>{_SCRIPT}</script>\n</body>\n</html>\n")
 
 
-def failures_first(records: Callable[[], Iterator[ItemRecord]]) -> Iterator[ItemRecord]:
-    """Failed items in manifest order, then every other item in manifest order: two passes, no list."""
-    yield from (record for record in records() if record.state is ItemState.FAILED)
-    yield from (record for record in records() if record.state is not ItemState.FAILED)
+def failures_first(records: Records) -> Iterator[ItemRecord]:
+    """Failed items in manifest order, then every other item in manifest order: two queries, no list."""
+    yield from records({ItemState.FAILED})
+    yield from records([state for state in ItemState if state is not ItemState.FAILED])
 
 
 def card_data(record: ItemRecord, inputs: Mapping[str, str]) -> dict[str, Any]:
@@ -143,14 +164,6 @@ def _input_src(url: str, inputs: Mapping[str, str]) -> str:
     if _SAFE_URL.match(url) or not _URL_SCHEME.match(url):
         return url
     return ""  # javascript:, file: and the like are never linked
-
-
-def _write_items_json(stream: IO[str], records: Iterable[ItemRecord], inputs: Mapping[str, str]) -> None:
-    stream.write("[")
-    for number, record in enumerate(records):
-        text = json.dumps(card_data(record, inputs), ensure_ascii=False, separators=(",", ":"))
-        stream.write(("," if number else "") + "\n" + escape_json_for_script(text))
-    stream.write("\n]")
 
 
 def _e(value: object) -> str:

@@ -1,7 +1,9 @@
 """Write the journal's views a program and a person read: results.jsonl, report.yaml and failures.yaml.
 
 Every writer streams: it takes a callable returning a fresh iterator of ``ItemRecord`` in manifest order
-and never holds more than one record's output at a time, so 100k items cost the same memory as ten. Each
+(optionally only some states) and never holds more than one record's output at a time, so 100k items cost
+the same memory as ten. ``write_reports`` reads the journal three times for all four files: a count, the
+failed items alone, and one pass that feeds report.yaml, results.jsonl and the gallery together. Each
 file is written to a temporary file in the out dir and moved into place with ``os.replace``: a reader (or
 a crash) sees the old file or the new one, never half of one.
 """
@@ -17,11 +19,11 @@ import re
 import secrets
 import shlex
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 import yaml
 
@@ -31,7 +33,13 @@ logger = logging.getLogger(__name__)
 
 REPORT_FILES = ("report.yaml", "results.jsonl", "failures.yaml", "index.html")
 
-Records = Callable[[], Iterator[ItemRecord]]
+
+
+class Records(Protocol):
+    """A fresh iterator of the journal's records in manifest order, all of them or those in ``states``."""
+
+    def __call__(self, states: Collection[ItemState] | None = None) -> Iterator[ItemRecord]: ...
+
 
 #: the run summary copied from ``RunStats.as_dict()`` into report.yaml, in this order
 SUMMARY_KEYS = (
@@ -157,9 +165,13 @@ def write_results_jsonl(out_dir: Path, records: Records) -> Path:
     path = out_dir / "results.jsonl"
     with atomic_text(path) as stream:
         for record in records():
-            if record.state.is_final:
-                stream.write(json.dumps(result_line(record), ensure_ascii=False) + "\n")
+            _write_result(stream, record)
     return path
+
+
+def _write_result(stream: IO[str], record: ItemRecord) -> None:
+    if record.state.is_final:
+        stream.write(json.dumps(result_line(record), ensure_ascii=False) + "\n")
 
 
 def write_report_yaml(
@@ -172,10 +184,14 @@ def write_report_yaml(
     counts = counts if counts is not None else count_items(records())
     path = out_dir / "report.yaml"
     with atomic_text(path) as stream:
-        stream.write(f"# batch-engine report of {_one_line(meta.name)}; results.jsonl has the same items.\n")
-        stream.write(_dump(report_header(meta, counts)))
+        _write_report_head(stream, meta, counts)
         _write_items(stream, (report_entry(record) for record in records()))
     return path
+
+
+def _write_report_head(stream: IO[str], meta: RunMeta, counts: Counts) -> None:
+    stream.write(f"# batch-engine report of {_one_line(meta.name)}; results.jsonl has the same items.\n")
+    stream.write(_dump(report_header(meta, counts)))
 
 
 def report_header(meta: RunMeta, counts: Counts) -> dict[str, Any]:
@@ -213,7 +229,7 @@ def write_failures_manifest(out_dir: Path, meta: RunMeta, records: Records) -> P
         with atomic_text(path) as stream:
             stream.write(_failures_comment(out_dir, meta))
             stream.write(_dump(failures_header(meta)))
-            failed = (failed_spec(r) for r in records() if r.state is ItemState.FAILED)
+            failed = (failed_spec(r) for r in records({ItemState.FAILED}))
             if not _write_items(stream, failed):
                 raise _NothingFailed
     except _NothingFailed:
@@ -252,16 +268,31 @@ def write_reports(
     failures.yaml is absent from the result when nothing failed. ``inputs`` goes to index.html.
     """
     # Imported here because html_report uses this module's helpers: a top-level import would be circular.
-    from batch_engine.html_report import write_html_report
+    from batch_engine.html_report import Gallery
 
     counts = count_items(records())
-    written: dict[str, Path | None] = {
-        "report.yaml": write_report_yaml(out_dir, meta, records, counts=counts),
-        "results.jsonl": write_results_jsonl(out_dir, records),
-        "failures.yaml": write_failures_manifest(out_dir, meta, records),
-        "index.html": write_html_report(out_dir, meta, records, inputs=inputs, counts=counts),
-    }
-    paths = {name: path for name, path in written.items() if path is not None}
+    failures = write_failures_manifest(out_dir, meta, records)
+    # One pass over the records feeds three files; the gallery shows failed items first, which it takes
+    # from a query of its own before the pass, and then skips them in it.
+    report, results, page = out_dir / "report.yaml", out_dir / "results.jsonl", out_dir / "index.html"
+    with atomic_text(report) as yaml_out, atomic_text(results) as jsonl_out, atomic_text(page) as html_out:
+        _write_report_head(yaml_out, meta, counts)
+        gallery = Gallery(html_out, meta, counts, inputs or {})
+        for record in records({ItemState.FAILED}):
+            gallery.add(record)
+        written = 0
+        for written, record in enumerate(records(), 1):
+            yaml_out.write(("items:\n" if written == 1 else "") + "".join(block_yaml([report_entry(record)])))
+            _write_result(jsonl_out, record)
+            if record.state is not ItemState.FAILED:
+                gallery.add(record)
+        if not written:
+            yaml_out.write("items: []\n")
+        gallery.close()
+    paths = {"report.yaml": report, "results.jsonl": results}
+    if failures is not None:
+        paths["failures.yaml"] = failures
+    paths["index.html"] = page
     logger.debug("reports written to %s: %s", out_dir, ", ".join(paths))
     return paths
 
@@ -278,43 +309,58 @@ def _write_items(stream: IO[str], entries: Iterable[Mapping[str, Any]]) -> int:
     return written
 
 
-def block_yaml(value: Any, indent: str = "") -> Iterator[str]:
+def block_yaml(value: Any, indent: str = "") -> list[str]:
     """Lines of block-style YAML for JSON-like data, as PyYAML would lay it out, many times faster.
 
     Strings are always written JSON-quoted, which YAML reads as double-quoted scalars: no value can
     turn into a date, a bool or a number on the way back. Used for report.yaml's item entries, where
     PyYAML's pure-Python representer cost more than the rest of the run's bookkeeping.
     """
+    out: list[str] = []
+    _emit(out, value, indent)
+    return out
+
+
+def _emit(out: list[str], value: Any, indent: str) -> None:
     if isinstance(value, Mapping):
         if not value:
-            yield "{}\n"
+            out.append("{}\n")
             return
-        for n, (key, item) in enumerate(value.items()):
-            head = (indent if n else "") + f"{_scalar(str(key))}:"  # keys go through the same rule
-            yield from _child(head, item, indent)
+        lead = ""  # the first key shares the line its parent started ("- key:" or "key:\n  key:")
+        for key, item in value.items():
+            _emit_child(out, f"{lead}{_scalar(str(key))}:", item, indent, in_list=False)
+            lead = indent
     elif isinstance(value, list | tuple):
         if not value:
-            yield "[]\n"
+            out.append("[]\n")
             return
-        for n, item in enumerate(value):
-            yield from _child((indent if n else "") + "-", item, indent, in_list=True)
+        lead = ""
+        for item in value:
+            _emit_child(out, f"{lead}-", item, indent, in_list=True)
+            lead = indent
     else:
-        yield _scalar(value) + "\n"
+        out.append(_scalar(value) + "\n")
 
 
-def _child(head: str, item: Any, indent: str, *, in_list: bool = False) -> Iterator[str]:
-    nested = isinstance(item, Mapping | list | tuple) and len(item) > 0
-    if not nested:
-        yield head + " " + "".join(block_yaml(item))
+def _emit_child(out: list[str], head: str, item: Any, indent: str, *, in_list: bool) -> None:
+    if type(item) is str or item is None or not isinstance(item, Mapping | list | tuple):
+        out.append(f"{head} {_scalar(item)}\n")
+    elif not item:
+        out.append(f"{head} {{}}\n" if isinstance(item, Mapping) else f"{head} []\n")
     elif in_list:
-        yield head + " "  # "- key: value" (or "- - x"): the first line shares the dash's line
-        yield from block_yaml(item, indent + "  ")
+        out.append(head + " ")  # "- key: value" (or "- - x"): the first line shares the dash's line
+        _emit(out, item, indent + "  ")
     else:
-        yield head + "\n" + indent + ("  " if isinstance(item, Mapping) else "")
-        yield from block_yaml(item, indent + ("  " if isinstance(item, Mapping) else ""))
+        step = "  " if isinstance(item, Mapping) else ""
+        out.append(f"{head}\n{indent}{step}")
+        _emit(out, item, indent + step)
 
 
 def _scalar(value: Any) -> str:
+    if type(value) is str:
+        if _PLAIN_SAFE.fullmatch(value) and value.lower() not in _YAML_WORDS:
+            return value
+        return json.dumps(value, ensure_ascii=False)
     if value is None:
         return "null"
     if isinstance(value, bool):
