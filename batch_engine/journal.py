@@ -281,11 +281,12 @@ class SqliteJournal:
     async def mark_submitting(self, item_id: str) -> int:
         """Record the intent to submit (before the POST); returns the item's new ``attempts``."""
         sets = "attempts = attempts + 1"
-        return (await self._move(item_id, ItemState.SUBMITTING, sets, ())).attempts
+        row = await self._move(item_id, ItemState.SUBMITTING, sets, (), returning="attempts")
+        return int(row[0])
 
     async def mark_submitted(self, item_id: str, *, prediction_id: str, submitted_at: float) -> None:
         sets = "prediction_id = ?, submitted_at = ?"
-        await self._move(item_id, ItemState.SUBMITTED, sets, (prediction_id, submitted_at))
+        await self._move(item_id, ItemState.SUBMITTED, sets, (prediction_id, submitted_at), returning="state")
 
     async def mark_succeeded(
         self,
@@ -304,7 +305,7 @@ class SqliteJournal:
         sets = "outputs = ?, completed_at = ?, inference_ms = ?, error = NULL"
         encoded = _dumps([output.as_dict() for output in outputs])
         params = (encoded, completed_at, inference_ms)
-        return await self._move(item_id, ItemState.SUCCEEDED, sets, params, durable=tuple(durable))
+        return _record(await self._move(item_id, ItemState.SUCCEEDED, sets, params, durable=tuple(durable)))
 
     async def mark_failed(
         self,
@@ -317,12 +318,12 @@ class SqliteJournal:
         """Record a failure; returns the item's final row."""
         sets = "error = ?, completed_at = ?, prediction_id = coalesce(?, prediction_id)"
         params = (_dumps(error.as_dict()), completed_at, prediction_id)
-        return await self._move(item_id, ItemState.FAILED, sets, params)
+        return _record(await self._move(item_id, ItemState.FAILED, sets, params))
 
     async def mark_pending(self, item_id: str, *, possible_duplicate: bool = False) -> None:
         """Back to pending; a ``possible_duplicate`` flag once set stays set (for the report)."""
         sets = "possible_duplicate = max(possible_duplicate, ?), prediction_id = NULL, submitted_at = NULL"
-        await self._move(item_id, ItemState.PENDING, sets, (int(possible_duplicate),))
+        await self._move(item_id, ItemState.PENDING, sets, (int(possible_duplicate),), returning="state")
 
     async def resolve_ambiguous(self, *, resubmit: bool) -> list[str]:
         """Settle rows left ``submitting`` by a stopped run: resend them (flagged) or fail them."""
@@ -351,11 +352,15 @@ class SqliteJournal:
         params: tuple[Any, ...],
         *,
         durable: tuple[Path, ...] = (),
-    ) -> ItemRecord:
+        returning: str = _COLUMNS,
+    ) -> tuple[Any, ...]:
+        """Move one item; returns the ``returning`` columns of its new row, for the caller to decode
+        (off the writer thread, and only what it needs: JSON columns are not cheap)."""
         now = self._clock()
-        move = functools.partial(_move, item_id=item_id, target=target, sets=sets, params=params, now=now)
-        row = await self._write(move, savepoint=False, durable=durable)
-        return _record(row)  # decoded here, off the writer thread
+        move = functools.partial(
+            _move, item_id=item_id, target=target, sets=sets, params=params, now=now, returning=returning
+        )
+        return await self._write(move, savepoint=False, durable=durable)
 
     async def _write(
         self,
@@ -684,12 +689,14 @@ def _move(
     sets: str,
     params: tuple[Any, ...],
     now: float,
+    returning: str = _COLUMNS,
 ) -> tuple[Any, ...]:
-    """Move one item to ``target`` if it is in an accepted state; returns its row as it now stands."""
+    """Move one item to ``target`` if it is in an accepted state; returns the ``returning`` columns of
+    its row as it now stands."""
     sources = _SOURCES[target]
     sql = (
         f"UPDATE items SET state = ?, updated_at = ?, {sets}"
-        f" WHERE item_id = ? AND state IN ({', '.join('?' * len(sources))}) RETURNING {_COLUMNS}"
+        f" WHERE item_id = ? AND state IN ({', '.join('?' * len(sources))}) RETURNING {returning}"
     )
     rows = conn.execute(sql, (target.value, now, *params, item_id, *sources)).fetchall()
     if not rows:

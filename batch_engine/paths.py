@@ -48,8 +48,11 @@ def write_atomic(out_dir: Path, relpath: str, data: bytes, *, durable: bool = Tr
     if not parts or relpath.startswith(("/", "\\")) or ".." in parts or "\\" in relpath:
         raise ValueError(f"refusing to write outside the out dir: {relpath}")
     target = out_dir / relpath
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=target.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=target.parent)
+    except FileNotFoundError:  # the first file of its folder (a mkdir per file cost 50 µs for nothing)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=target.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
