@@ -26,8 +26,10 @@ STOP_MESSAGES = {
 class RunControl:
     """What every stage may ask: may I still submit? Is the run over? Take or give back an in-flight slot.
 
-    Invariant: ``in_flight`` counts predictions submitted (or resumed) and not yet resolved; it never
-    exceeds ``max_in_flight`` because a slot is taken before a submit and given back on resolution.
+    Invariant: ``in_flight`` counts the slots held: predictions submitted (or resumed) and not yet
+    resolved, and submits on their way; it never exceeds ``max_in_flight`` because a slot is taken
+    before a submit and given back on resolution. ``predictions`` is what a person wants to see: the
+    slots held, less those of submitters still waiting for their pacing turn.
     """
 
     __slots__ = (
@@ -35,6 +37,7 @@ class RunControl:
         "_hard_scopes",
         "_slots",
         "in_flight",
+        "pacing",
         "reason",
         "settled",
         "submitters_done",
@@ -43,7 +46,8 @@ class RunControl:
 
     def __init__(self, *, max_in_flight: int) -> None:
         self._slots = anyio.Semaphore(max_in_flight)
-        self.in_flight = 0  #: predictions holding a slot
+        self.in_flight = 0  #: slots held
+        self.pacing = 0  #: slots held by submitters still waiting for their pacing turn
         self.reason: str | None = None  #: why the run stops early, a key of STOP_MESSAGES
         self.submitting_closed = anyio.Event()  #: set when no new submit may start
         self.submitters_done = anyio.Event()  #: set when the submit stage has ended
@@ -57,6 +61,20 @@ class RunControl:
     async def take_slot(self) -> None:
         await self._slots.acquire()
         self.in_flight += 1
+
+    @property
+    def predictions(self) -> int:
+        """Predictions in flight as the progress view shows them: submits sent and not yet resolved."""
+        return self.in_flight - self.pacing
+
+    @contextmanager
+    def pacing_turn(self) -> Iterator[None]:
+        """Count a slot holder as waiting for its pacing turn for the duration of the block."""
+        self.pacing += 1
+        try:
+            yield
+        finally:
+            self.pacing -= 1
 
     def give_slot(self) -> None:
         self.in_flight -= 1

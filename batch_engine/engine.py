@@ -360,7 +360,7 @@ class Engine:
             total=len(self._manifest.items),
             done_before=self._done_before,
             submitted=ledger.submits,
-            in_flight=self._control.in_flight,
+            in_flight=self._control.predictions,
             succeeded=ledger.succeeded,
             failed=ledger.failed,
             rate=self._pacer.rate,

@@ -70,7 +70,7 @@ _COLUMNS = (
 _PENDING, _SUBMITTING, _SUBMITTED = ItemState.PENDING, ItemState.SUBMITTING, ItemState.SUBMITTED
 #: the states each ``mark_*`` accepts an item in; anything else is a bug in the caller
 _SOURCES: dict[ItemState, tuple[ItemState, ...]] = {
-    ItemState.SUBMITTING: (_PENDING, _SUBMITTING),
+    ItemState.SUBMITTING: (_PENDING,),  #: a second intent would hide that the first POST may have landed
     ItemState.SUBMITTED: (_SUBMITTING,),
     ItemState.SUCCEEDED: (_SUBMITTED,),
     ItemState.FAILED: (_PENDING, _SUBMITTING, _SUBMITTED),

@@ -96,7 +96,8 @@ class Submitter:
         while True:
             await self._control.take_slot()
             try:
-                await self._pacer.acquire()
+                with self._control.pacing_turn():
+                    await self._pacer.acquire()
             except BaseException:  # a graceful stop cancels waiting submitters: the slot must go back
                 self._control.give_slot()
                 raise

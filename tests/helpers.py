@@ -28,7 +28,7 @@ from batch_engine.engine import RunOptions, RunResult, run_manifest
 from batch_engine.images import verify_image
 from batch_engine.logs import reset_logging, setup_logging
 from batch_engine.manifest import load_manifest
-from batch_engine.progress import make_view
+from batch_engine.progress import ProgressView, make_view
 from batch_engine.simulator import SimConfig, Simulator
 
 #: A key distinctive enough that finding it anywhere means it leaked.
@@ -192,6 +192,7 @@ class Harness:
         key: str = KEY,
         client: Mapping[str, Any] | None = None,
         copy_inputs: bool = False,
+        view: ProgressView | None = None,
         **options: Any,
     ) -> Outcome:
         """Run ``manifest`` against ``api`` into ``tmp_path/out``; return what it left behind."""
@@ -201,7 +202,7 @@ class Harness:
         run_options = RunOptions(
             out_dir=out_dir, settings=settings, client=config, copy_inputs=copy_inputs, **timing
         )
-        view = make_view(mode="quiet", stream=io.StringIO(), log_every=1)
+        view = view or make_view(mode="quiet", stream=io.StringIO(), log_every=1)
         result = await run_manifest(load_manifest(manifest), run_options, view=view)
         return read_outcome(result, out_dir)
 

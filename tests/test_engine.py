@@ -10,7 +10,9 @@ import pytest
 from batch_engine.engine import exit_code
 from batch_engine.images import render_output
 from batch_engine.manifest import load_manifest
+from batch_engine.progress import QuietView
 from batch_engine.simulator import PredictionRecord, Simulator
+from batch_engine.types import Snapshot
 from tests.helpers import (
     KEY,
     Harness,
@@ -495,3 +497,34 @@ async def test_a_run_over_a_finished_out_dir_sends_nothing(harness: Harness) -> 
     assert (sim.stats.submit_requests, sim.stats.polls, sim.stats.downloads) == before
     assert second.entries == first.entries
     check_settled(second, ["item-0", "item-1", "item-2"])
+
+
+# ---- what the progress view is told -------------------------------------------------------------------
+
+
+class SnapshotRecorder(QuietView):
+    """A view that keeps every snapshot the engine sends."""
+
+    def __init__(self) -> None:
+        self.snapshots: list[Snapshot] = []
+
+    def update(self, snapshot: Snapshot) -> None:
+        self.snapshots.append(snapshot)
+
+
+async def test_in_flight_counts_sent_predictions_not_submitters_waiting_for_their_turn(
+    harness: Harness,
+) -> None:
+    """With a slow pace and a wide cap, "in flight" never exceeds the submits accepted and not finished
+    (plus the one POST that may be on its way): submitters waiting for their pacing turn hold a slot,
+    but they are not shown as predictions in flight."""
+    sim = await harness.sim(inference_polls=2)
+    view = SnapshotRecorder()
+    settings = fast_settings(rate=4.0, rate_min=4.0, adapt=False, max_in_flight=8)
+    outcome = await harness.run(harness.manifest(edit_items(sim, 6)), sim, settings=settings, view=view)
+
+    check_settled(outcome, [f"item-{n}" for n in range(6)])
+    assert len(view.snapshots) > 2
+    for snap in view.snapshots:
+        finished = snap.succeeded + snap.failed - snap.done_before
+        assert snap.in_flight <= snap.submitted - finished + 1, snap

@@ -323,6 +323,10 @@ async def test_unknown_item_and_wrong_state_raise_journal_error(journal: SqliteJ
         await journal.mark_submitted("a", prediction_id="p", submitted_at=1.0)
     with pytest.raises(JournalError, match=r"cannot mark item 'a' succeeded"):
         await journal.mark_succeeded("a", outputs=(), completed_at=1.0, inference_ms=None)
+    await journal.mark_submitting("a")
+    with pytest.raises(JournalError, match=r"cannot mark item 'a' submitting: it is submitting, not pending"):
+        await journal.mark_submitting("a")
+    await journal.mark_pending("a")
     record = journal.get("a")
     assert record is not None
     assert record.state == ItemState.PENDING
