@@ -14,8 +14,9 @@ import zlib
 from PIL import Image, ImageChops, ImageDraw, ImageFont
 
 #: magic-byte prefixes → extension; WebP is checked apart (its tag sits at offset 8)
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _MAGIC: tuple[tuple[bytes, str], ...] = (
-    (b"\x89PNG\r\n\x1a\n", "png"),
+    (_PNG_MAGIC, "png"),
     (b"\xff\xd8\xff", "jpg"),
     (b"GIF87a", "gif"),
     (b"GIF89a", "gif"),
@@ -56,39 +57,32 @@ def _decode(data: bytes) -> tuple[tuple[int, int], str]:
 
 
 def check_complete(data: bytes) -> str:
-    """Check that ``data`` is a whole image, cheaply, and return its extension; ValueError if not.
+    """Check that ``data`` is a whole image and return its extension; ValueError if not.
 
-    PNG, JPEG and WebP are checked by their structure, which catches a cut-short or corrupted
-    transfer in microseconds where a full decode of a 1024x1024 picture costs milliseconds: a PNG
-    must start with IHDR and reach IEND with every chunk's CRC right, a JPEG must end with its
-    end-of-image marker, a WebP's RIFF length must match. A GIF must end with its trailer and is
-    decoded too; any other format is decoded in full and named by Pillow (``bmp``, ``tiff``...).
+    A PNG (what the API sends by default) is checked by its structure, which catches a cut-short or
+    corrupted transfer in microseconds where a full decode of a 1024x1024 picture costs milliseconds:
+    it must start with IHDR, hold image data and reach IEND with every chunk's CRC right. JPEG, WebP
+    and anything else carry no checksum of their own, so they are decoded in full by Pillow, which
+    also names formats the magic bytes do not (``bmp``, ``tiff``...).
     """
-    ext = sniff_extension(data)
+    if not is_png(data):
+        size_and_format = _decode(data)
+        return sniff_extension(data) or size_and_format[1].lower() or "bin"
     try:
-        if ext == "png":
-            _check_png(data)
-        elif ext == "jpg":
-            if not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
-                raise ValueError("no end-of-image marker (cut short?)")
-        elif ext == "webp":
-            declared = int.from_bytes(data[4:8], "little") + 8
-            if declared not in (len(data), len(data) - 1):  # a RIFF chunk may carry one pad byte
-                raise ValueError(f"RIFF length says {declared} bytes")
-        elif ext == "gif":
-            if not data.endswith(b";"):
-                raise ValueError("no trailer (cut short?)")
-            _decode(data)
-        else:
-            return _decode(data)[1].lower() or "bin"
+        _check_png(data)
     except (ValueError, struct.error) as exc:
-        raise ValueError(f"not a complete image ({ext}, {len(data)} bytes): {exc}") from exc
-    return ext
+        raise ValueError(f"not a complete image (png, {len(data)} bytes): {exc}") from exc
+    return "png"
+
+
+def is_png(data: bytes) -> bool:
+    """True when ``data`` starts with the PNG signature."""
+    return data.startswith(_PNG_MAGIC)
 
 
 def _check_png(data: bytes) -> None:
-    pos, end = 8, len(data)
-    first = True
+    pos, end = len(_PNG_MAGIC), len(data)
+    first, pixels = True, False
     while True:
         if pos + 12 > end:
             raise ValueError("no IEND chunk (cut short?)")
@@ -103,7 +97,10 @@ def _check_png(data: bytes) -> None:
         if zlib.crc32(data[pos + 4 : stop - 4]) != crc:
             raise ValueError(f"the {kind!r} chunk at byte {pos} fails its CRC")
         if kind == b"IEND":
-            return
+            if not pixels:
+                raise ValueError("no IDAT chunk: the file holds no image data")
+            return  # anything after IEND is ignored, as decoders do
+        pixels = pixels or kind == b"IDAT"
         pos, first = stop, False
 
 

@@ -545,17 +545,18 @@ def _make_durable(batch: list[_Job]) -> tuple[list[_Job], list[_Outcome]]:
     """fsync the files the batch's jobs name, then each of their folders once, before the commit.
 
     Returns the jobs to apply and the outcomes of those left out: a job whose file (or folder) could
-    not be synced fails with that OSError, so no row ever records a file a power loss could take back.
+    not be synced fails with that error (an OSError of its own), so no row ever records a file a
+    power loss could take back. Nothing raised here can stop the writer thread.
     """
     if not any(job.durable for job in batch):
         return batch, []
-    failed: dict[int, OSError] = {}
+    failed: dict[int, Exception] = {}
     folders: dict[Path, list[_Job]] = {}
     for job in batch:
         try:
             for path in job.durable:
                 fsync_path(path)
-        except OSError as exc:
+        except Exception as exc:
             failed[id(job)] = exc
             continue
         for path in job.durable:
@@ -563,13 +564,19 @@ def _make_durable(batch: list[_Job]) -> tuple[list[_Job], list[_Outcome]]:
     for folder, jobs in folders.items():
         try:
             fsync_path(folder, folder=True)
-        except OSError as exc:
-            for job in jobs:
-                failed.setdefault(id(job), exc)
+        except Exception as exc:
+            for job in jobs:  # each caller gets an exception of its own: one raised in many tasks
+                failed.setdefault(id(job), _copy_error(exc))  # would grow one shared traceback
     if not failed:
         return batch, []
     kept = [job for job in batch if id(job) not in failed]
     return kept, [_Outcome(job, error=failed[id(job)]) for job in batch if id(job) in failed]
+
+
+def _copy_error(exc: Exception) -> Exception:
+    if isinstance(exc, OSError):
+        return OSError(exc.errno, exc.strerror, exc.filename)
+    return JournalError(f"cannot sync an output folder: {exc}")
 
 
 def _settle(outcomes: list[_Outcome]) -> None:

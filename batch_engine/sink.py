@@ -16,7 +16,7 @@ from batch_engine.backoff import DEFAULT_POLICY, RetryPolicy, clamp_retry_after,
 from batch_engine.client import ApiClient
 from batch_engine.control import RunControl
 from batch_engine.errors import ItemRejected, JournalError, RetryLater, SlowDown
-from batch_engine.images import check_complete, decode_b64_output
+from batch_engine.images import check_complete, decode_b64_output, is_png
 from batch_engine.ledger import Ledger
 from batch_engine.paths import output_relpath, write_atomic
 from batch_engine.types import ErrorKind, ItemError, OutputFile, Prediction, Resolved
@@ -24,8 +24,10 @@ from batch_engine.types import ErrorKind, ItemError, OutputFile, Prediction, Res
 log = logging.getLogger(__name__)
 
 _DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO})
-#: outputs up to this size are checked and written on the event loop: a worker-thread hop costs more
-#: than the work (a check in microseconds, a write to the page cache); larger ones go to a thread
+#: PNG outputs up to this size are checked and written on the event loop: a worker-thread hop costs
+#: more than the work (a CRC walk in microseconds, a write to the page cache). Larger outputs, base64
+#: ones and other formats (which are decoded in full, and a small file may hold a huge picture) go to
+#: a worker thread.
 INLINE_BYTES = 64 * 1024
 
 
@@ -91,7 +93,7 @@ class Sink:
             attempt += 1
             try:
                 data: bytes | str = await self._client.download(source) if is_url else source
-                if len(data) <= INLINE_BYTES:
+                if isinstance(data, bytes) and len(data) <= INLINE_BYTES and is_png(data):
                     relpath, digest = _store(self._out_dir, item_id, k, data)
                 else:
                     relpath, digest = await anyio.to_thread.run_sync(_store, self._out_dir, item_id, k, data)

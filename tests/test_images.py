@@ -31,14 +31,34 @@ def test_a_format_without_a_structural_check_is_decoded_in_full() -> None:
     assert check_complete(sample("bmp")) == "bmp"
 
 
-@pytest.mark.parametrize("ext", ["png", "jpg", "webp", "gif", "bmp"])
-@pytest.mark.parametrize("keep", [0.1, 0.5, 0.9, -1])
+# A GIF's last byte is its trailer, which holds no picture: without it the image decodes whole.
+CUTS = [(ext, keep) for ext in FORMATS for keep in (0.1, 0.5, 0.9, -1) if (ext, keep) != ("gif", -1)]
+
+
+@pytest.mark.parametrize(("ext", "keep"), CUTS)
 def test_images_cut_short_are_refused(ext: str, keep: float) -> None:
     """A download cut anywhere (a tenth, half, nine tenths, all but the last byte) is not complete."""
     data = sample(ext)
     cut = len(data) - 1 if keep == -1 else int(len(data) * keep)
     with pytest.raises(ValueError, match="not a complete image"):
         check_complete(data[:cut])
+
+
+TAILS = [("png", b"junk after IEND"), ("jpg", b"\r\n"), ("webp", b"\x00\x00")]
+
+
+@pytest.mark.parametrize(("ext", "tail"), TAILS)
+def test_bytes_after_the_end_of_a_whole_image_do_not_refuse_it(ext: str, tail: bytes) -> None:
+    """Some servers append bytes after the image's end (a newline, padding): the picture is whole."""
+    assert check_complete(sample(ext) + tail) == ext
+
+
+def test_a_png_without_image_data_is_refused() -> None:
+    """A PNG of just IHDR and IEND, every CRC right, holds no picture."""
+    data = sample("png")
+    ihdr_end = 8 + 12 + 13
+    with pytest.raises(ValueError, match="no IDAT chunk"):
+        check_complete(data[:ihdr_end] + data[-12:])
 
 
 def test_a_png_with_one_changed_byte_is_refused_by_its_crc() -> None:
