@@ -280,14 +280,16 @@ def write_reports(
         gallery = Gallery(html_out, meta, counts, inputs or {})
         for record in records({ItemState.FAILED}):
             gallery.add(record)
-        written = 0
-        for written, record in enumerate(records(), 1):
-            yaml_out.write(("items:\n" if written == 1 else "") + "".join(block_yaml([report_entry(record)])))
-            _write_result(jsonl_out, record)
-            if record.state is not ItemState.FAILED:
-                gallery.add(record)
-        if not written:
-            yaml_out.write("items: []\n")
+
+        def entries() -> Iterator[dict[str, Any]]:
+            """report.yaml's entries; each record goes to results.jsonl and the gallery on its way."""
+            for record in records():
+                _write_result(jsonl_out, record)
+                if record.state is not ItemState.FAILED:
+                    gallery.add(record)
+                yield report_entry(record)
+
+        _write_items(yaml_out, entries())
         gallery.close()
     paths = {"report.yaml": report, "results.jsonl": results}
     if failures is not None:
