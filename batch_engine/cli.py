@@ -22,21 +22,21 @@ from urllib.parse import urlsplit
 import anyio
 
 from batch_engine import __version__
-from batch_engine.client import ClientConfig
-from batch_engine.config import DEFAULT_BASE_URL, RunSettings
+from batch_engine.api.client import ClientConfig
 from batch_engine.engine import RunOptions, RunResult, plan_counts, run_manifest
 from batch_engine.errors import BatchEngineError, ManifestError, UsageError
-from batch_engine.inputs import distinct_inputs, local_inputs
-from batch_engine.journal import SqliteJournal
-from batch_engine.lock import OutDirLock
-from batch_engine.logs import setup_logging
-from batch_engine.manifest import load_manifest
-from batch_engine.paths import JOURNAL_NAME
-from batch_engine.progress import ProgressView, format_summary, make_view, summary_json
-from batch_engine.report import write_reports
-from batch_engine.schema import manifest_schema
-from batch_engine.simulator import SimConfig, Simulator, serve
-from batch_engine.types import Manifest, RunStats
+from batch_engine.manifest.schema import manifest_schema
+from batch_engine.manifest.validate import load_manifest
+from batch_engine.report.input_copies import distinct_inputs, local_inputs
+from batch_engine.report.write import write_reports
+from batch_engine.settings import DEFAULT_BASE_URL, RunSettings
+from batch_engine.sim.server import SimConfig, Simulator, serve
+from batch_engine.store.files import JOURNAL_NAME
+from batch_engine.store.lock import OutDirLock
+from batch_engine.store.sqlite import SqliteJournal
+from batch_engine.ui.logs import setup_logging
+from batch_engine.ui.progress import ProgressView, format_summary, make_view, summary_json
+from batch_engine.values import Manifest, RunStats
 
 log = logging.getLogger(__name__)
 

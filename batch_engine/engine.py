@@ -15,25 +15,25 @@ from typing import Any
 import anyio
 from anyio.streams.memory import MemoryObjectSendStream
 
-from batch_engine.backoff import DEFAULT_POLICY, RetryPolicy
-from batch_engine.client import ApiClient, ClientConfig, public_url
-from batch_engine.config import RunSettings
+from batch_engine.api.catalogue import spec_for, submit_path, wire_body
+from batch_engine.api.client import ApiClient, ClientConfig, public_url
 from batch_engine.control import RunControl
 from batch_engine.errors import JournalError
-from batch_engine.inputs import cache_inputs, distinct_inputs, local_inputs
-from batch_engine.journal import SqliteJournal
 from batch_engine.ledger import Ledger
-from batch_engine.lock import OutDirLock
-from batch_engine.models import spec_for, submit_path, wire_body
-from batch_engine.pacing import DEFAULT_PAUSE_INITIAL, PollBudget, SubmitPacer
-from batch_engine.paths import IMAGES_DIR, INPUTS_DIR, RESULTS_NAME, TEMP_PREFIX
-from batch_engine.poll import Poller
-from batch_engine.polling import DueQueue, PollPlanner
-from batch_engine.progress import ProgressView
-from batch_engine.report import REPORT_FILES, write_reports
-from batch_engine.sink import Sink
-from batch_engine.submit import SubmitPlan, Submitter
-from batch_engine.types import (
+from batch_engine.report.input_copies import cache_inputs, distinct_inputs, local_inputs
+from batch_engine.report.write import REPORT_FILES, write_reports
+from batch_engine.settings import RunSettings
+from batch_engine.stages.poll import Poller
+from batch_engine.stages.sink import Sink
+from batch_engine.stages.submit import SubmitPlan, Submitter
+from batch_engine.store.files import IMAGES_DIR, INPUTS_DIR, RESULTS_NAME, TEMP_PREFIX
+from batch_engine.store.lock import OutDirLock
+from batch_engine.store.sqlite import SqliteJournal
+from batch_engine.timing.backoff import DEFAULT_POLICY, RetryPolicy
+from batch_engine.timing.pacing import DEFAULT_PAUSE_INITIAL, PollBudget, SubmitPacer
+from batch_engine.timing.poll_plan import DueQueue, PollPlanner
+from batch_engine.ui.progress import ProgressView
+from batch_engine.values import (
     ItemRecord,
     ItemState,
     Manifest,

@@ -10,11 +10,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TextIO
 
-from batch_engine.journal import SqliteJournal
-from batch_engine.paths import RESULTS_NAME
-from batch_engine.progress import ProgressView
-from batch_engine.report import result_line
-from batch_engine.types import ItemError, ItemRecord, ItemState, OutputFile
+from batch_engine.report.write import result_line
+from batch_engine.store.files import RESULTS_NAME
+from batch_engine.store.sqlite import SqliteJournal
+from batch_engine.ui.progress import ProgressView
+from batch_engine.values import ItemError, ItemRecord, ItemState, OutputFile
 
 log = logging.getLogger(__name__)
 

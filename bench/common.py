@@ -10,11 +10,11 @@ from typing import Any
 
 import anyio
 
-from batch_engine.client import ClientConfig
-from batch_engine.config import RunSettings
+from batch_engine.api.client import ClientConfig
 from batch_engine.engine import RunOptions, RunResult, run_manifest
-from batch_engine.progress import QuietView
-from batch_engine.types import Manifest
+from batch_engine.settings import RunSettings
+from batch_engine.ui.progress import QuietView
+from batch_engine.values import Manifest
 
 MODEL = "openai/gpt-image-2-plus"
 SIZE = "1024x1024"

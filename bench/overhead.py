@@ -28,11 +28,11 @@ import aiohttp
 import anyio
 import anyio.to_thread
 
-from batch_engine.client import DEFAULT_CONNECTIONS
-from batch_engine.config import RunSettings
-from batch_engine.manifest import load_manifest
-from batch_engine.models import spec_for, submit_path, wire_body
-from batch_engine.paths import output_relpath, write_atomic
+from batch_engine.api.catalogue import spec_for, submit_path, wire_body
+from batch_engine.api.client import DEFAULT_CONNECTIONS
+from batch_engine.manifest.validate import load_manifest
+from batch_engine.settings import RunSettings
+from batch_engine.store.files import output_relpath, write_atomic
 from bench.common import API_KEY, MODEL, TINY_SCALE, UNLIMITED, Figure, Row, run_engine, write_manifest
 from bench.simproc import SimProcess
 

@@ -19,9 +19,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from batch_engine import config, models
-from batch_engine.config import RunSettings
-from batch_engine.manifest import load_manifest
+from batch_engine import settings
+from batch_engine.api import catalogue
+from batch_engine.manifest.validate import load_manifest
+from batch_engine.settings import RunSettings
 from bench.common import MODEL, TINY_SCALE, Figure, Row, percentile, run_engine, write_manifest
 from bench.simproc import SimProcess
 
@@ -51,15 +52,15 @@ def _rows(label: str, result: dict[str, Any]) -> list[Row]:
 
 
 def _scaled_prior() -> float:
-    return models.spec_for(MODEL).expected_seconds / SCALE
+    return catalogue.spec_for(MODEL).expected_seconds / SCALE
 
 
 def _settings(poll_after: float | None) -> RunSettings:
     return RunSettings(
-        rate=config.DEFAULT_RATE * SCALE,
-        poll_rate=config.DEFAULT_POLL_RATE * SCALE,
-        poll_interval=config.DEFAULT_POLL_INTERVAL / SCALE,
-        poll_interval_max=config.DEFAULT_POLL_INTERVAL_MAX / SCALE,
+        rate=settings.DEFAULT_RATE * SCALE,
+        poll_rate=settings.DEFAULT_POLL_RATE * SCALE,
+        poll_interval=settings.DEFAULT_POLL_INTERVAL / SCALE,
+        poll_interval_max=settings.DEFAULT_POLL_INTERVAL_MAX / SCALE,
         poll_after=poll_after,
     )
 

@@ -38,11 +38,12 @@ from unittest import mock
 
 import anyio
 
-from batch_engine import engine, report
-from batch_engine.config import RunSettings
-from batch_engine.journal import SqliteJournal, SyncResult
-from batch_engine.manifest import load_manifest
-from batch_engine.types import Manifest
+from batch_engine import engine
+from batch_engine.manifest.validate import load_manifest
+from batch_engine.report import write as report
+from batch_engine.settings import RunSettings
+from batch_engine.store.sqlite import SqliteJournal, SyncResult
+from batch_engine.values import Manifest
 from bench.common import TINY_SCALE, UNLIMITED, Figure, Row, run_engine, write_manifest
 from bench.simproc import ROOT, SimProcess
 

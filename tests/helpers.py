@@ -21,15 +21,15 @@ import pytest
 import yaml
 from aiohttp import web
 
-from batch_engine import backoff
-from batch_engine.client import ClientConfig
-from batch_engine.config import RunSettings
+from batch_engine.api.client import ClientConfig
 from batch_engine.engine import RunOptions, RunResult, run_manifest
 from batch_engine.images import verify_image
-from batch_engine.logs import reset_logging, setup_logging
-from batch_engine.manifest import load_manifest
-from batch_engine.progress import ProgressView, make_view
-from batch_engine.simulator import SimConfig, Simulator
+from batch_engine.manifest.validate import load_manifest
+from batch_engine.settings import RunSettings
+from batch_engine.sim.server import SimConfig, Simulator
+from batch_engine.timing import backoff
+from batch_engine.ui.logs import reset_logging, setup_logging
+from batch_engine.ui.progress import ProgressView, make_view
 
 #: A key distinctive enough that finding it anywhere means it leaked.
 KEY = "sk-live-Q7xVb3nK9pLm2RtZ8wYc4HdF"

@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from batch_engine.backoff import (
+from batch_engine.timing.backoff import (
     DEFAULT_RETRY_AFTER_MAX,
     Retrying,
     RetryPolicy,

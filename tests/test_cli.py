@@ -14,8 +14,8 @@ import pytest
 import yaml
 
 from batch_engine.cli import main
-from batch_engine.lock import OutDirLock
-from batch_engine.simulator import SimConfig, Simulator
+from batch_engine.sim.server import SimConfig, Simulator
+from batch_engine.store.lock import OutDirLock
 from tests.procs import engine_env, items, run_args, run_engine, write_manifest
 
 EXIT_OK, EXIT_FAILED_ITEMS, EXIT_USAGE = 0, 1, 2

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from batch_engine.client import ApiClient, ClientConfig
+from batch_engine.api.client import ApiClient, ClientConfig
 from batch_engine.errors import (
     ApiError,
     ItemRejected,
@@ -24,8 +24,8 @@ from batch_engine.errors import (
     SubmitOutcomeUnknown,
     UsageError,
 )
-from batch_engine.simulator import Simulator
-from batch_engine.types import Prediction
+from batch_engine.sim.server import Simulator
+from batch_engine.values import Prediction
 from tests.helpers import (
     KEY,
     Harness,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from batch_engine.config import RunSettings
 from batch_engine.errors import UsageError
+from batch_engine.settings import RunSettings
 
 
 def test_flags_override_the_manifest_and_unset_flags_do_not() -> None:

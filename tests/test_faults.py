@@ -14,13 +14,13 @@ import pytest
 from PIL import Image
 
 from batch_engine import engine
-from batch_engine.backoff import clamp_retry_after
-from batch_engine.client import ApiClient
+from batch_engine.api.client import ApiClient
 from batch_engine.images import render_output
-from batch_engine.pacing import PollBudget
-from batch_engine.simulator import PredictionRecord, Simulator
-from batch_engine.sink import INLINE_BYTES, Sink
-from batch_engine.types import Prediction
+from batch_engine.sim.server import PredictionRecord, Simulator
+from batch_engine.stages.sink import INLINE_BYTES, Sink
+from batch_engine.timing.backoff import clamp_retry_after
+from batch_engine.timing.pacing import PollBudget
+from batch_engine.values import Prediction
 from tests.helpers import (
     Harness,
     Outcome,

@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from batch_engine.html_report import (
+from batch_engine.report.html import (
     PAGE_SIZE,
     escape_json_for_script,
     input_urls,
@@ -18,7 +18,7 @@ from batch_engine.html_report import (
     timeline_svg,
     write_html_report,
 )
-from batch_engine.types import ItemError, ItemRecord, ItemState, OutputFile
+from batch_engine.values import ItemError, ItemRecord, ItemState, OutputFile
 from tests.test_report import make_meta, make_record, sample_records, source, write_pngs
 
 SCRIPT = re.compile(r"<script>(.*?)</script>", re.DOTALL)

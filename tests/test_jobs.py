@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from batch_engine.schema import manifest_schema
+from batch_engine.manifest.schema import manifest_schema
 
 JOBS = Path(__file__).resolve().parent.parent / "jobs"
 

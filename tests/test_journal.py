@@ -17,9 +17,9 @@ import pytest
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from batch_engine.errors import JournalError
-from batch_engine.journal import Journal, SqliteJournal, SyncResult
-from batch_engine.paths import JOURNAL_NAME
-from batch_engine.types import Item, ItemError, ItemState, Manifest, OutputFile, RunMeta
+from batch_engine.store.files import JOURNAL_NAME
+from batch_engine.store.sqlite import Journal, SqliteJournal, SyncResult
+from batch_engine.values import Item, ItemError, ItemState, Manifest, OutputFile, RunMeta
 
 pytestmark = pytest.mark.anyio
 
@@ -496,7 +496,7 @@ from pathlib import Path
 
 import anyio
 
-from batch_engine.journal import SqliteJournal
+from batch_engine.store.sqlite import SqliteJournal
 from tests.test_journal import ids_of, manifest_of
 
 

@@ -13,14 +13,14 @@ from pathlib import Path
 import pytest
 
 from batch_engine.errors import OutDirLocked
-from batch_engine.lock import OutDirLock
+from batch_engine.store.lock import OutDirLock
 
 ROOT = Path(__file__).resolve().parents[1]
 
 #: holds the lock, says so on stdout, and releases it when its stdin closes
 HOLDER = """
 import sys
-from batch_engine.lock import OutDirLock
+from batch_engine.store.lock import OutDirLock
 with OutDirLock(sys.argv[1]):
     print("locked", flush=True)
     sys.stdin.read()
@@ -31,7 +31,7 @@ print("released", flush=True)
 PROBE = """
 import sys
 from batch_engine.errors import OutDirLocked
-from batch_engine.lock import OutDirLock
+from batch_engine.store.lock import OutDirLock
 try:
     with OutDirLock(sys.argv[1]):
         print("acquired", flush=True)

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from batch_engine.logs import LOGGER_NAME, redact, reset_logging, setup_logging
+from batch_engine.ui.logs import LOGGER_NAME, redact, reset_logging, setup_logging
 
 KEY = "sk-live-0123456789abcdef"
 

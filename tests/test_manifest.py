@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from batch_engine import manifest as manifest_module
-from batch_engine import models
+from batch_engine.api import catalogue
 from batch_engine.errors import ManifestError, Problem
-from batch_engine.manifest import fingerprint, load_manifest
-from batch_engine.types import Manifest
+from batch_engine.manifest import validate as manifest_module
+from batch_engine.manifest.validate import fingerprint, load_manifest
+from batch_engine.values import Manifest
 
 URL = "https://example.com/cat.png"
 
@@ -634,34 +634,34 @@ def test_a_100k_item_manifest_validates_in_seconds(tmp_path: Path) -> None:
 
 def test_every_model_row_is_consistent() -> None:
     """Each row is keyed by its own name, serves known tasks, and a fixed-size model lists its sizes."""
-    for name, spec in models.MODELS.items():
+    for name, spec in catalogue.MODELS.items():
         assert spec.name == name
-        assert models.is_model_name(name)
-        assert spec.tasks <= set(models.TASK_TAKES_IMAGES)
+        assert catalogue.is_model_name(name)
+        assert spec.tasks <= set(catalogue.TASK_TAKES_IMAGES)
         assert (spec.size_rule == "fixed") == bool(spec.fixed_sizes)
         assert spec.expected_seconds > 0
 
 
 def test_unknown_model_gets_the_gpt_image_2_family_rules() -> None:
     """spec_for an unknown sibling keeps its name and uses the free size rule."""
-    spec = models.spec_for("acme/painter-3")
-    assert models.model_spec("acme/painter-3") is None
+    spec = catalogue.spec_for("acme/painter-3")
+    assert catalogue.model_spec("acme/painter-3") is None
     assert (spec.name, spec.size_rule, spec.image_field) == ("acme/painter-3", "free", "images")
 
 
 @pytest.mark.parametrize("size", ["auto", "1024x1024", "3840x2160", "2160x3840", "1024x3072", "3840x1280"])
 def test_free_sizes_accepted(size: str) -> None:
     """Sizes within every gpt-image-2 family rule pass."""
-    assert models.size_problem(models.MODELS["openai/gpt-image-2"], size) is None
+    assert catalogue.size_problem(catalogue.MODELS["openai/gpt-image-2"], size) is None
 
 
 def test_wire_body_speaks_each_models_dialect() -> None:
     """gpt-image-1 gets ``image`` and b64_json; -plus models drop quality; given formats are kept."""
     request = {"prompt": "a", "images": [URL], "quality": "high"}
-    one_body = models.wire_body(models.MODELS["openai/gpt-image-1"], request)
+    one_body = catalogue.wire_body(catalogue.MODELS["openai/gpt-image-1"], request)
     assert one_body == {"prompt": "a", "image": [URL], "quality": "high", "response_format": "b64_json"}
-    plus_body = models.wire_body(
-        models.MODELS["openai/gpt-image-2-plus"], {**request, "response_format": "b64_json"}
+    plus_body = catalogue.wire_body(
+        catalogue.MODELS["openai/gpt-image-2-plus"], {**request, "response_format": "b64_json"}
     )
     assert plus_body == {"prompt": "a", "images": [URL], "response_format": "b64_json"}
     assert request == {"prompt": "a", "images": [URL], "quality": "high"}
@@ -670,6 +670,6 @@ def test_wire_body_speaks_each_models_dialect() -> None:
 def test_submit_path() -> None:
     """The submit path is /api/v3/{provider}/{model}/{task}."""
     assert (
-        models.submit_path("openai/gpt-image-2-plus", "image-edit")
+        catalogue.submit_path("openai/gpt-image-2-plus", "image-edit")
         == "/api/v3/openai/gpt-image-2-plus/image-edit"
     )

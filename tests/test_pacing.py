@@ -7,7 +7,7 @@ import math
 import anyio
 import pytest
 
-from batch_engine.pacing import (
+from batch_engine.timing.pacing import (
     CUT_MAX,
     HOLD_SUBMITS,
     PollBudget,

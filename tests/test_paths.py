@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from batch_engine.paths import output_relpath, safe_stem, write_atomic
+from batch_engine.store.files import output_relpath, safe_stem, write_atomic
 
 
 @pytest.mark.parametrize("item_id", ["sku-1001", "a.b_c-9"])

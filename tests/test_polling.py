@@ -11,7 +11,7 @@ import time
 import anyio
 import pytest
 
-from batch_engine.polling import DEFAULT_MIN_FIRST, DEFAULT_WARMUP, DueQueue, PollPlanner, done_by
+from batch_engine.timing.poll_plan import DEFAULT_MIN_FIRST, DEFAULT_WARMUP, DueQueue, PollPlanner, done_by
 
 pytestmark = pytest.mark.anyio
 

@@ -16,8 +16,8 @@ import pytest
 from rich.console import Console
 
 from batch_engine.errors import UsageError
-from batch_engine.logs import reset_logging, setup_logging
-from batch_engine.progress import (
+from batch_engine.ui.logs import reset_logging, setup_logging
+from batch_engine.ui.progress import (
     JsonView,
     PlainView,
     ProgressView,
@@ -28,7 +28,7 @@ from batch_engine.progress import (
     make_view,
     summary_json,
 )
-from batch_engine.types import ItemError, RunStats, Snapshot
+from batch_engine.values import ItemError, RunStats, Snapshot
 
 KEY = "sk-live-0123456789abcdef"
 HIDE_CURSOR = "\x1b[?25l"

@@ -12,8 +12,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from batch_engine.html_report import write_html_report
-from batch_engine.report import (
+from batch_engine.report.html import write_html_report
+from batch_engine.report.write import (
     REPORT_FILES,
     Records,
     block_yaml,
@@ -25,7 +25,7 @@ from batch_engine.report import (
     write_reports,
     write_results_jsonl,
 )
-from batch_engine.types import ItemError, ItemRecord, ItemState, OutputFile, RunMeta
+from batch_engine.values import ItemError, ItemRecord, ItemState, OutputFile, RunMeta
 
 T0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z
 

@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 import yaml
 
-from batch_engine.config import RunSettings
 from batch_engine.errors import ManifestError
-from batch_engine.manifest import (
+from batch_engine.manifest.schema import SCHEMA_DIALECT, field_schema, manifest_schema
+from batch_engine.manifest.validate import (
     CONTAINER_KEYS,
     ITEM_ID,
     NO_DEFAULT,
@@ -25,7 +25,7 @@ from batch_engine.manifest import (
     top_level_fields,
     value_problems,
 )
-from batch_engine.schema import SCHEMA_DIALECT, field_schema, manifest_schema
+from batch_engine.settings import RunSettings
 
 URL = "https://example.com/cat.png"
 ITEMS = f"items: [{{prompt: a, images: [{URL}]}}]\n"

@@ -16,7 +16,7 @@ import anyio
 import pytest
 
 from batch_engine.images import decode_b64_output, render_output, sniff_extension, verify_image
-from batch_engine.simulator import SimConfig, Simulator, serve
+from batch_engine.sim.server import SimConfig, Simulator, serve
 
 pytestmark = pytest.mark.anyio
 

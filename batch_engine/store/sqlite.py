@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar, cast
 
 from batch_engine.errors import JournalError
-from batch_engine.paths import JOURNAL_NAME, fsync_path
-from batch_engine.types import ErrorKind, ItemError, ItemRecord, ItemState, Manifest, OutputFile, RunMeta
+from batch_engine.store.files import JOURNAL_NAME, fsync_path
+from batch_engine.values import ErrorKind, ItemError, ItemRecord, ItemState, Manifest, OutputFile, RunMeta
 
 logger = logging.getLogger(__name__)
 

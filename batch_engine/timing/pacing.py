@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 import anyio
 from aiolimiter import AsyncLimiter
 
-from batch_engine.backoff import clamp_retry_after, full_jitter
+from batch_engine.timing.backoff import clamp_retry_after, full_jitter
 
 DEFAULT_MAX_PAUSE = 60.0
 DEFAULT_PAUSE_INITIAL = 1.0  #: seconds: the jitter range of the first pause when a 429 has no Retry-After

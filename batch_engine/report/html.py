@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import IO, Any
 from urllib.parse import quote
 
-from batch_engine.report import Counts, Records, atomic_text, count_items, iso_utc
-from batch_engine.types import ItemRecord, ItemState, RunMeta
+from batch_engine.report.write import Counts, Records, atomic_text, count_items, iso_utc
+from batch_engine.values import ItemRecord, ItemState, RunMeta
 
 PAGE_SIZE = 100
 TIMELINE_SERIES = (("submitted", "Submitted"), ("finished", "Finished"), ("rate_limited", "429s"))

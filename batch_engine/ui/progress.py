@@ -24,8 +24,8 @@ from rich.text import Text
 
 from batch_engine.control import STOP_MESSAGES
 from batch_engine.errors import UsageError
-from batch_engine.logs import iso_timestamp, redact
-from batch_engine.types import ItemError, ItemState, RunStats, Snapshot
+from batch_engine.ui.logs import iso_timestamp, redact
+from batch_engine.values import ItemError, ItemState, RunStats, Snapshot
 
 MODES = ("auto", "rich", "plain", "json", "quiet")
 REFRESH_PER_SECOND = 4.0

@@ -13,8 +13,8 @@ from typing import Any
 
 import yaml
 
-from batch_engine import models
-from batch_engine.manifest import (
+from batch_engine.api import catalogue
+from batch_engine.manifest.validate import (
     ITEM_ID,
     NO_DEFAULT,
     FieldDef,
@@ -56,8 +56,8 @@ def manifest_schema() -> dict[str, Any]:
 
 _ITEM_DESCRIPTION = (
     "One request: the defaults, overridden by the item's own fields. ids must be unique. "
-    f"prompt is required here or in defaults; images is required for {models.IMAGE_EDIT} and not allowed "
-    f"for {models.TEXT_TO_IMAGE}. size must also satisfy the model's rules."
+    f"prompt is required here or in defaults; images is required for {catalogue.IMAGE_EDIT} and not allowed "
+    f"for {catalogue.TEXT_TO_IMAGE}. size must also satisfy the model's rules."
 )
 
 

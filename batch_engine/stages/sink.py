@@ -12,14 +12,14 @@ from pathlib import Path
 import anyio
 from anyio.abc import ObjectReceiveStream
 
-from batch_engine.backoff import DEFAULT_POLICY, RetryPolicy, clamp_retry_after, full_jitter
-from batch_engine.client import ApiClient
+from batch_engine.api.client import ApiClient
 from batch_engine.control import RunControl
 from batch_engine.errors import ItemRejected, JournalError, RetryLater, SlowDown
 from batch_engine.images import check_complete, decode_b64_output, is_png
 from batch_engine.ledger import Ledger
-from batch_engine.paths import output_relpath, write_atomic
-from batch_engine.types import ErrorKind, ItemError, OutputFile, Prediction, Resolved
+from batch_engine.store.files import output_relpath, write_atomic
+from batch_engine.timing.backoff import DEFAULT_POLICY, RetryPolicy, clamp_retry_after, full_jitter
+from batch_engine.values import ErrorKind, ItemError, OutputFile, Prediction, Resolved
 
 log = logging.getLogger(__name__)
 

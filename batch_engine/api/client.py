@@ -16,9 +16,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 import aiohttp
 
-from batch_engine.backoff import parse_retry_after
-from batch_engine.config import DEFAULT_BASE_URL
-from batch_engine.envelope import body_code, error_message, parse_prediction
+from batch_engine.api.envelope import body_code, error_message, parse_prediction
 from batch_engine.errors import (
     ApiError,
     ItemRejected,
@@ -30,7 +28,9 @@ from batch_engine.errors import (
     SubmitOutcomeUnknown,
     UsageError,
 )
-from batch_engine.types import Prediction
+from batch_engine.settings import DEFAULT_BASE_URL
+from batch_engine.timing.backoff import parse_retry_after
+from batch_engine.values import Prediction
 
 log = logging.getLogger(__name__)
 

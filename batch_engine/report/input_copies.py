@@ -9,12 +9,12 @@ from pathlib import Path
 
 import anyio
 
-from batch_engine.client import ApiClient
+from batch_engine.api.client import ApiClient
 from batch_engine.errors import ApiError
-from batch_engine.html_report import input_urls
 from batch_engine.images import sniff_extension, verify_image
-from batch_engine.paths import INPUTS_DIR, write_atomic
-from batch_engine.types import ItemRecord
+from batch_engine.report.html import input_urls
+from batch_engine.store.files import INPUTS_DIR, write_atomic
+from batch_engine.values import ItemRecord
 
 log = logging.getLogger(__name__)
 

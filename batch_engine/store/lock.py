@@ -20,7 +20,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from .errors import OutDirLocked
+from batch_engine.errors import OutDirLocked
 
 LOCK_NAME = ".lock"
 

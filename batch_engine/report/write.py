@@ -27,7 +27,7 @@ from typing import IO, Any, Protocol
 
 import yaml
 
-from batch_engine.types import ItemRecord, ItemState, RunMeta
+from batch_engine.values import ItemRecord, ItemState, RunMeta
 
 logger = logging.getLogger(__name__)
 
@@ -268,7 +268,7 @@ def write_reports(
     failures.yaml is absent from the result when nothing failed. ``inputs`` goes to index.html.
     """
     # Imported here because html_report uses this module's helpers: a top-level import would be circular.
-    from batch_engine.html_report import Gallery
+    from batch_engine.report.html import Gallery
 
     counts = count_items(records())
     failures = write_failures_manifest(out_dir, meta, records)

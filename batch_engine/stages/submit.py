@@ -13,10 +13,9 @@ from typing import Any
 import anyio
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
-from batch_engine.backoff import DEFAULT_POLICY, RetryPolicy, full_jitter
-from batch_engine.client import ApiClient
+from batch_engine.api.client import ApiClient
+from batch_engine.api.envelope import Phase, phase
 from batch_engine.control import RunControl
-from batch_engine.envelope import Phase, phase
 from batch_engine.errors import (
     ItemRejected,
     JournalError,
@@ -27,9 +26,10 @@ from batch_engine.errors import (
     SubmitOutcomeUnknown,
 )
 from batch_engine.ledger import Ledger
-from batch_engine.pacing import SubmitPacer
-from batch_engine.polling import DueQueue, PollPlanner
-from batch_engine.types import ErrorKind, ItemError, ItemRecord, Prediction, Resolved, Tracked
+from batch_engine.timing.backoff import DEFAULT_POLICY, RetryPolicy, full_jitter
+from batch_engine.timing.pacing import SubmitPacer
+from batch_engine.timing.poll_plan import DueQueue, PollPlanner
+from batch_engine.values import ErrorKind, ItemError, ItemRecord, Prediction, Resolved, Tracked
 
 log = logging.getLogger(__name__)
 

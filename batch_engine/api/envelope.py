@@ -8,7 +8,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from batch_engine.types import Prediction
+from batch_engine.values import Prediction
 
 #: Statuses seen in the wild. Anything unknown keeps being polled until the engine's own deadline.
 _DONE = frozenset({"completed", "succeeded", "success"})

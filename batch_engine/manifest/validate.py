@@ -34,10 +34,10 @@ from typing import Any, NamedTuple
 
 import yaml
 
-from batch_engine import models
-from batch_engine.config import RunSettings
+from batch_engine.api import catalogue
 from batch_engine.errors import ManifestError, Problem, UsageError
-from batch_engine.types import Item, Manifest
+from batch_engine.settings import RunSettings
+from batch_engine.values import Item, Manifest
 
 MAX_MANIFEST_BYTES = 256 * 1024 * 1024
 #: Values in the document once every alias is expanded; a 100,000-item manifest has about 1,200,000.
@@ -184,20 +184,20 @@ _TOP_LEVEL_FIELDS = (
     FieldDef(
         "model",
         "string",
-        "provider/model to run, e.g. " + ", ".join(models.MODELS) + ". Other well-formed names are sent "
+        "provider/model to run, e.g. " + ", ".join(catalogue.MODELS) + ". Other well-formed names are sent "
         "as given, with the gpt-image-2 family's rules assumed.",
-        pattern=models.MODEL_NAME_PATTERN,
+        pattern=catalogue.MODEL_NAME_PATTERN,
         pattern_hint="is not provider/model: write it like openai/gpt-image-2-plus",
-        default=models.DEFAULT_MODEL,
-        example=models.DEFAULT_MODEL,
+        default=catalogue.DEFAULT_MODEL,
+        example=catalogue.DEFAULT_MODEL,
     ),
     FieldDef(
         "task",
         "string",
         "What the model does: image-edit (input images required) or text-to-image (no input images).",
-        enum=tuple(models.TASK_TAKES_IMAGES),
-        default=models.DEFAULT_TASK,
-        example=models.DEFAULT_TASK,
+        enum=tuple(catalogue.TASK_TAKES_IMAGES),
+        default=catalogue.DEFAULT_TASK,
+        example=catalogue.DEFAULT_TASK,
     ),
 )
 
@@ -792,7 +792,7 @@ class _Validator:
         self.problems: list[tuple[int, int, Problem]] = []
         self.warnings: list[tuple[int, int, str]] = []
         self.item_warnings: dict[tuple[str, str], list[Problem]] = {}  #: (field, message) -> where
-        self.spec = models.spec_for(models.DEFAULT_MODEL)
+        self.spec = catalogue.spec_for(catalogue.DEFAULT_MODEL)
         self.task_takes_images: bool | None = True  #: None when the task is unknown
         self.ids: dict[str, int] = {}  #: item id -> index of the first item with it
 
@@ -847,19 +847,19 @@ class _Validator:
     def _check_top(self, root: dict[Any, Any], top: _Place) -> None:
         if "version" not in root:
             self.complain(top, "version", "is missing: write 'version: 1' at the top of the manifest")
-        model = root.get("model", models.DEFAULT_MODEL)
-        if isinstance(model, str) and models.is_model_name(model):
+        model = root.get("model", catalogue.DEFAULT_MODEL)
+        if isinstance(model, str) and catalogue.is_model_name(model):
             self._use_model(model, top)
-        task = root.get("task", models.DEFAULT_TASK)
-        self.task_takes_images = models.TASK_TAKES_IMAGES.get(task) if isinstance(task, str) else None
-        if isinstance(task, str) and task in models.TASK_TAKES_IMAGES and task not in self.spec.tasks:
+        task = root.get("task", catalogue.DEFAULT_TASK)
+        self.task_takes_images = catalogue.TASK_TAKES_IMAGES.get(task) if isinstance(task, str) else None
+        if isinstance(task, str) and task in catalogue.TASK_TAKES_IMAGES and task not in self.spec.tasks:
             tasks = ", ".join(sorted(self.spec.tasks))
             self.complain(top, "task", f"{self.spec.name} does not do {task}; it does: {tasks}")
 
     def _use_model(self, model: str, top: _Place) -> None:
-        self.spec = models.spec_for(model)
-        if models.model_spec(model) is None:
-            known = ", ".join(models.MODELS)
+        self.spec = catalogue.spec_for(model)
+        if catalogue.model_spec(model) is None:
+            known = ", ".join(catalogue.MODELS)
             self.warn(
                 top,
                 "model",
@@ -900,7 +900,7 @@ class _Validator:
 
     def _check_for_model(self, place: _Place, key: str, value: Any) -> None:
         if key == "size":
-            broken = models.size_problem(self.spec, value)
+            broken = catalogue.size_problem(self.spec, value)
             if broken is not None:
                 self.complain(place, key, broken)
         elif key == "images":
@@ -998,8 +998,8 @@ class _Validator:
         settings: dict[Any, Any],
         entries: list[_Entry],
     ) -> Manifest:
-        model = root.get("model", models.DEFAULT_MODEL)
-        task = root.get("task", models.DEFAULT_TASK)
+        model = root.get("model", catalogue.DEFAULT_MODEL)
+        task = root.get("task", catalogue.DEFAULT_TASK)
         items = tuple(
             Item(index, item_id, spec, request, fingerprint(model, task, request))
             for index, item_id, spec, request in entries

@@ -11,15 +11,15 @@ from collections.abc import Callable
 import anyio
 from anyio.abc import ObjectSendStream
 
-from batch_engine.backoff import DEFAULT_POLICY, RetryPolicy, full_jitter
-from batch_engine.client import ApiClient
+from batch_engine.api.client import ApiClient
+from batch_engine.api.envelope import Phase, phase
 from batch_engine.control import RunControl
-from batch_engine.envelope import Phase, phase
 from batch_engine.errors import ItemRejected, JournalError, RetryLater, SlowDown, StopRun, StopSubmitting
 from batch_engine.ledger import Ledger
-from batch_engine.pacing import PollBudget
-from batch_engine.polling import DueQueue, PollPlanner
-from batch_engine.types import ErrorKind, ItemError, Prediction, Resolved, Tracked
+from batch_engine.timing.backoff import DEFAULT_POLICY, RetryPolicy, full_jitter
+from batch_engine.timing.pacing import PollBudget
+from batch_engine.timing.poll_plan import DueQueue, PollPlanner
+from batch_engine.values import ErrorKind, ItemError, Prediction, Resolved, Tracked
 
 log = logging.getLogger(__name__)
 
