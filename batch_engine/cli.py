@@ -25,8 +25,8 @@ from batch_engine import __version__
 from batch_engine.api.client import ClientConfig
 from batch_engine.engine import RunOptions, RunResult, plan_counts, run_manifest
 from batch_engine.errors import BatchEngineError, ManifestError, UsageError
+from batch_engine.manifest import load_manifest
 from batch_engine.manifest.schema import manifest_schema
-from batch_engine.manifest.validate import load_manifest
 from batch_engine.report.input_copies import distinct_inputs, local_inputs
 from batch_engine.report.write import write_reports
 from batch_engine.settings import DEFAULT_BASE_URL, RunSettings

@@ -30,7 +30,7 @@ import anyio.to_thread
 
 from batch_engine.api.catalogue import spec_for, submit_path, wire_body
 from batch_engine.api.client import DEFAULT_CONNECTIONS
-from batch_engine.manifest.validate import load_manifest
+from batch_engine.manifest import load_manifest
 from batch_engine.settings import RunSettings
 from batch_engine.store.files import output_relpath, write_atomic
 from bench.common import API_KEY, MODEL, TINY_SCALE, UNLIMITED, Figure, Row, run_engine, write_manifest

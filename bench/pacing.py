@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from batch_engine.manifest.validate import load_manifest
+from batch_engine.manifest import load_manifest
 from batch_engine.settings import RunSettings
 from bench.common import TINY_SCALE, UNLIMITED, Figure, Row, run_engine, write_manifest
 from bench.simproc import SimProcess

@@ -21,7 +21,7 @@ from typing import Any
 
 from batch_engine import settings
 from batch_engine.api import catalogue
-from batch_engine.manifest.validate import load_manifest
+from batch_engine.manifest import load_manifest
 from batch_engine.settings import RunSettings
 from bench.common import MODEL, TINY_SCALE, Figure, Row, percentile, run_engine, write_manifest
 from bench.simproc import SimProcess

@@ -39,7 +39,7 @@ from unittest import mock
 import anyio
 
 from batch_engine import engine
-from batch_engine.manifest.validate import load_manifest
+from batch_engine.manifest import load_manifest
 from batch_engine.report import write as report
 from batch_engine.settings import RunSettings
 from batch_engine.store.sqlite import SqliteJournal, SyncResult

@@ -24,7 +24,7 @@ from aiohttp import web
 from batch_engine.api.client import ClientConfig
 from batch_engine.engine import RunOptions, RunResult, run_manifest
 from batch_engine.images import verify_image
-from batch_engine.manifest.validate import load_manifest
+from batch_engine.manifest import load_manifest
 from batch_engine.settings import RunSettings
 from batch_engine.sim.server import SimConfig, Simulator
 from batch_engine.timing import backoff

@@ -11,8 +11,8 @@ import yaml
 
 from batch_engine.api import catalogue
 from batch_engine.errors import ManifestError, Problem
-from batch_engine.manifest import validate as manifest_module
-from batch_engine.manifest.validate import fingerprint, load_manifest
+from batch_engine.manifest import reader as manifest_module
+from batch_engine.manifest import fingerprint, load_manifest
 from batch_engine.values import Manifest
 
 URL = "https://example.com/cat.png"

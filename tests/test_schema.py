@@ -13,18 +13,18 @@ import pytest
 import yaml
 
 from batch_engine.errors import ManifestError
-from batch_engine.manifest.schema import SCHEMA_DIALECT, field_schema, manifest_schema
-from batch_engine.manifest.validate import (
+from batch_engine.manifest import load_manifest
+from batch_engine.manifest.fields import (
     CONTAINER_KEYS,
     ITEM_ID,
     NO_DEFAULT,
     FieldDef,
-    load_manifest,
     request_fields,
     setting_fields,
     top_level_fields,
     value_problems,
 )
+from batch_engine.manifest.schema import SCHEMA_DIALECT, field_schema, manifest_schema
 from batch_engine.settings import RunSettings
 
 URL = "https://example.com/cat.png"

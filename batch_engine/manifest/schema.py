@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from batch_engine.api import catalogue
-from batch_engine.manifest.validate import (
+from batch_engine.manifest.fields import (
     ITEM_ID,
     NO_DEFAULT,
     FieldDef,
