@@ -26,7 +26,7 @@ from batch_engine.settings import RunSettings
 from batch_engine.stages.poll import Poller
 from batch_engine.stages.sink import Sink
 from batch_engine.stages.submit import SubmitPlan, Submitter
-from batch_engine.store.files import IMAGES_DIR, INPUTS_DIR, RESULTS_NAME, TEMP_PREFIX
+from batch_engine.store.files import IMAGES_DIR, INPUTS_DIR, RESULTS_NAME, remove_temp_files
 from batch_engine.store.lock import OutDirLock
 from batch_engine.store.sqlite import SqliteJournal
 from batch_engine.timing.backoff import DEFAULT_POLICY, RetryPolicy
@@ -103,9 +103,8 @@ async def run_manifest(manifest: Manifest, options: RunOptions, *, view: Progres
 
 def _remove_leftovers(out_dir: Path) -> None:
     """Delete the half-written temporary files of a run that was killed; holding the lock, no run writes."""
-    for folder in (out_dir / IMAGES_DIR, out_dir / INPUTS_DIR):
-        for path in folder.glob(f"{TEMP_PREFIX}*"):
-            path.unlink(missing_ok=True)
+    for folder in (out_dir, out_dir / IMAGES_DIR, out_dir / INPUTS_DIR):
+        remove_temp_files(folder)
 
 
 def _forget_outputs(out_dir: Path) -> None:

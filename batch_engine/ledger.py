@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TextIO
 
-from batch_engine.report.write import result_line
+from batch_engine.report.entries import result_line
 from batch_engine.store.files import RESULTS_NAME
 from batch_engine.store.sqlite import SqliteJournal
 from batch_engine.ui.progress import ProgressView

@@ -11,8 +11,7 @@ import yaml
 
 from batch_engine.api import catalogue
 from batch_engine.errors import ManifestError, Problem
-from batch_engine.manifest import reader as manifest_module
-from batch_engine.manifest import fingerprint, load_manifest
+from batch_engine.manifest import fields, fingerprint, load_manifest, reader
 from batch_engine.values import Manifest
 
 URL = "https://example.com/cat.png"
@@ -153,7 +152,7 @@ def test_tags_are_refused(tmp_path: Path, tagged: str) -> None:
 
 def test_file_over_the_size_limit_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A file larger than MAX_MANIFEST_BYTES is refused before it is parsed."""
-    monkeypatch.setattr(manifest_module, "MAX_MANIFEST_BYTES", 64)
+    monkeypatch.setattr(reader, "MAX_MANIFEST_BYTES", 64)
     problem = one(tmp_path, with_items(f"- prompt: {'a' * 100}\n  images: [{URL}]\n"))
     assert "bytes" in problem.message
     assert "refused" in problem.message
@@ -171,7 +170,7 @@ def test_billion_laughs_is_refused_fast(tmp_path: Path) -> None:
     assert time.perf_counter() - started < 1.0
     [problem] = caught.value.problems
     assert "billion laughs" in problem.message
-    assert f"{manifest_module.MAX_NODES:,}" in problem.message
+    assert f"{fields.MAX_NODES:,}" in problem.message
 
 
 def test_aliases_under_the_limit_are_expanded(tmp_path: Path) -> None:
@@ -216,7 +215,7 @@ def test_pure_python_loader_gives_the_same_result(tmp_path: Path, monkeypatch: p
     """Without libyaml the pure-Python SafeLoader reads the same values and lines."""
     text = with_items(f"- id: x\n  prompt: a\n  images: [{URL}]\n  n: 0\n")
     fast = problems(tmp_path, text)
-    monkeypatch.setattr(manifest_module, "_LOADER", yaml.SafeLoader)
+    monkeypatch.setattr(reader, "_LOADER", yaml.SafeLoader)
     assert problems(tmp_path, text) == fast
     assert fast[0].line == 6
 

@@ -12,14 +12,11 @@ import pytest
 import yaml
 from PIL import Image
 
+from batch_engine.report.block_yaml import block_yaml
+from batch_engine.report.entries import Records, count_items, iso_utc, result_line
 from batch_engine.report.html import write_html_report
 from batch_engine.report.write import (
     REPORT_FILES,
-    Records,
-    block_yaml,
-    count_items,
-    iso_utc,
-    result_line,
     write_failures_manifest,
     write_report_yaml,
     write_reports,

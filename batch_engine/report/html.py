@@ -15,11 +15,13 @@ import html
 import json
 import re
 from collections.abc import Iterator, Mapping, Sequence
+from importlib import resources
 from pathlib import Path
 from typing import IO, Any
 from urllib.parse import quote
 
-from batch_engine.report.write import Counts, Records, atomic_text, count_items, iso_utc
+from batch_engine.report.entries import Counts, Records, count_items, iso_utc
+from batch_engine.store.files import replace_atomically
 from batch_engine.values import ItemRecord, ItemState, RunMeta
 
 PAGE_SIZE = 100
@@ -43,7 +45,7 @@ def write_html_report(
     """
     counts = counts if counts is not None else count_items(records())
     path = out_dir / "index.html"
-    with atomic_text(path) as stream:
+    with replace_atomically(path) as stream:
         gallery = Gallery(stream, meta, counts, inputs or {})
         for record in failures_first(records):
             gallery.add(record)
@@ -290,226 +292,13 @@ def _number(value: object) -> str:
     return f"{value:,}" if isinstance(value, int | float) else "–"
 
 
-_STYLE = """
-:root{--bg:#f6f7f9;--card:#fff;--fg:#1b1f24;--muted:#5f6b7a;--line:#dde2e8;--accent:#2563eb;
---ok:#15803d;--ok-bg:#dcfce7;--bad:#b91c1c;--bad-bg:#fee2e2;--wait:#a16207;--wait-bg:#fef3c7;
---dup:#7c3aed;--dup-bg:#ede9fe;--s-submitted:#2563eb;--s-finished:#16a34a;--s-rate_limited:#dc2626;
-color-scheme:light dark}
-@media (prefers-color-scheme:dark){:root{--bg:#0f1216;--card:#181c22;--fg:#e6e9ee;--muted:#97a3b3;
---line:#2a313a;--accent:#60a5fa;--ok:#4ade80;--ok-bg:#14301f;--bad:#f87171;--bad-bg:#3a1719;
---wait:#fbbf24;--wait-bg:#3a2e0f;--dup:#c4b5fd;--dup-bg:#2b2145;--s-submitted:#60a5fa;
---s-finished:#4ade80;--s-rate_limited:#f87171}}
-*{box-sizing:border-box}
-body{margin:0;background:var(--bg);color:var(--fg);font:15px/1.5 system-ui,-apple-system,"Segoe UI",
-Roboto,"Helvetica Neue",Arial,sans-serif}
-code{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:.9em}
-h1{font-size:1.6rem;margin:0 0 .25rem}
-h2{font-size:1rem;margin:1.25rem 0 .5rem;color:var(--muted);font-weight:600;text-transform:uppercase;
-letter-spacing:.04em}
-.page-header,main{max-width:1400px;margin:0 auto;padding:1.25rem 1.5rem 0}
-.subtitle,.muted{color:var(--muted)}
-.subtitle{margin:0}
-.banner{background:var(--wait-bg);color:var(--wait);border-radius:8px;padding:.6rem .9rem}
-.stats{display:grid;grid-template-columns:repeat(auto-fill,minmax(150px,1fr));gap:.6rem;margin:0}
-.stat{background:var(--card);border:1px solid var(--line);border-radius:10px;padding:.6rem .8rem}
-.stat dt{font-size:.78rem;color:var(--muted)}
-.stat dd{margin:0;font-size:1.25rem;font-weight:600;font-variant-numeric:tabular-nums}
-.stat.succeeded dd{color:var(--ok)}.stat.failed dd{color:var(--bad)}.stat.unfinished dd{color:var(--wait)}
-.stat.duplicate dd{color:var(--dup)}
-.kinds,.legend{list-style:none;padding:0;margin:0;display:flex;flex-wrap:wrap;gap:.4rem .9rem}
-.kinds li{background:var(--bad-bg);color:var(--bad);border-radius:999px;padding:.15rem .7rem}
-.kinds .count{font-weight:600}
-/* The SVG scales with its width: capped so it is never letterboxed, floored so its ticks stay legible on a
-phone (which scrolls it sideways instead). */
-.progress{overflow-x:auto}
-.chart{display:block;width:100%;min-width:540px;max-width:864px;height:auto;background:var(--card);
-border:1px solid var(--line);border-radius:10px}
-.chart .axis{stroke:var(--muted);stroke-width:1}.chart .grid{stroke:var(--line);stroke-dasharray:4 4}
-.chart .tick{fill:var(--muted);font-size:11px}
-.chart .series{fill:none;stroke-width:2;stroke-linejoin:round}
-.chart circle.series{stroke:none}
-.series-submitted{stroke:var(--s-submitted)}.series-finished{stroke:var(--s-finished)}
-.series-rate_limited{stroke:var(--s-rate_limited)}
-.chart circle.series-submitted{fill:var(--s-submitted)}.chart circle.series-finished{fill:var(--s-finished)}
-.chart circle.series-rate_limited{fill:var(--s-rate_limited)}
-.legend{margin-top:.4rem}.swatch{display:inline-block;width:.9rem;height:0;margin-right:.35rem;
-vertical-align:middle;border-top:3px solid}
-.swatch.series-submitted{border-color:var(--s-submitted)}.swatch.series-finished{border-color:var(--s-finished)}
-.swatch.series-rate_limited{border-color:var(--s-rate_limited)}
-.toolbar{position:sticky;top:0;z-index:2;display:flex;flex-wrap:wrap;align-items:center;gap:.5rem 1rem;
-background:var(--bg);padding:.75rem 0;margin-top:1rem;border-bottom:1px solid var(--line)}
-.toolbar label{display:flex;align-items:center;gap:.35rem;color:var(--muted)}
-.toolbar .grow{flex:1 1 12rem}.toolbar .grow input{width:100%}
-select,input[type=search],button{font:inherit;color:var(--fg);background:var(--card);
-border:1px solid var(--line);border-radius:6px;padding:.25rem .5rem}
-button{cursor:pointer}button:disabled{opacity:.45;cursor:default}
-.pager{display:flex;align-items:center;gap:.5rem;font-variant-numeric:tabular-nums}
-.gallery{display:grid;grid-template-columns:repeat(auto-fill,minmax(340px,1fr));gap:1rem;padding:1rem 0 2rem}
-.card{background:var(--card);border:1px solid var(--line);border-radius:12px;overflow:hidden;
-display:flex;flex-direction:column;border-top:4px solid var(--wait)}
-.card[data-status=succeeded]{border-top-color:var(--ok)}.card[data-status=failed]{border-top-color:var(--bad)}
-.card-head{display:flex;flex-wrap:wrap;align-items:center;gap:.4rem;padding:.6rem .8rem}
-.card-id{font-weight:600;overflow-wrap:anywhere;margin-right:auto}
-.badge{font-size:.72rem;font-weight:600;border-radius:999px;padding:.1rem .55rem;text-transform:uppercase;
-letter-spacing:.03em;background:var(--wait-bg);color:var(--wait)}
-.badge.status-succeeded{background:var(--ok-bg);color:var(--ok)}
-.badge.status-failed{background:var(--bad-bg);color:var(--bad)}
-.badge.duplicate,.badge.nsfw{background:var(--dup-bg);color:var(--dup)}
-.pair{display:grid;grid-template-columns:1fr 2fr;gap:.5rem;padding:0 .8rem}
-.pair h3{margin:0 0 .25rem;font-size:.7rem;color:var(--muted);text-transform:uppercase;letter-spacing:.05em}
-.thumbs{display:grid;grid-template-columns:repeat(auto-fill,minmax(64px,1fr));gap:.3rem}
-.outputs .thumbs{grid-template-columns:repeat(auto-fill,minmax(120px,1fr))}
-.thumbs a{display:block;position:relative;border-radius:6px;overflow:hidden;background:var(--bg);
-aspect-ratio:1}
-.thumbs img{width:100%;height:100%;object-fit:contain;display:block}
-.thumbs a.broken::after{content:"missing";position:absolute;inset:0;display:grid;place-items:center;
-font-size:.75rem;color:var(--muted)}
-.thumbs a.broken img{visibility:hidden}
-.thumbs .nsfw{position:absolute;top:.3rem;left:.3rem}
-.thumbs .none{color:var(--muted);font-size:.8rem}
-.prompt{margin:.6rem .8rem 0;white-space:pre-wrap;overflow-wrap:anywhere;display:-webkit-box;
--webkit-line-clamp:4;-webkit-box-orient:vertical;overflow:hidden;cursor:pointer}
-.prompt.expanded{display:block}
-.facts{display:flex;flex-wrap:wrap;gap:.2rem .9rem;margin:.5rem .8rem;font-size:.8rem;color:var(--muted)}
-.error{margin:.2rem .8rem .8rem;padding:.5rem .65rem;border-radius:8px;background:var(--bad-bg);
-color:var(--bad);font-size:.85rem;overflow-wrap:anywhere}
-.error .kind{font-weight:600;margin-right:.4rem}
-.card>:last-child{margin-bottom:.8rem}
-"""
+def _asset(name: str) -> str:
+    return (resources.files("batch_engine.report") / "assets" / name).read_text(encoding="utf-8")
 
-_SCRIPT = """
-(function () {
-  "use strict";
-  var $ = function (id) { return document.getElementById(id); };
-  var items = JSON.parse($("items-data").textContent);
-  var gallery = $("gallery");
-  var pageSize = Number(gallery.dataset.pageSize) || 100;
-  var status = $("filter-status"), kind = $("filter-kind"), dup = $("filter-duplicate");
-  var search = $("filter-search"), prev = $("page-prev"), next = $("page-next");
-  var matches = items, page = 0;
 
-  function el(tag, cls, text) {
-    var node = document.createElement(tag);
-    if (cls) node.className = cls;
-    if (text !== undefined && text !== null) node.textContent = String(text);
-    return node;
-  }
-
-  function safe(src) {
-    return /^(https?:|data:image\\/)/i.test(src) || !/^[a-z][a-z0-9+.-]*:/i.test(src) ? src : "";
-  }
-
-  function thumb(src, cls, alt) {
-    var link = el("a");
-    var img = el("img", cls);
-    img.loading = "lazy";
-    img.decoding = "async";
-    img.alt = alt;
-    img.addEventListener("error", function () { link.classList.add("broken"); });
-    src = safe(src || "");
-    if (src) { link.href = src; link.target = "_blank"; link.rel = "noopener"; img.src = src; }
-    else link.classList.add("broken");
-    link.appendChild(img);
-    return link;
-  }
-
-  function column(title, cls, sources) {
-    var box = el("div", cls);
-    box.appendChild(el("h3", null, title));
-    var grid = box.appendChild(el("div", "thumbs"));
-    sources.forEach(function (node) { grid.appendChild(node); });
-    if (!sources.length) grid.appendChild(el("span", "none", "none"));
-    return box;
-  }
-
-  function card(it) {
-    var node = el("article", "card");
-    node.dataset.status = it.status;
-    node.dataset.kind = it.kind;
-    node.dataset.id = it.id;
-    var head = node.appendChild(el("div", "card-head"));
-    head.appendChild(el("span", "card-id", it.id));
-    head.appendChild(el("span", "badge status status-" + it.status, it.status));
-    if (it.duplicate) {
-      var badge = head.appendChild(el("span", "badge duplicate", "possible duplicate"));
-      badge.title = "Resubmitted after an answer was lost: may have been billed twice";
-    }
-    var pair = node.appendChild(el("div", "pair"));
-    pair.appendChild(column("Input", "inputs", it.inputs.map(function (src, i) {
-      return thumb(src, "input", "input " + (i + 1) + " of " + it.id);
-    })));
-    pair.appendChild(column("Output", "outputs", it.outputs.map(function (out, i) {
-      var link = thumb(out.src, "output", "output " + (i + 1) + " of " + it.id);
-      if (out.nsfw) link.appendChild(el("span", "badge nsfw", "nsfw"));
-      return link;
-    })));
-    var prompt = node.appendChild(el("p", "prompt", it.prompt));
-    prompt.title = "Click to expand";
-    prompt.addEventListener("click", function () { prompt.classList.toggle("expanded"); });
-    var facts = node.appendChild(el("div", "facts"));
-    if (it.size) facts.appendChild(el("span", "size", "size " + it.size));
-    facts.appendChild(el("span", "attempts", it.attempts + (it.attempts === 1 ? " submit" : " submits")));
-    if (it.inference_ms !== null) {
-      facts.appendChild(el("span", "inference", (it.inference_ms / 1000).toFixed(1) + " s"));
-    }
-    if (it.prediction_id) facts.appendChild(el("span", "prediction", it.prediction_id));
-    if (it.status === "failed") {
-      var error = node.appendChild(el("div", "error"));
-      error.appendChild(el("span", "kind", it.kind || "unknown"));
-      if (it.http_status) error.appendChild(el("span", "http-status", "HTTP " + it.http_status + " · "));
-      error.appendChild(el("span", "message", it.message));
-    }
-    return node;
-  }
-
-  function wanted(it) {
-    var text = search.value.trim().toLowerCase();
-    return (!status.value || it.status === status.value)
-      && (!kind.value || it.kind === kind.value)
-      && (!dup.checked || it.duplicate)
-      && (!text || it.id.toLowerCase().indexOf(text) >= 0 || it.prompt.toLowerCase().indexOf(text) >= 0);
-  }
-
-  function render() {
-    var pages = Math.max(1, Math.ceil(matches.length / pageSize));
-    page = Math.min(Math.max(page, 0), pages - 1);
-    var fragment = document.createDocumentFragment();
-    matches.slice(page * pageSize, (page + 1) * pageSize).forEach(function (it) {
-      fragment.appendChild(card(it));
-    });
-    gallery.replaceChildren(fragment);
-    $("page-info").textContent = "Page " + (page + 1) + " of " + pages;
-    $("match-count").textContent =
-      matches.length.toLocaleString() + " of " + items.length.toLocaleString() + " items";
-    $("empty").hidden = matches.length > 0;
-    prev.disabled = page === 0;
-    next.disabled = page >= pages - 1;
-  }
-
-  function filter() {
-    matches = items.filter(wanted);
-    page = 0;
-    render();
-  }
-
-  function turn(delta) {
-    page += delta;
-    render();
-    $("toolbar").scrollIntoView({ block: "start" });
-  }
-
-  [status, kind, dup].forEach(function (control) { control.addEventListener("change", filter); });
-  search.addEventListener("input", filter);
-  prev.addEventListener("click", function () { turn(-1); });
-  next.addEventListener("click", function () { turn(1); });
-  document.addEventListener("keydown", function (event) {
-    if (event.target instanceof HTMLInputElement || event.target instanceof HTMLSelectElement) return;
-    if (event.key === "ArrowLeft" && !prev.disabled) turn(-1);
-    if (event.key === "ArrowRight" && !next.disabled) turn(1);
-  });
-  filter();
-})();
-"""
+#: The page's style and script live beside this module as plain files (an editor and a linter read them).
+_STYLE = _asset("report.css")
+_SCRIPT = _asset("report.js")
 
 # Only the page's own script may run (pinned by its hash) and nothing may be fetched but images:
 # the page stays offline, and a prompt that somehow escaped its JSON could not execute.

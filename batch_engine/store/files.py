@@ -5,14 +5,17 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import tempfile
+import secrets
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path, PurePosixPath
+from typing import IO, Any, Literal, overload
 
 JOURNAL_NAME = "journal.sqlite"
 IMAGES_DIR = "images"
 INPUTS_DIR = "inputs"
 RESULTS_NAME = "results.jsonl"
-TEMP_PREFIX = ".tmp-"  #: write_atomic's temporary files; a run deletes leftovers of a killed one
+TEMP_PREFIX = ".tmp-"  #: replace_atomically's temporary files; a run deletes leftovers of a killed one
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _MAX_STEM = 80
@@ -36,11 +39,10 @@ def output_relpath(item_id: str, index: int, ext: str) -> str:
 
 
 def write_atomic(out_dir: Path, relpath: str, data: bytes, *, durable: bool = True) -> Path:
-    """Write ``data`` under ``out_dir`` by temp file and rename: a reader never sees half a file.
+    """Write ``data`` to ``out_dir/relpath`` with `replace_atomically`; the folder is made when missing.
 
-    ``durable``: fsync the file before the rename and its folder after it, so the file survives a power
-    loss once this returns. The sink passes False and has the journal writer fsync a whole group of
-    outputs (`fsync_path`) just before the commit that records them, which costs far less per file.
+    ``durable=False`` leaves the fsync to the caller: the sink has the journal writer fsync a whole group
+    of outputs (`fsync_path`) just before the commit that records them, which costs far less per file.
     ``relpath`` must be relative and free of ``..`` (checked on the string: resolving both paths per
     file cost more than the write itself in the benchmark).
     """
@@ -49,23 +51,78 @@ def write_atomic(out_dir: Path, relpath: str, data: bytes, *, durable: bool = Tr
         raise ValueError(f"refusing to write outside the out dir: {relpath}")
     target = out_dir / relpath
     try:
-        fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=target.parent)
+        created = _create_temp(target)
     except FileNotFoundError:  # the first file of its folder (a mkdir per file cost 50 µs for nothing)
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=target.parent)
+        created = _create_temp(target)
+    with _replace(target, created, binary=True, durable=durable) as stream:
+        stream.write(data)
+    return target
+
+
+@overload
+def replace_atomically(
+    path: Path, *, binary: Literal[False] = False, durable: bool = True
+) -> AbstractContextManager[IO[str]]: ...
+@overload
+def replace_atomically(
+    path: Path, *, binary: Literal[True], durable: bool = True
+) -> AbstractContextManager[IO[bytes]]: ...
+def replace_atomically(
+    path: Path, *, binary: bool = False, durable: bool = True
+) -> AbstractContextManager[Any]:
+    """Write a new ``path``: a temporary file beside it, moved over it only once complete.
+
+    A reader (or a crash) sees the old file or the new one, never half of one; an error (or a kill) leaves
+    the old file and at most a ``TEMP_PREFIX`` file, which the next run deletes. The file is created with
+    mode 0666 less the umask, as any file the user writes (people serve these folders), and never through
+    a symlink; the rename replaces a symlink at ``path`` itself, never its target. ``durable``: fsync the
+    file before the rename and its folder after it, so it survives a power loss once the block ends.
+    Text streams are UTF-8 with ``\\n`` line ends.
+    """
+    return _replace(path, _create_temp(path), binary=binary, durable=durable)
+
+
+@contextmanager
+def _replace(path: Path, created: tuple[int, Path], *, binary: bool, durable: bool) -> Iterator[IO[Any]]:
+    fd, temp = created
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+        with open(fd, "wb") if binary else open(fd, "w", encoding="utf-8", newline="\n") as stream:
+            yield stream
             if durable:
-                fh.flush()
-                os.fdatasync(fh.fileno())
-        os.replace(tmp, target)
+                stream.flush()
+                os.fdatasync(stream.fileno())
+        os.replace(temp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        temp.unlink(missing_ok=True)
         raise
     if durable:
-        fsync_path(target.parent, folder=True)  # the rename itself must survive a power loss
-    return target
+        fsync_path(path.parent, folder=True)  # the rename itself must survive a power loss
+
+
+def _create_temp(path: Path) -> tuple[int, Path]:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    while True:
+        temp = path.with_name(f"{TEMP_PREFIX}{path.name}.{secrets.token_hex(4)}")
+        try:
+            return os.open(temp, flags, 0o666), temp
+        except FileExistsError:  # 32 random bits taken already: draw again
+            continue
+
+
+def remove_temp_files(folder: Path) -> int:
+    """Delete the temporary files a killed write left in ``folder`` (not below it); returns how many.
+
+    Only regular files are removed, and only in a real folder: a symlinked folder is not entered.
+    """
+    if not folder.is_dir() or folder.is_symlink():
+        return 0
+    removed = 0
+    for entry in os.scandir(folder):
+        if entry.name.startswith(TEMP_PREFIX) and entry.is_file(follow_symlinks=False):
+            Path(entry.path).unlink(missing_ok=True)
+            removed += 1
+    return removed
 
 
 def fsync_path(path: Path, *, folder: bool = False) -> None:
