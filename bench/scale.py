@@ -42,7 +42,8 @@ from batch_engine import engine
 from batch_engine.manifest import load_manifest
 from batch_engine.report import write as report
 from batch_engine.settings import RunSettings
-from batch_engine.store.sqlite import SqliteJournal, SyncResult
+from batch_engine.store.journal import SyncResult
+from batch_engine.store.sqlite import SqliteJournal
 from batch_engine.values import Manifest
 from bench.common import TINY_SCALE, UNLIMITED, Figure, Row, run_engine, write_manifest
 from bench.simproc import ROOT, SimProcess

@@ -17,8 +17,11 @@ import pytest
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from batch_engine.errors import JournalError
+from batch_engine.store import transitions
 from batch_engine.store.files import JOURNAL_NAME
-from batch_engine.store.sqlite import Journal, SqliteJournal, SyncResult
+from batch_engine.store.journal import Journal, SyncResult
+from batch_engine.store.sqlite import SqliteJournal
+from batch_engine.store.transitions import TransitionRefused
 from batch_engine.values import Item, ItemError, ItemState, Manifest, OutputFile, RunMeta
 
 pytestmark = pytest.mark.anyio
@@ -192,8 +195,6 @@ async def test_sync_manifest_adds_resets_removes_and_keeps(journal: SqliteJourna
     for item_id in ("keep", "change"):
         await journal.mark_submitting(item_id)
         await journal.mark_submitted(item_id, prediction_id=f"p-{item_id}", submitted_at=1.0)
-    await journal.mark_pending("change", possible_duplicate=True)
-    await journal.mark_submitting("change")
     await journal.mark_failed("change", error=ItemError(kind="timeout", message="x"), prediction_id="p2")
     result = await journal.sync_manifest(manifest_of("new", "change", "keep", fingerprints={"change": "fp2"}))
     assert result == SyncResult(added=1, changed=1, removed=1, unchanged=1)
@@ -314,18 +315,21 @@ async def test_mark_pending_never_clears_possible_duplicate(journal: SqliteJourn
     assert record.state == ItemState.PENDING
 
 
-async def test_unknown_item_and_wrong_state_raise_journal_error(journal: SqliteJournal) -> None:
-    """Marking an unknown id, or an item in a state the move does not start from, raises JournalError."""
+async def test_a_move_the_table_refuses_is_an_internal_error(journal: SqliteJournal) -> None:
+    """Marking an unknown id, or an item in a state its transition does not start from, raises
+    TransitionRefused (a bug, not a disk error) naming the item and both states, and changes nothing."""
     await journal.sync_manifest(manifest_of("a"))
-    with pytest.raises(JournalError, match=r"cannot mark item 'ghost' submitted: the journal has no such"):
+    refused = TransitionRefused
+    with pytest.raises(refused, match=r"item 'ghost' cannot go to submitted \(accepted\): it is not in"):
         await journal.mark_submitted("ghost", prediction_id="p", submitted_at=1.0)
-    with pytest.raises(JournalError, match=r"cannot mark item 'a' submitted: it is pending, not submitting"):
+    with pytest.raises(refused, match=r"'a' cannot go to submitted \(accepted\): it is pending, not sub"):
         await journal.mark_submitted("a", prediction_id="p", submitted_at=1.0)
-    with pytest.raises(JournalError, match=r"cannot mark item 'a' succeeded"):
+    with pytest.raises(TransitionRefused, match=r"'a' cannot go to succeeded"):
         await journal.mark_succeeded("a", outputs=(), completed_at=1.0, inference_ms=None)
     await journal.mark_submitting("a")
-    with pytest.raises(JournalError, match=r"cannot mark item 'a' submitting: it is submitting, not pending"):
+    with pytest.raises(refused, match=r"'a' cannot go to submitting \(submit\): it is submitting, not"):
         await journal.mark_submitting("a")
+    assert not isinstance(TransitionRefused("a", transitions.SUBMIT, None), JournalError)
     await journal.mark_pending("a")
     record = journal.get("a")
     assert record is not None
@@ -341,7 +345,7 @@ async def test_one_failing_write_does_not_affect_the_others_in_its_batch(journal
     async def refused() -> None:
         try:
             await journal.mark_submitting("ghost")
-        except JournalError as exc:
+        except TransitionRefused as exc:
             errors.append(exc)
 
     async with anyio.create_task_group() as tg:
