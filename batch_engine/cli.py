@@ -30,12 +30,13 @@ from batch_engine.manifest.schema import manifest_schema
 from batch_engine.report.input_copies import distinct_inputs, local_inputs
 from batch_engine.report.write import write_reports
 from batch_engine.settings import DEFAULT_BASE_URL, RunSettings
-from batch_engine.sim.server import SimConfig, Simulator, serve
+from batch_engine.sim import SimConfig, Simulator, serve
 from batch_engine.store.files import JOURNAL_NAME
 from batch_engine.store.lock import OutDirLock
 from batch_engine.store.sqlite import SqliteJournal
 from batch_engine.ui.logs import setup_logging
-from batch_engine.ui.progress import ProgressView, format_summary, make_view, summary_json
+from batch_engine.ui.progress import ProgressView, make_view
+from batch_engine.ui.summary import format_summary, summary_json
 from batch_engine.values import Manifest, RunStats
 
 log = logging.getLogger(__name__)

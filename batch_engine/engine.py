@@ -30,8 +30,9 @@ from batch_engine.store.files import IMAGES_DIR, INPUTS_DIR, RESULTS_NAME, remov
 from batch_engine.store.lock import OutDirLock
 from batch_engine.store.sqlite import SqliteJournal
 from batch_engine.timing.backoff import DEFAULT_POLICY, RetryPolicy
+from batch_engine.timing.due_queue import DueQueue
 from batch_engine.timing.pacing import DEFAULT_PAUSE_INITIAL, PollBudget, SubmitPacer
-from batch_engine.timing.poll_plan import DueQueue, PollPlanner
+from batch_engine.timing.poll_plan import PollPlanner
 from batch_engine.ui.progress import ProgressView
 from batch_engine.values import (
     ItemRecord,

@@ -17,7 +17,7 @@ from typing import Any
 import anyio
 import anyio.to_thread
 
-from batch_engine.sim.server import SimConfig, Simulator
+from batch_engine.sim import SimConfig, Simulator
 
 STATS_TIMEOUT = 120.0
 ROOT = Path(__file__).resolve().parent.parent  #: where ``python -m bench.*`` children are started

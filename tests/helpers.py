@@ -26,7 +26,7 @@ from batch_engine.engine import RunOptions, RunResult, run_manifest
 from batch_engine.images import verify_image
 from batch_engine.manifest import load_manifest
 from batch_engine.settings import RunSettings
-from batch_engine.sim.server import SimConfig, Simulator
+from batch_engine.sim import SimConfig, Simulator
 from batch_engine.timing import backoff
 from batch_engine.ui.logs import reset_logging, setup_logging
 from batch_engine.ui.progress import ProgressView, make_view

@@ -22,7 +22,7 @@ import anyio
 import yaml
 from anyio.abc import ByteReceiveStream, Process
 
-from batch_engine.sim.server import Simulator
+from batch_engine.sim import Simulator
 
 ENGINE = (sys.executable, "-m", "batch_engine")
 TEST_KEY = "test-key"

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from batch_engine.cli import main
-from batch_engine.sim.server import SimConfig, Simulator
+from batch_engine.sim import SimConfig, Simulator
 from batch_engine.store.lock import OutDirLock
 from tests.procs import engine_env, items, run_args, run_engine, write_manifest
 

@@ -24,7 +24,7 @@ from batch_engine.errors import (
     SubmitOutcomeUnknown,
     UsageError,
 )
-from batch_engine.sim.server import Simulator
+from batch_engine.sim import Simulator
 from batch_engine.values import Prediction
 from tests.helpers import (
     KEY,

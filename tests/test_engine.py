@@ -8,9 +8,10 @@ from typing import Any
 import pytest
 
 from batch_engine.engine import exit_code
-from batch_engine.images import render_output
 from batch_engine.manifest import load_manifest
-from batch_engine.sim.server import PredictionRecord, Simulator
+from batch_engine.sim import Simulator
+from batch_engine.sim.config import PredictionRecord
+from batch_engine.sim.drawing import render_output
 from batch_engine.ui.progress import QuietView
 from batch_engine.values import Snapshot
 from tests.helpers import (

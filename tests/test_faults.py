@@ -15,8 +15,9 @@ from PIL import Image
 
 from batch_engine import engine
 from batch_engine.api.client import ApiClient
-from batch_engine.images import render_output
-from batch_engine.sim.server import PredictionRecord, Simulator
+from batch_engine.sim import Simulator
+from batch_engine.sim.config import PredictionRecord
+from batch_engine.sim.drawing import render_output
 from batch_engine.stages.sink import INLINE_BYTES, Sink
 from batch_engine.timing.backoff import clamp_retry_after
 from batch_engine.timing.pacing import PollBudget

@@ -7,7 +7,8 @@ import io
 import pytest
 from PIL import Image
 
-from batch_engine.images import check_complete, render_output
+from batch_engine.images import check_complete
+from batch_engine.sim.drawing import render_output
 
 FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP", "gif": "GIF", "bmp": "BMP"}
 

@@ -11,7 +11,8 @@ import time
 import anyio
 import pytest
 
-from batch_engine.timing.poll_plan import DEFAULT_MIN_FIRST, DEFAULT_WARMUP, DueQueue, PollPlanner, done_by
+from batch_engine.timing.due_queue import DueQueue
+from batch_engine.timing.poll_plan import DEFAULT_MIN_FIRST, DEFAULT_WARMUP, PollPlanner, done_by
 
 pytestmark = pytest.mark.anyio
 

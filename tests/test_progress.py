@@ -24,10 +24,9 @@ from batch_engine.ui.progress import (
     RichView,
     eta_seconds,
     format_duration,
-    format_summary,
     make_view,
-    summary_json,
 )
+from batch_engine.ui.summary import format_summary, summary_json
 from batch_engine.values import ItemError, RunStats, Snapshot
 
 KEY = "sk-live-0123456789abcdef"

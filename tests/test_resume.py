@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from batch_engine.images import verify_image
-from batch_engine.sim.server import SimConfig, Simulator
+from batch_engine.sim import SimConfig, Simulator
 from tests.procs import (
     TEST_KEY,
     EngineProcess,

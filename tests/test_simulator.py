@@ -15,8 +15,9 @@ import aiohttp
 import anyio
 import pytest
 
-from batch_engine.images import decode_b64_output, render_output, sniff_extension, verify_image
-from batch_engine.sim.server import SimConfig, Simulator, serve
+from batch_engine.images import decode_b64_output, sniff_extension, verify_image
+from batch_engine.sim import SimConfig, Simulator, serve
+from batch_engine.sim.drawing import render_output
 
 pytestmark = pytest.mark.anyio
 

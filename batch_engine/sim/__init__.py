@@ -1,5 +1,6 @@
 """The built-in simulator of the prediction API: a real aiohttp server for the demo, tests and dry runs."""
 
-from batch_engine.sim.server import SimConfig, SimStats, Simulator, serve
+from batch_engine.sim.config import SimConfig, SimStats
+from batch_engine.sim.server import Simulator, serve
 
 __all__ = ["SimConfig", "SimStats", "Simulator", "serve"]

@@ -29,11 +29,9 @@ import heapq
 import json
 import logging
 import math
-import re
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from functools import partial
 from statistics import NormalDist
@@ -44,16 +42,12 @@ import anyio
 import anyio.to_thread
 from aiohttp import web
 
-from batch_engine.images import render_input, render_output
+from batch_engine.sim.config import MODELS, SIZE_PATTERN, PredictionRecord, SimConfig, SimStats
+from batch_engine.sim.drawing import render_input, render_output
+from batch_engine.sim.requests import request_problems
 
 logger = logging.getLogger(__name__)
 
-_ERROR_STYLES = frozenset({"openai", "flat", "text"})
-_QUALITIES = frozenset({"auto", "low", "medium", "high"})
-_BACKGROUNDS = frozenset({"auto", "opaque", "transparent"})
-_RESPONSE_FORMATS = frozenset({"url", "b64_json"})
-_FIXED_SIZES = frozenset({"1024x1024", "1536x1024", "1024x1536", "auto"})
-_SIZE = re.compile(r"^([0-9]{1,5})x([0-9]{1,5})$")
 _B64_PREFIX = "data:image/png;base64,"
 _RENDER_CACHE_SIZE = 256
 _SHUTDOWN_TIMEOUT = 0.5  #: seconds in-flight handlers (a slow answer) get when the simulator closes
@@ -62,146 +56,6 @@ _HTML_429 = (
     "<html>\r\n<head><title>429 Too Many Requests</title></head>\r\n<body>\r\n"
     "<center><h1>429 Too Many Requests</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n"
 )
-
-
-@dataclass(frozen=True)
-class _Model:
-    """What one known model accepts."""
-
-    tasks: frozenset[str]
-    image_field: str = "images"  #: gpt-image-1 takes ``image``
-    default_format: str = "url"
-    fixed_sizes: bool = False  #: gpt-image-1: only the sizes in ``_FIXED_SIZES``
-
-
-_MODELS: Mapping[str, _Model] = {
-    "openai/gpt-image-2-plus": _Model(tasks=frozenset({"image-edit"})),
-    "openai/gpt-image-2": _Model(tasks=frozenset({"image-edit", "text-to-image"})),
-    "openai/gpt-image-1": _Model(
-        tasks=frozenset({"image-edit"}), image_field="image", default_format="b64_json", fixed_sizes=True
-    ),
-}
-
-
-@dataclass(frozen=True, kw_only=True)
-class SimConfig:
-    """Every knob of the simulator. Same seed and knobs → same decisions, whatever the request order."""
-
-    seed: int = 0  #: feeds every decision's hash
-    #: when set, Authorization must be this key or ``Bearer <key>``; when None any non-empty value passes
-    api_key: str | None = None
-    inference_median: float = 0.2  #: seconds; inference time is lognormal around it
-    inference_spread: float = 0.5  #: lognormal sigma; 0: every prediction takes exactly the median
-    inference_polls: int | None = None  #: when set, a prediction completes on its Nth poll (time ignored)
-    processing_after: float = 0.0  #: fraction of the inference spent in ``created`` before ``processing``
-    submit_rate: float | None = None  #: submits per second the key allows (strict GCRA); None: unlimited
-    submit_burst: int = 2  #: how many submits may arrive at once under ``submit_rate``
-    poll_rate: float | None = None  #: polls per second allowed (a separate bucket); None: unlimited
-    poll_burst: int = 5
-    retry_after: float | None = None  #: when set, 429s carry ``Retry-After`` (integer seconds if whole)
-    html_429: bool = False  #: 429 bodies are a proxy's HTML page instead of JSON
-    #: cap on predictions created/processing at once; beyond it a submit gets 429 (not accepted, not billed)
-    max_concurrent: int | None = None
-    p_500: float = 0.0  #: probability a submit or poll gets 500 (a submit is then NOT accepted)
-    p_503: float = 0.0  #: the same with 503
-    p_drop_before_accept: float = 0.0  #: submit: connection closed with no answer, nothing created
-    p_drop_after_accept: float = 0.0  #: submit: prediction created (billed), then connection closed
-    p_failed: float = 0.0  #: a prediction ends failed with an error string
-    p_slow: float = 0.0  #: an answer (submit or poll) is delayed by ``slow_seconds``
-    slow_seconds: float = 2.0
-    p_download_500: float = 0.0  #: an output download gets 500
-    p_download_truncated: float = 0.0  #: an output download declares its full length, sends half, closes
-    #: an output download arrives at its full length with one byte changed in the middle (a mangling proxy)
-    p_download_corrupt: float = 0.0
-    content_policy_marker: str = "FORBIDDEN"  #: a prompt containing it gets 400 content policy
-    balance: int | None = None  #: after this many accepted submits, further submits get 403
-    # Envelope variants: each is something the real API (or its siblings) is known to send.
-    urls_as_list: bool = False  #: ``data.urls`` as ``[{"get": ...}]`` instead of ``{"get": ...}``
-    camel_case: bool = False  #: ``hasNsfwContents``, ``createdAt`` instead of the snake_case keys
-    error_empty_string: bool = False  #: ``data.error`` is ``""`` instead of null when there is no error
-    nsfw_null: bool = False  #: ``has_nsfw_contents`` is null
-    b64_data_prefix: bool = True  #: b64_json outputs start with ``data:image/png;base64,``
-    rfc3339_times: bool = False  #: ``created_at`` as RFC 3339 instead of ``2026-01-01 00:00:00``
-    #: "openai": ``{"error": {"message", "type", "code"}}``, "flat": ``{"code", "message"}``, "text": plain
-    error_body_style: str = "openai"
-    foreign_get_url: bool = False  #: ``data.urls.get`` points at the foreign origin (a key sent there leaks)
-    image_scale: float = 1.0  #: outputs are rendered at size * scale (at least 16x16)
-    #: with ``enable_sync_mode``: answer while still processing (True) or wait for the end (False)
-    sync_early: bool = False
-    processing_status: str = "processing"  #: in-progress status; also seen: running, pending, in_progress
-    failed_status: str = "failed"  #: terminal failure status; also seen: cancelled, timeout, expired, error
-    accept_data_uris: bool = False  #: accept ``data:`` URIs as inputs (one client says they are refused)
-    refuse_transparent: bool = False  #: gpt-image-2 models refuse ``background: transparent`` (doubtful)
-
-    def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if f.name.startswith("p_") and not 0.0 <= value <= 1.0:
-                raise ValueError(f"SimConfig.{f.name} is a probability: 0..1, got {value}")
-        for name in ("submit_rate", "poll_rate", "inference_median", "slow_seconds", "image_scale"):
-            value = getattr(self, name)
-            if value is not None and not (value > 0 or (name == "inference_median" and value == 0)):
-                raise ValueError(f"SimConfig.{name} must be positive, got {value}")
-        if self.error_body_style not in _ERROR_STYLES:
-            raise ValueError(f"SimConfig.error_body_style must be one of {sorted(_ERROR_STYLES)}")
-        for name in ("submit_burst", "poll_burst", "inference_polls", "max_concurrent", "balance"):
-            value = getattr(self, name)
-            if value is not None and value < (0 if name == "balance" else 1):
-                raise ValueError(f"SimConfig.{name} must be at least 1 (balance: 0), got {value}")
-
-
-@dataclass
-class PredictionRecord:
-    """One accepted prediction, as the simulator sees it. Times are ``time.monotonic()`` seconds."""
-
-    id: str
-    model: str
-    task: str
-    prompt: str
-    n: int
-    width: int  #: output size, scale applied
-    height: int
-    response_format: str
-    body_sha256: str
-    created_at: float
-    created_wall: float  #: unix seconds, for the envelope's ``created_at``
-    inference_seconds: float
-    processing_at: float | None  #: when it turns ``processing`` (None when driven by poll count)
-    completed_at: float | None  #: when it finished, or will (time-driven); None while poll-driven and running
-    polls_to_complete: int | None  #: set when driven by poll count
-    failed: bool
-    polls: int = 0  #: polls answered 200
-    first_done_seen_at: float | None = None  #: the first poll that reported the final status
-
-    def is_done(self, now: float) -> bool:
-        return self.completed_at is not None and now >= self.completed_at
-
-
-@dataclass
-class SimStats:
-    """What the simulator has seen and done; mutable, read by tests and benchmarks."""
-
-    submit_requests: int = 0  #: every POST to a submit route
-    accepted: int = 0  #: billed submits
-    duplicate_bodies: int = 0  #: accepted submits whose canonical body had been accepted before
-    body_counts: dict[str, int] = field(default_factory=dict)  #: sha256 of canonical body → accepted count
-    polls: int = 0  #: every GET of a result route (both origins), answered or not
-    downloads: int = 0  #: every GET of an output image
-    rate_limited: int = 0  #: 429s sent, all endpoints
-    rate_limited_submits: int = 0
-    status_counts: dict[int, int] = field(default_factory=dict)  #: HTTP status → error answers sent
-    max_concurrent_seen: int = 0
-    accepted_times: list[float] = field(default_factory=list)  #: monotonic time of each accepted submit
-    key_leaks: int = 0  #: requests with Authorization to the foreign origin or to an output URL
-    predictions: dict[str, PredictionRecord] = field(default_factory=dict)
-    poll_counts: dict[str, int] = field(default_factory=dict)  #: prediction id → polls answered 200
-    dropped: int = 0  #: connections closed with no answer (submits)
-    truncated_downloads: int = 0
-    corrupt_downloads: int = 0
-
-    def as_dict(self) -> dict[str, Any]:
-        """Everything, JSON-ready."""
-        return dataclasses.asdict(self)
 
 
 class _Gcra:
@@ -439,14 +293,14 @@ class Simulator:
         return self._too_many(message, code="too_many_concurrent_tasks", submit=True)
 
     def _check_model(self, model: str, task: str) -> web.Response | None:
-        spec = _MODELS.get(model)
+        spec = MODELS.get(model)
         if spec is not None and task in spec.tasks:
             return None
         message = f"model not found: {model}/{task}"
         return self._error(404, message, type_="not_found_error", code="model_not_found")
 
     def _check_request(self, model: str, task: str, body: Any) -> web.Response | None:
-        problem = next(iter(_request_problems(_MODELS[model], task, body, self.config)), None)
+        problem = next(iter(request_problems(MODELS[model], task, body, self.config)), None)
         if problem is None:
             return None
         return self._error(400, problem, type_="invalid_request_error", code="invalid_value")
@@ -531,7 +385,7 @@ class Simulator:
             n=int(body.get("n", 1)),
             width=width,
             height=height,
-            response_format=str(body.get("response_format") or _MODELS[model].default_format),
+            response_format=str(body.get("response_format") or MODELS[model].default_format),
             body_sha256=digest,
             created_at=now,
             created_wall=time.time(),
@@ -689,86 +543,6 @@ class Simulator:
         return web.json_response(self.stats.as_dict())
 
 
-# ---- request validation ------------------------------------------------------------------------------------
-
-
-def _request_problems(model: _Model, task: str, body: Any, config: SimConfig) -> Iterator[str]:
-    """Each thing wrong with a submit body, as the API would word it (naming the field), in check order."""
-    if not isinstance(body, dict):
-        yield "the request body must be a JSON object"
-        return
-    yield from _prompt_problems(body.get("prompt"))
-    if task == "image-edit":
-        yield from _image_problems(model.image_field, body.get(model.image_field), config=config)
-    yield from _n_problems(body.get("n", 1))
-    yield from _size_problems(body.get("size", "1024x1024"), fixed=model.fixed_sizes)
-    for name, allowed in (("quality", _QUALITIES), ("background", _BACKGROUNDS)):
-        yield from _enum_problems(name, body.get(name, "auto"), allowed)
-    if config.refuse_transparent and not model.fixed_sizes and body.get("background") == "transparent":
-        yield "Invalid 'background': 'transparent' is not supported by this model"
-    response_format = body.get("response_format", model.default_format)
-    yield from _enum_problems("response_format", response_format, _RESPONSE_FORMATS)
-    if not isinstance(body.get("enable_sync_mode", False), bool):
-        yield "Invalid 'enable_sync_mode': expected a boolean"
-
-
-def _prompt_problems(prompt: Any) -> Iterator[str]:
-    if prompt is None:
-        yield "Missing required parameter: 'prompt'"
-    elif not isinstance(prompt, str) or not 1 <= len(prompt) <= 32000:
-        yield "Invalid 'prompt': expected a string of 1 to 32000 characters"
-
-
-def _image_problems(name: str, images: Any, *, config: SimConfig) -> Iterator[str]:
-    if isinstance(images, str) and name == "image":
-        images = [images]
-    if images is None:
-        yield f"Missing required parameter: '{name}'"
-    elif not isinstance(images, list) or not 1 <= len(images) <= 16:
-        yield f"Invalid '{name}': expected a list of 1 to 16 image URLs"
-    else:
-        schemes = ("http://", "https://", "data:") if config.accept_data_uris else ("http://", "https://")
-        bad = [i for i, url in enumerate(images) if not (isinstance(url, str) and url.startswith(schemes))]
-        if bad:
-            yield f"Invalid '{name}[{bad[0]}]': expected a public http(s) URL"
-
-
-def _n_problems(n: Any) -> Iterator[str]:
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 10:
-        yield f"Invalid 'n': expected an integer from 1 to 10, got {n!r}"
-
-
-def _size_problems(size: Any, *, fixed: bool) -> Iterator[str]:
-    if fixed:
-        if size not in _FIXED_SIZES:
-            yield f"Invalid 'size': {size!r}; this model supports {', '.join(sorted(_FIXED_SIZES))}"
-        return
-    if size == "auto":
-        return
-    match = _SIZE.match(size) if isinstance(size, str) else None
-    if match is None:
-        yield f"Invalid 'size': {size!r}; expected 'auto' or WIDTHxHEIGHT, e.g. 1024x1024"
-        return
-    yield from _custom_size_problems(int(match[1]), int(match[2]))
-
-
-def _custom_size_problems(width: int, height: int) -> Iterator[str]:
-    size = f"{width}x{height}"
-    if max(width, height) > 3840:
-        yield f"Invalid 'size': {size}; the longest edge must be at most 3840 pixels"
-    if width % 16 or height % 16:
-        yield f"Invalid 'size': {size}; both edges must be multiples of 16"
-    if min(width, height) == 0 or max(width, height) > 3 * min(width, height):
-        yield f"Invalid 'size': {size}; the aspect ratio must be at most 3:1"
-    if not 655_360 <= width * height <= 8_294_400:
-        yield f"Invalid 'size': {size}; total pixels must be between 655,360 and 8,294,400"
-
-
-def _enum_problems(name: str, value: Any, allowed: frozenset[str]) -> Iterator[str]:
-    if value not in allowed:
-        yield f"Invalid '{name}': {value!r}; expected one of {', '.join(sorted(allowed))}"
-
-
 # ---- small pure helpers ------------------------------------------------------------------------------------
 
 
@@ -788,7 +562,7 @@ def _parse_body(raw: bytes, *, own_origin: str) -> tuple[Any, str]:
 
 
 def _output_size(size: str, *, scale: float) -> tuple[int, int]:
-    match = _SIZE.match(size)
+    match = SIZE_PATTERN.match(size)
     width, height = (int(match[1]), int(match[2])) if match else (1024, 1024)
     return max(16, round(width * scale)), max(16, round(height * scale))
 

@@ -27,8 +27,9 @@ from batch_engine.errors import (
 )
 from batch_engine.ledger import Ledger
 from batch_engine.timing.backoff import DEFAULT_POLICY, RetryPolicy, full_jitter
+from batch_engine.timing.due_queue import DueQueue
 from batch_engine.timing.pacing import SubmitPacer
-from batch_engine.timing.poll_plan import DueQueue, PollPlanner
+from batch_engine.timing.poll_plan import PollPlanner
 from batch_engine.values import ErrorKind, ItemError, ItemRecord, Prediction, Resolved, Tracked
 
 log = logging.getLogger(__name__)

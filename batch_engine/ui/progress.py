@@ -12,8 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TextIO
 
 from rich.console import Console, Group, RenderableType
@@ -22,10 +21,9 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from batch_engine.control import STOP_MESSAGES
 from batch_engine.errors import UsageError
 from batch_engine.ui.logs import iso_timestamp, redact
-from batch_engine.values import ItemError, ItemState, RunStats, Snapshot
+from batch_engine.values import ItemError, Snapshot
 
 MODES = ("auto", "rich", "plain", "json", "quiet")
 REFRESH_PER_SECOND = 4.0
@@ -226,17 +224,17 @@ class JsonView(_LineView):
             "finished": snapshot.finished,
             "eta_seconds": None if eta is None else round(eta, 1),
         }
-        return _event("progress", **fields)
+        return event_line("progress", **fields)
 
     def _failure(self, item_id: str, error: ItemError) -> str:
         fields = error.as_dict() | {"message": redact(error.message, self._secrets)}
-        return _event("item_failed", item_id=item_id, **fields)
+        return event_line("item_failed", item_id=item_id, **fields)
 
     def _message(self, text: str) -> str:
-        return _event("message", text=redact(text, self._secrets))
+        return event_line("message", text=redact(text, self._secrets))
 
 
-def _event(event: str, **fields: Any) -> str:
+def event_line(event: str, **fields: Any) -> str:
     return json.dumps({"ts": iso_timestamp(time.time()), "event": event, **fields})
 
 
@@ -309,74 +307,3 @@ def render_snapshot(s: Snapshot) -> RenderableType:
         f" · images {s.images} · elapsed {format_duration(s.elapsed)} · eta {format_duration(eta_seconds(s))}"
     )
     return Group(head, counts, pace)
-
-
-# --- the end-of-run summary ----------------------------------------------------------------------
-
-
-def stop_sentence(reason: str | None) -> str | None:
-    """What a ``stopped_reason`` code means for the person, or None when the run finished."""
-    if reason is None:
-        return None
-    return STOP_MESSAGES.get(reason, f"stopped early: {reason}")
-
-
-def format_summary(stats: RunStats, *, report_paths: Mapping[str, Path], out_dir: Path) -> str:
-    """The end-of-run summary for humans: counts, pace, warnings, why it stopped, where the reports are."""
-    lines = [_headline(stats), *_count_lines(stats), *_pace_lines(stats), *_warning_lines(stats)]
-    lines.append(f"Output in {out_dir}")
-    width = max((len(name) for name in report_paths), default=0)
-    lines.extend(f"  {name:<{width}}  {path}" for name, path in report_paths.items())
-    return "\n".join(lines)
-
-
-def summary_json(stats: RunStats, *, report_paths: Mapping[str, Path]) -> str:
-    """The summary as one JSON line ``{"ts", "event": "summary", ...}``, without the per-minute timeline."""
-    fields = stats.as_dict()
-    fields.pop("timeline", None)
-    fields["stopped"] = stop_sentence(stats.stopped_reason)
-    fields["reports"] = {name: str(path) for name, path in report_paths.items()}
-    return _event("summary", **fields)
-
-
-def _headline(stats: RunStats) -> str:
-    verb = "finished in" if stats.stopped_reason is None else "stopped after"
-    return f"Run {verb} {format_duration(stats.elapsed)}: {stats.total} items"
-
-
-def _count_lines(stats: RunStats) -> list[str]:
-    counts = ", ".join(f"{stats.by_state.get(state, 0)} {state}" for state in _states_to_show(stats.by_state))
-    lines = ["  " + counts]
-    kinds = sorted(stats.by_error_kind.items(), key=lambda kv: (-kv[1], kv[0]))
-    if kinds:
-        lines.append("  failures by kind: " + ", ".join(f"{kind} {n}" for kind, n in kinds))
-    lines.append(f"  images written: {stats.images}")
-    return lines
-
-
-def _states_to_show(by_state: Mapping[str, int]) -> list[str]:
-    """succeeded and failed always, then any other state that has items, in ``ItemState`` order."""
-    always = [ItemState.SUCCEEDED.value, ItemState.FAILED.value]
-    others = [state.value for state in ItemState] + list(by_state)
-    return always + [s for s in dict.fromkeys(others) if s not in always and by_state.get(s)]
-
-
-def _pace_lines(stats: RunStats) -> list[str]:
-    return [
-        f"  submits: {stats.submits} (average {stats.average_rate:.2f}/s; "
-        f"final rate {stats.rate_final:.2f}/s, ceiling {stats.rate_ceiling:.2f})",
-        f"  429s: {stats.rate_limited}",
-        f"  polls: {stats.polls} ({stats.polls_per_prediction:.1f} per prediction)",
-    ]
-
-
-def _warning_lines(stats: RunStats) -> list[str]:
-    lines = []
-    if stats.possible_duplicates:
-        count = stats.possible_duplicates
-        lines.append(f"  warning: {count} possible duplicate(s) may have been billed twice")
-        lines.append("    (resubmitted after an answer was lost; see possible_duplicate in results.jsonl)")
-    stopped = stop_sentence(stats.stopped_reason)
-    if stopped:
-        lines.append("  " + stopped)
-    return lines

@@ -1,0 +1,78 @@
+"""The end-of-run summary: what a run did, for a person (lines) or a program (one JSON line)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+from batch_engine.control import STOP_MESSAGES
+from batch_engine.ui.progress import event_line, format_duration
+from batch_engine.values import ItemState, RunStats
+
+
+def stop_sentence(reason: str | None) -> str | None:
+    """What a ``stopped_reason`` code means for the person, or None when the run finished."""
+    if reason is None:
+        return None
+    return STOP_MESSAGES.get(reason, f"stopped early: {reason}")
+
+
+def format_summary(stats: RunStats, *, report_paths: Mapping[str, Path], out_dir: Path) -> str:
+    """The end-of-run summary for humans: counts, pace, warnings, why it stopped, where the reports are."""
+    lines = [_headline(stats), *_count_lines(stats), *_pace_lines(stats), *_warning_lines(stats)]
+    lines.append(f"Output in {out_dir}")
+    width = max((len(name) for name in report_paths), default=0)
+    lines.extend(f"  {name:<{width}}  {path}" for name, path in report_paths.items())
+    return "\n".join(lines)
+
+
+def summary_json(stats: RunStats, *, report_paths: Mapping[str, Path]) -> str:
+    """The summary as one JSON line ``{"ts", "event": "summary", ...}``, without the per-minute timeline."""
+    fields = stats.as_dict()
+    fields.pop("timeline", None)
+    fields["stopped"] = stop_sentence(stats.stopped_reason)
+    fields["reports"] = {name: str(path) for name, path in report_paths.items()}
+    return event_line("summary", **fields)
+
+
+def _headline(stats: RunStats) -> str:
+    verb = "finished in" if stats.stopped_reason is None else "stopped after"
+    return f"Run {verb} {format_duration(stats.elapsed)}: {stats.total} items"
+
+
+def _count_lines(stats: RunStats) -> list[str]:
+    counts = ", ".join(f"{stats.by_state.get(state, 0)} {state}" for state in _states_to_show(stats.by_state))
+    lines = ["  " + counts]
+    kinds = sorted(stats.by_error_kind.items(), key=lambda kv: (-kv[1], kv[0]))
+    if kinds:
+        lines.append("  failures by kind: " + ", ".join(f"{kind} {n}" for kind, n in kinds))
+    lines.append(f"  images written: {stats.images}")
+    return lines
+
+
+def _states_to_show(by_state: Mapping[str, int]) -> list[str]:
+    """succeeded and failed always, then any other state that has items, in ``ItemState`` order."""
+    always = [ItemState.SUCCEEDED.value, ItemState.FAILED.value]
+    others = [state.value for state in ItemState] + list(by_state)
+    return always + [s for s in dict.fromkeys(others) if s not in always and by_state.get(s)]
+
+
+def _pace_lines(stats: RunStats) -> list[str]:
+    return [
+        f"  submits: {stats.submits} (average {stats.average_rate:.2f}/s; "
+        f"final rate {stats.rate_final:.2f}/s, ceiling {stats.rate_ceiling:.2f})",
+        f"  429s: {stats.rate_limited}",
+        f"  polls: {stats.polls} ({stats.polls_per_prediction:.1f} per prediction)",
+    ]
+
+
+def _warning_lines(stats: RunStats) -> list[str]:
+    lines = []
+    if stats.possible_duplicates:
+        count = stats.possible_duplicates
+        lines.append(f"  warning: {count} possible duplicate(s) may have been billed twice")
+        lines.append("    (resubmitted after an answer was lost; see possible_duplicate in results.jsonl)")
+    stopped = stop_sentence(stats.stopped_reason)
+    if stopped:
+        lines.append("  " + stopped)
+    return lines
