@@ -1,7 +1,8 @@
-"""Run control shared by the stages: the in-flight cap, why the run is stopping, and how hard."""
+"""Run control shared by the stages: in-flight slots, the submit budget, why the run stops, and how hard."""
 
 from __future__ import annotations
 
+import enum
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -10,45 +11,109 @@ import anyio
 
 log = logging.getLogger(__name__)
 
-#: Why a run stopped early (``RunStats.stopped_reason``), as the log, the summary and the report say it.
-#: Each makes the exit code 3.
-STOP_MESSAGES = {
-    "auth": "stopped early: API key refused (401) — nothing else can succeed; fix the key and run again",
-    "balance": (
+
+class StopReason(enum.StrEnum):
+    """Why a run stopped early (``RunStats.stopped_reason``); each makes the exit code 3."""
+
+    AUTH = "auth"
+    BALANCE = "balance"
+    INTERRUPTED = "interrupted"
+    BUDGET = "budget"
+    DISK = "disk"
+    INTERNAL = "internal"
+
+
+#: What each stop means, as the log, the summary and the report say it.
+STOP_MESSAGES: dict[str, str] = {
+    StopReason.AUTH: (
+        "stopped early: API key refused (401) — nothing else can succeed; fix the key and run again"
+    ),
+    StopReason.BALANCE: (
         "stopped submitting: balance ran out or no permission (403); run again after a top-up to resume"
     ),
-    "interrupted": "stopped early: interrupted; run again with the same out dir to resume",
-    "budget": "stopped submitting: the --max-submits budget was reached; run again to submit the rest",
-    "disk": "stopped early: an output or the journal could not be written (disk full?); free space and rerun",
+    StopReason.INTERRUPTED: "stopped early: interrupted; run again with the same out dir to resume",
+    StopReason.BUDGET: (
+        "stopped submitting: the --max-submits budget was reached; run again to submit the rest"
+    ),
+    StopReason.DISK: (
+        "stopped early: an output or the journal could not be written (disk full?); free space and rerun"
+    ),
+    StopReason.INTERNAL: (
+        "stopped early: an internal error (a bug in batch-engine; the log line above names it); the journal "
+        "is intact, so run again to resume, and please report it"
+    ),
 }
 
 
+class Slot:
+    """One in-flight place: taken before a submit, given back exactly once.
+
+    ``release()`` gives it back when no prediction came of it (the submit was refused, rate limited or
+    lost); ``resolve()`` when the prediction's final status was seen, which also counts it as resolved.
+    A second give-back is a bug and raises RuntimeError.
+    """
+
+    __slots__ = ("_control", "_held")
+
+    def __init__(self, control: RunControl) -> None:
+        self._control = control
+        self._held = True
+
+    def __repr__(self) -> str:
+        return f"<Slot {'held' if self._held else 'given back'}>"
+
+    @property
+    def held(self) -> bool:
+        return self._held
+
+    def release(self) -> None:
+        """Give the slot back: nothing is in flight for it any more, and nothing was resolved."""
+        self._give_back()
+
+    def resolve(self) -> None:
+        """Give the slot back because its prediction's final status was seen (done, failed or timed out)."""
+        self._give_back()
+        self._control.resolved += 1
+
+    def _give_back(self) -> None:
+        if not self._held:
+            raise RuntimeError("this in-flight slot was already given back")
+        self._held = False
+        self._control.slot_given_back()
+
+
 class RunControl:
-    """What every stage may ask: may I still submit? Is the run over? Take or give back an in-flight slot.
+    """What every stage may ask: may I still submit? Is the run over? Take an in-flight slot.
 
     Invariant: ``in_flight`` counts the slots held: predictions submitted (or resumed) and not yet
     resolved, and submits on their way; it never exceeds ``max_in_flight`` because a slot is taken
-    before a submit and given back on resolution. ``predictions`` is what a person wants to see: the
-    slots held, less those of submitters still waiting for their pacing turn.
+    before a submit and given back (by `Slot`) exactly once. ``predictions`` is what a person wants to
+    see: the slots held, less those of submitters still waiting for their pacing turn.
     """
 
     __slots__ = (
         "_critical",
         "_hard_scopes",
+        "_max_submits",
         "_slots",
         "in_flight",
         "pacing",
         "reason",
+        "resolved",
         "settled",
+        "submits_reserved",
         "submitters_done",
         "submitting_closed",
     )
 
-    def __init__(self, *, max_in_flight: int) -> None:
+    def __init__(self, *, max_in_flight: int, max_submits: int | None = None) -> None:
         self._slots = anyio.Semaphore(max_in_flight)
+        self._max_submits = max_submits
         self.in_flight = 0  #: slots held
         self.pacing = 0  #: slots held by submitters still waiting for their pacing turn
-        self.reason: str | None = None  #: why the run stops early, a key of STOP_MESSAGES
+        self.resolved = 0  #: predictions whose final status this run saw
+        self.submits_reserved = 0  #: submits that were (or may have been) paid for in this run
+        self.reason: StopReason | None = None  #: why the run stops early
         self.submitting_closed = anyio.Event()  #: set when no new submit may start
         self.submitters_done = anyio.Event()  #: set when the submit stage has ended
         self.settled = anyio.Event()  #: set when submitters are done and nothing is in flight
@@ -56,11 +121,21 @@ class RunControl:
         self._critical: set[anyio.CancelScope] = set()
 
     def __repr__(self) -> str:
-        return f"RunControl(in_flight={self.in_flight}, reason={self.reason!r})"
+        return (
+            f"RunControl(in_flight={self.in_flight}, resolved={self.resolved}, "
+            f"submits_reserved={self.submits_reserved}, reason={self.reason!r})"
+        )
 
-    async def take_slot(self) -> None:
+    async def take_slot(self) -> Slot:
+        """Wait for a free in-flight place; the caller must give it back through the returned `Slot`."""
         await self._slots.acquire()
         self.in_flight += 1
+        return Slot(self)
+
+    def slot_given_back(self) -> None:
+        self.in_flight -= 1
+        self._slots.release()
+        self._check_settled()
 
     @property
     def predictions(self) -> int:
@@ -76,10 +151,17 @@ class RunControl:
         finally:
             self.pacing -= 1
 
-    def give_slot(self) -> None:
-        self.in_flight -= 1
-        self._slots.release()
-        self._check_settled()
+    def reserve_submit(self) -> bool:
+        """Count one more submit that may be billed; False, and submitting stops, once the budget is spent."""
+        if self._max_submits is not None and self.submits_reserved >= self._max_submits:
+            self.stop_submitting(StopReason.BUDGET)
+            return False
+        self.submits_reserved += 1
+        return True
+
+    def refund_submit(self) -> None:
+        """A reserved submit the server certainly did not bill (refused, rate limited, 400)."""
+        self.submits_reserved -= 1
 
     def finish_submitting(self) -> None:
         self.submitters_done.set()
@@ -103,18 +185,18 @@ class RunControl:
             finally:
                 self._critical.discard(scope)
 
-    def stop_submitting(self, reason: str) -> None:
+    def stop_submitting(self, reason: StopReason) -> None:
         """No new submits; what is in flight is still polled and downloaded."""
         if self.reason is None:
             self.reason = reason
-            log.warning("%s", STOP_MESSAGES.get(reason, f"stopped early: {reason}"))
+            log.warning("%s", STOP_MESSAGES[reason])
         self.submitting_closed.set()
 
     def watch(self, scope: anyio.CancelScope) -> None:
         """Register a scope that `stop_now` cancels (the engine's task group)."""
         self._hard_scopes.append(scope)
 
-    def stop_now(self, reason: str) -> None:
+    def stop_now(self, reason: StopReason) -> None:
         """Stop everything at once; whatever was in flight is resumable from the journal."""
         self.stop_submitting(reason)
         for scope in [*self._hard_scopes, *self._critical]:

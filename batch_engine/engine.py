@@ -7,7 +7,7 @@ import logging
 import shutil
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,13 +17,14 @@ from anyio.streams.memory import MemoryObjectSendStream
 
 from batch_engine.api.catalogue import spec_for, submit_path, wire_body
 from batch_engine.api.client import ApiClient, ClientConfig, public_url
-from batch_engine.control import RunControl
+from batch_engine.control import RunControl, StopReason
 from batch_engine.errors import JournalError
 from batch_engine.ledger import Ledger
 from batch_engine.report.input_copies import cache_inputs, distinct_inputs, local_inputs
 from batch_engine.report.write import REPORT_FILES, write_reports
 from batch_engine.settings import RunSettings
-from batch_engine.stages.poll import Poller
+from batch_engine.stages.context import StageContext
+from batch_engine.stages.poll import Poller, PollQueue
 from batch_engine.stages.sink import Sink
 from batch_engine.stages.submit import SubmitPlan, Submitter
 from batch_engine.store.files import IMAGES_DIR, INPUTS_DIR, RESULTS_NAME, remove_temp_files
@@ -64,6 +65,7 @@ class RunOptions:
     input_source: Callable[[str], str] = str  #: where an input URL is fetched from (the simulator maps it)
     retry: RetryPolicy = DEFAULT_POLICY  #: polls, downloads and refused submits
     pause_initial: float = DEFAULT_PAUSE_INITIAL  #: first pause after a 429 without Retry-After
+    sleep: Callable[[float], Awaitable[None]] = anyio.sleep  #: how the stages wait out a retry delay
     submit_workers: int = 64
     poll_workers: int = 32
     download_workers: int = 16
@@ -133,7 +135,7 @@ class Engine:
         self._journal = journal
         self._client = client
         self._view = view
-        self._control = RunControl(max_in_flight=settings.max_in_flight)
+        self._control = RunControl(max_in_flight=settings.max_in_flight, max_submits=settings.max_submits)
         self._pacer = SubmitPacer(
             rate=settings.rate,
             rate_min=settings.rate_min,
@@ -147,13 +149,12 @@ class Engine:
             interval=settings.poll_interval,
             interval_max=settings.poll_interval_max,
         )
-        self._due: DueQueue[Tracked] = DueQueue()
+        self._queue = PollQueue(self._planner, DueQueue())
         self._retry = options.retry
         self._started = time.time()
         self._ledger: Ledger | None = None
         self._done_before = 0
         self._plan = self._submit_plan()  #: shared by every submitter
-        self._budget = [0]  #: submits that were (or may have been) paid for in this run, shared by submitters
 
     async def run(self) -> RunResult:
         meta = await self._prepare()
@@ -182,7 +183,7 @@ class Engine:
             return stats, await self._write_reports(finished)
         except (JournalError, OSError):
             log.exception("the reports could not be written; `batch-engine report OUT_DIR` rebuilds them")
-            self._control.stop_submitting("disk")
+            self._control.stop_submitting(StopReason.DISK)
             return self._stats(), {}
 
     async def _prepare(self) -> RunMeta:
@@ -258,15 +259,11 @@ class Engine:
     async def _resume_submitted(self) -> None:
         now = time.monotonic()
         for record in self._journal.records({ItemState.SUBMITTED}):
-            await self._control.take_slot()
+            slot = await self._control.take_slot()
             submitted_at = record.submitted_at or time.time()
-            tracked = Tracked(
-                record.item_id,
-                record.prediction_id or "",
-                submitted_at,
-                submitted_at + self._settings.timeout,
-            )
-            self._due.push(tracked, now)
+            deadline = submitted_at + self._settings.timeout
+            tracked = Tracked(record.item_id, record.prediction_id or "", submitted_at, deadline, slot=slot)
+            self._queue.later(tracked, now=now, delay=0.0)
 
     async def _feed(self, send: MemoryObjectSendStream[ItemRecord]) -> None:
         async with send:
@@ -279,7 +276,7 @@ class Engine:
 
     async def _close_when_settled(self) -> None:
         await self._control.settled.wait()
-        self._due.close()
+        self._queue.due.close()
 
     async def _tick(self) -> None:
         while True:
@@ -298,14 +295,14 @@ class Engine:
                         f"{signal.Signals(signum).name}: no new submits; waiting up to "
                         f"{self._settings.grace:.0f} s for predictions in flight (again to stop at once)"
                     )
-                    self._control.stop_submitting("interrupted")
+                    self._control.stop_submitting(StopReason.INTERRUPTED)
                     outer.start_soon(self._grace_then_stop)
                 else:
-                    self._control.stop_now("interrupted")
+                    self._control.stop_now(StopReason.INTERRUPTED)
 
     async def _grace_then_stop(self) -> None:
         await anyio.sleep(self._settings.grace)
-        self._control.stop_now("interrupted")
+        self._control.stop_now(StopReason.INTERRUPTED)
 
     def _submit_plan(self) -> SubmitPlan:
         spec = spec_for(self._manifest.model)
@@ -314,44 +311,32 @@ class Engine:
             body=lambda record: wire_body(spec, record.request),
             timeout=self._settings.timeout,
             resubmit_ambiguous=self._settings.resubmit_ambiguous,
-            max_submits=self._settings.max_submits,
+        )
+
+    def _context(self) -> StageContext:
+        assert self._ledger is not None
+        return StageContext(
+            client=self._client,
+            ledger=self._ledger,
+            control=self._control,
+            retry=self._options.retry,
+            sleep=self._options.sleep,
         )
 
     def _submitter(self) -> Submitter:
-        assert self._ledger is not None
+        queue = self._queue
         return Submitter(
-            client=self._client,
-            ledger=self._ledger,
-            control=self._control,
+            self._context(),
             pacer=self._pacer,
-            planner=self._planner,
-            due=self._due,
             plan=self._plan,
-            budget=self._budget,
-            retry=self._retry,
+            track=lambda tracked: queue.track(tracked, now=time.monotonic()),
         )
 
     def _poller(self) -> Poller:
-        assert self._ledger is not None
-        return Poller(
-            client=self._client,
-            ledger=self._ledger,
-            control=self._control,
-            budget=self._poll_budget,
-            planner=self._planner,
-            due=self._due,
-            retry=self._retry,
-        )
+        return Poller(self._context(), budget=self._poll_budget, queue=self._queue)
 
     def _sink(self) -> Sink:
-        assert self._ledger is not None
-        return Sink(
-            client=self._client,
-            ledger=self._ledger,
-            control=self._control,
-            out_dir=self._options.out_dir,
-            retry=self._retry,
-        )
+        return Sink(self._context(), out_dir=self._options.out_dir)
 
     def _snapshot(self) -> Snapshot:
         ledger = self._ledger
@@ -385,18 +370,18 @@ class Engine:
             submit_attempts=ledger.submit_attempts,
             rate_limited=ledger.rate_limited,
             polls=ledger.polls,
-            predictions_resolved=ledger.resolved,
+            predictions_resolved=self._control.resolved,
             rate_final=self._pacer.rate,
             rate_ceiling=self._pacer.ceiling,
             possible_duplicates=journal.possible_duplicate_count(),
-            stopped_reason=self._control.reason,
+            stopped_reason=None if self._control.reason is None else self._control.reason.value,
             timeline=ledger.timeline,
         )
 
     async def _write_reports(self, meta: RunMeta) -> dict[str, Path]:
         out_dir = self._options.out_dir
         urls = distinct_inputs(self._journal.records())
-        if self._options.copy_inputs and self._control.reason != "disk":
+        if self._options.copy_inputs and self._control.reason is not StopReason.DISK:
             inputs = await cache_inputs(self._client, out_dir, urls, resolve=self._options.input_source)
         else:
             inputs = local_inputs(out_dir, urls)

@@ -1,4 +1,4 @@
-"""The one place every change of an item's state goes through: journal first, then counters and views."""
+"""Where the stages record what happened to an item: the journal first, then the run's counters and views."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import TextIO
 
 from batch_engine.report.entries import result_line
 from batch_engine.store.files import RESULTS_NAME
-from batch_engine.store.sqlite import SqliteJournal
+from batch_engine.store.journal import Journal
 from batch_engine.ui.progress import ProgressView
 from batch_engine.values import ItemError, ItemRecord, ItemState, OutputFile
 
@@ -36,7 +36,6 @@ class Ledger:
         "images",
         "polls",
         "rate_limited",
-        "resolved",
         "submit_attempts",
         "submits",
         "succeeded",
@@ -44,7 +43,7 @@ class Ledger:
     )
 
     def __init__(
-        self, journal: SqliteJournal, *, view: ProgressView, clock: Callable[[], float] = time.time
+        self, journal: Journal, *, view: ProgressView, clock: Callable[[], float] = time.time
     ) -> None:
         self._journal = journal
         self._view = view
@@ -56,7 +55,6 @@ class Ledger:
         self.failed = counts[ItemState.FAILED]
         self.submits = 0  #: accepted submits in this run
         self.submit_attempts = 0  #: submit requests sent in this run
-        self.resolved = 0  #: predictions whose final status this run saw
         self.images = 0  #: output files written in this run
         self.polls = 0  #: poll requests sent in this run
         self.rate_limited = 0  #: 429 answers in this run, submits and polls

@@ -5,7 +5,10 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from batch_engine.control import Slot
 
 
 class ItemState(enum.StrEnum):
@@ -220,7 +223,7 @@ class RunStats:
 
 @dataclass(frozen=True)
 class Tracked:
-    """A prediction waiting for its next poll. It holds one in-flight slot until it resolves."""
+    """A prediction waiting for its next poll. It holds its in-flight ``slot`` until it resolves."""
 
     item_id: str
     prediction_id: str
@@ -229,6 +232,7 @@ class Tracked:
     polls: int = 0  #: polls answered "not done yet"
     errors: int = 0  #: consecutive polls that failed (5xx, network)
     running_at: float = 0.0  #: seconds after submit of the last poll that found it unfinished
+    slot: Slot = field(kw_only=True, compare=False)
 
 
 @dataclass(frozen=True)

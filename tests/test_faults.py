@@ -3,7 +3,6 @@ lost, and nothing is resubmitted except as the ambiguous-submit policy says."""
 
 from __future__ import annotations
 
-import functools
 import io
 import itertools
 import random
@@ -18,7 +17,7 @@ from batch_engine.api.client import ApiClient
 from batch_engine.sim import Simulator
 from batch_engine.sim.config import PredictionRecord
 from batch_engine.sim.drawing import render_output
-from batch_engine.stages.sink import INLINE_BYTES, Sink
+from batch_engine.stages.sink import INLINE_BYTES
 from batch_engine.timing.backoff import clamp_retry_after
 from batch_engine.timing.pacing import PollBudget
 from batch_engine.values import Prediction
@@ -291,16 +290,13 @@ async def test_failed_downloads_are_retried_not_the_edit(harness: Harness, knobs
         assert sim.stats.corrupt_downloads > 0
 
 
-async def test_an_output_hosts_retry_after_is_bounded(
-    harness: Harness, scripted: Scripted, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_an_output_hosts_retry_after_is_bounded(harness: Harness, scripted: Scripted) -> None:
     """A download answered 429 "Retry-After: 86400" is retried after at most a minute, not a day."""
     slept: list[float] = []
 
     async def sleep(seconds: float) -> None:
         slept.append(seconds)
 
-    monkeypatch.setattr(engine, "Sink", functools.partial(Sink, sleep=sleep))
     server = await scripted()
     done = {"id": "p-1", "status": "completed", "outputs": [server.url + "/o.png"], "error": None}
     server.reply("/api/v3/openai/gpt-image-2-plus/image-edit", Reply.json({"data": done, "code": 200}))
@@ -308,7 +304,7 @@ async def test_an_output_hosts_retry_after_is_bounded(
     busy = Reply.text("come back tomorrow", 429, "text/plain", **{"Retry-After": "86400"})
     server.reply("/o.png", busy, Reply(200, png, {"Content-Type": "image/png"}))
     items = [{"id": "a", "prompt": "edit a", "images": ["https://example.com/a.png"]}]
-    outcome = await harness.run(harness.manifest(items), server)
+    outcome = await harness.run(harness.manifest(items), server, sleep=sleep)
 
     check_settled(outcome, ["a"], {"a": (64, 64)})
     assert [s.path for s in server.seen].count("/o.png") == 2

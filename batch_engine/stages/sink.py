@@ -5,20 +5,18 @@ from __future__ import annotations
 import errno
 import hashlib
 import logging
-import random
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import anyio
 from anyio.abc import ObjectReceiveStream
 
-from batch_engine.api.client import ApiClient
-from batch_engine.control import RunControl
+from batch_engine.control import StopReason
 from batch_engine.errors import ItemRejected, JournalError, RetryLater, SlowDown
 from batch_engine.images import check_complete, decode_b64_output, is_png
-from batch_engine.ledger import Ledger
+from batch_engine.stages.context import StageContext
 from batch_engine.store.files import output_relpath, write_atomic
-from batch_engine.timing.backoff import DEFAULT_POLICY, RetryPolicy, clamp_retry_after, full_jitter
+from batch_engine.store.transitions import TransitionRefused
+from batch_engine.timing.backoff import clamp_retry_after
 from batch_engine.values import ErrorKind, ItemError, OutputFile, Prediction, Resolved
 
 log = logging.getLogger(__name__)
@@ -38,24 +36,9 @@ class OutputFailed(Exception):
 class Sink:
     """One of a pool of download workers reading the resolved-predictions stream."""
 
-    def __init__(
-        self,
-        *,
-        client: ApiClient,
-        ledger: Ledger,
-        control: RunControl,
-        out_dir: Path,
-        retry: RetryPolicy = DEFAULT_POLICY,
-        sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
-        rand: Callable[[], float] = random.random,
-    ) -> None:
-        self._client = client
-        self._ledger = ledger
-        self._control = control
+    def __init__(self, ctx: StageContext, *, out_dir: Path) -> None:
+        self._ctx = ctx
         self._out_dir = out_dir
-        self._retry = retry
-        self._sleep = sleep
-        self._rand = rand
 
     async def run(self, resolved: ObjectReceiveStream[Resolved]) -> None:
         async with resolved:
@@ -65,24 +48,27 @@ class Sink:
                 except (JournalError, OSError):
                     # The item stays "submitted" in the journal: a later run polls and saves it again.
                     log.exception("could not save the outputs of item %s", item.item_id)
-                    self._control.stop_now("disk")
+                    self._ctx.control.stop_now(StopReason.DISK)
+                except TransitionRefused as exc:
+                    log.error("%s", exc)
+                    self._ctx.control.stop_now(StopReason.INTERNAL)
 
     async def _deliver(self, item: Resolved) -> None:
         prediction = item.prediction
         if not prediction.outputs:
             error = ItemError(ErrorKind.INFERENCE_FAILED, "the prediction completed without any output")
-            await self._ledger.fail(item.item_id, error, prediction_id=prediction.id)
+            await self._ctx.ledger.fail(item.item_id, error, prediction_id=prediction.id)
             return
         try:
             outputs = [await self._save(item.item_id, prediction, k) for k in range(len(prediction.outputs))]
         except OutputFailed as exc:
             error = ItemError(ErrorKind.DOWNLOAD, str(exc))
-            await self._ledger.fail(item.item_id, error, prediction_id=prediction.id)
+            await self._ctx.ledger.fail(item.item_id, error, prediction_id=prediction.id)
             return
         # The files are written but not yet fsynced: the journal's writer fsyncs them, in a group with
         # other items' outputs, before the commit that records this success.
         files = [self._out_dir / output.path for output in outputs]
-        await self._ledger.succeed(item.item_id, outputs, prediction.inference_ms, durable=files)
+        await self._ctx.ledger.succeed(item.item_id, outputs, prediction.inference_ms, durable=files)
 
     async def _save(self, item_id: str, prediction: Prediction, k: int) -> OutputFile:
         """Fetch (or decode) one output, verify it and write it; a bad download is fetched again."""
@@ -92,7 +78,7 @@ class Sink:
         while True:
             attempt += 1
             try:
-                data: bytes | str = await self._client.download(source) if is_url else source
+                data: bytes | str = await self._ctx.client.download(source) if is_url else source
                 if isinstance(data, bytes) and len(data) <= INLINE_BYTES and is_png(data):
                     relpath, digest = _store(self._out_dir, item_id, k, data)
                 else:
@@ -103,11 +89,11 @@ class Sink:
             except (RetryLater, SlowDown, ValueError) as exc:
                 if not is_url:
                     raise OutputFailed(f"a b64_json output is not a valid image: {exc}") from exc
-                if attempt >= self._retry.attempts:
+                if attempt >= self._ctx.retry.attempts:
                     raise OutputFailed(f"gave up after {attempt} attempts: {exc}") from exc
                 delay = self._delay(attempt, exc)
                 log.debug("download of %s failed (%s); retrying in %.2fs", source, exc, delay)
-                await self._sleep(delay)
+                await self._ctx.sleep(delay)
         nsfw = prediction.nsfw[k] if k < len(prediction.nsfw) else None
         return OutputFile(path=relpath, sha256=digest, url=source if is_url else None, nsfw=nsfw)
 
@@ -115,9 +101,7 @@ class Sink:
         hint = exc.retry_after if isinstance(exc, SlowDown) else None
         if hint:  # a host's Retry-After is honoured within reason, as the pacers do: never a day's stall
             return clamp_retry_after(hint)
-        return full_jitter(
-            attempt, initial=self._retry.initial, maximum=self._retry.maximum, rand=self._rand()
-        )
+        return self._ctx.backoff(attempt)
 
 
 def _store(out_dir: Path, item_id: str, k: int, data: bytes | str) -> tuple[str, str]:

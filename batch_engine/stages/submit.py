@@ -1,21 +1,17 @@
-"""The submit stage: takes pending items, paces and sends their submits, hands predictions to polling."""
+"""The submit stage: takes pending items, paces and sends their submits, hands predictions on to polling."""
 
 from __future__ import annotations
 
 import enum
 import logging
-import random
-import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import anyio
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
-from batch_engine.api.client import ApiClient
 from batch_engine.api.envelope import Phase, phase
-from batch_engine.control import RunControl
+from batch_engine.control import Slot, StopReason
 from batch_engine.errors import (
     ItemRejected,
     JournalError,
@@ -25,11 +21,9 @@ from batch_engine.errors import (
     StopSubmitting,
     SubmitOutcomeUnknown,
 )
-from batch_engine.ledger import Ledger
-from batch_engine.timing.backoff import DEFAULT_POLICY, RetryPolicy, full_jitter
-from batch_engine.timing.due_queue import DueQueue
+from batch_engine.stages.context import StageContext
+from batch_engine.store.transitions import TransitionRefused
 from batch_engine.timing.pacing import SubmitPacer
-from batch_engine.timing.poll_plan import PollPlanner
 from batch_engine.values import ErrorKind, ItemError, ItemRecord, Prediction, Resolved, Tracked
 
 log = logging.getLogger(__name__)
@@ -48,40 +42,27 @@ class SubmitPlan:
     body: Callable[[ItemRecord], dict[str, Any]]  #: the wire body of an item
     timeout: float  #: seconds a prediction may take
     resubmit_ambiguous: bool
-    max_submits: int | None
 
 
 class Submitter:
-    """One of several concurrent submit workers sharing one pacer, one control and one budget."""
+    """One of several concurrent submit workers sharing one pacer and the run's control.
+
+    An accepted prediction still running is handed to ``track`` (the poll stage's queue); one that sync
+    mode already finished goes straight to the sink through ``done``.
+    """
 
     def __init__(
         self,
+        ctx: StageContext,
         *,
-        client: ApiClient,
-        ledger: Ledger,
-        control: RunControl,
         pacer: SubmitPacer,
-        planner: PollPlanner,
-        due: DueQueue[Tracked],
         plan: SubmitPlan,
-        budget: list[int],
-        retry: RetryPolicy = DEFAULT_POLICY,
-        sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
-        rand: Callable[[], float] = random.random,
-        monotonic: Callable[[], float] = time.monotonic,
+        track: Callable[[Tracked], None],
     ) -> None:
-        self._client = client
-        self._ledger = ledger
-        self._control = control
+        self._ctx = ctx
         self._pacer = pacer
-        self._planner = planner
-        self._due = due
         self._plan = plan
-        self._budget = budget  #: one shared cell: paid (or maybe-paid) submits reserved in this run
-        self._retry = retry
-        self._sleep = sleep
-        self._rand = rand
-        self._monotonic = monotonic
+        self._track = track
 
     async def run(self, items: ObjectReceiveStream[ItemRecord], done: ObjectSendStream[Resolved]) -> None:
         async with items, done:
@@ -90,45 +71,41 @@ class Submitter:
                     await self._submit(record, done)
                 except JournalError:
                     log.exception("the journal could not record item %s", record.item_id)
-                    self._control.stop_now("disk")
+                    self._ctx.control.stop_now(StopReason.DISK)
+                except TransitionRefused as exc:
+                    log.error("%s", exc)
+                    self._ctx.control.stop_now(StopReason.INTERNAL)
 
     async def _submit(self, record: ItemRecord, done: ObjectSendStream[Resolved]) -> None:
+        control = self._ctx.control
         state = _Attempts(possible_duplicate=record.possible_duplicate)
         while True:
-            await self._control.take_slot()
+            slot = await control.take_slot()
             try:
-                with self._control.pacing_turn():
+                with control.pacing_turn():
                     await self._pacer.acquire()
             except BaseException:  # a graceful stop cancels waiting submitters: the slot must go back
-                self._control.give_slot()
+                slot.release()
                 raise
-            if self._control.submitting_closed.is_set() or not self._reserve():
-                self._control.give_slot()
+            if control.submitting_closed.is_set() or not control.reserve_submit():
+                slot.release()
                 return
-            with self._control.critical():
+            with control.critical():
                 prediction, step = await self._exchange(record, state)
                 if prediction is not None:  # routed under the shield too: an accepted item is never dropped
-                    await self._route(record, prediction, done, state.submitted_at)
+                    await self._route(record, prediction, slot, done, state.submitted_at)
                     return
-            self._control.give_slot()
+            slot.release()
             if step is _Next.DONE:
                 return
-            await self._sleep(state.delay)
-
-    def _reserve(self) -> bool:
-        limit = self._plan.max_submits
-        if limit is not None and self._budget[0] >= limit:
-            self._control.stop_submitting("budget")
-            return False
-        self._budget[0] += 1
-        return True
+            await self._ctx.sleep(state.delay)
 
     async def _exchange(self, record: ItemRecord, state: _Attempts) -> tuple[Prediction | None, _Next]:
         """Intent, POST, outcome: each outcome recorded before anything else happens to the item."""
-        item_id = record.item_id
-        await self._ledger.submitting(item_id)
+        ledger, item_id = self._ctx.ledger, record.item_id
+        await ledger.submitting(item_id)
         try:
-            prediction = await self._client.submit(self._plan.path, self._plan.body(record))
+            prediction = await self._ctx.client.submit(self._plan.path, self._plan.body(record))
         except SlowDown as exc:
             return None, await self._rate_limited(item_id, state, exc)
         except NotAccepted as exc:
@@ -136,22 +113,22 @@ class Submitter:
         except SubmitOutcomeUnknown as exc:
             return None, await self._lost(item_id, state, exc)
         except ItemRejected as exc:
-            self._budget[0] -= 1
-            await self._ledger.fail(item_id, ItemError(exc.kind, exc.message, exc.status))
+            self._ctx.control.refund_submit()
+            await ledger.fail(item_id, ItemError(exc.kind, exc.message, exc.status))
             return None, _Next.DONE
         except StopRun as exc:
             await self._unpaid(item_id, state)
-            self._control.stop_now("auth")
+            self._ctx.control.stop_now(StopReason.AUTH)
             log.error("%s", exc.message)
             return None, _Next.DONE
         except StopSubmitting as exc:
             await self._unpaid(item_id, state)
-            self._control.stop_submitting("balance")
+            self._ctx.control.stop_submitting(StopReason.BALANCE)
             log.error("%s", exc.message)
             return None, _Next.DONE
         self._pacer.on_success()
         try:
-            state.submitted_at = await self._ledger.submitted(item_id, prediction.id)
+            state.submitted_at = await ledger.submitted(item_id, prediction.id)
         except JournalError:
             # The one place a paid prediction id exists only in memory: say it where a person will see
             # it, so it can be recovered by hand; the row stays "submitting" (ambiguous next run).
@@ -164,12 +141,12 @@ class Submitter:
         return prediction, _Next.DONE
 
     async def _unpaid(self, item_id: str, state: _Attempts) -> None:
-        self._budget[0] -= 1
-        await self._ledger.not_accepted(item_id, possible_duplicate=state.possible_duplicate)
+        self._ctx.control.refund_submit()
+        await self._ctx.ledger.not_accepted(item_id, possible_duplicate=state.possible_duplicate)
 
     async def _rate_limited(self, item_id: str, state: _Attempts, exc: SlowDown) -> _Next:
         await self._unpaid(item_id, state)
-        self._ledger.saw_rate_limit()
+        self._ctx.ledger.saw_rate_limit()
         pause = self._pacer.on_rate_limited(exc.retry_after)
         log.debug("submit of %s rate limited; all submitters pause %.2fs", item_id, pause)
         state.delay = 0.0  # the pacer's shared pause already holds every submitter back
@@ -178,53 +155,49 @@ class Submitter:
     async def _refused(self, item_id: str, state: _Attempts, exc: NotAccepted) -> _Next:
         await self._unpaid(item_id, state)
         state.refused += 1
-        if state.refused >= self._retry.attempts:
-            await self._ledger.fail(item_id, ItemError(ErrorKind.NETWORK, exc.message))
+        if state.refused >= self._ctx.retry.attempts:
+            await self._ctx.ledger.fail(item_id, ItemError(ErrorKind.NETWORK, exc.message))
             return _Next.DONE
-        state.delay = self._jitter(state.refused)
+        state.delay = self._ctx.backoff(state.refused)
         return _Next.AGAIN
 
     async def _lost(self, item_id: str, state: _Attempts, exc: SubmitOutcomeUnknown) -> _Next:
+        ledger = self._ctx.ledger
         state.lost += 1
         if not self._plan.resubmit_ambiguous:
             message = f"{exc.message}; not resent because of --no-resubmit-ambiguous"
-            await self._ledger.fail(item_id, ItemError(ErrorKind.AMBIGUOUS_SUBMIT, message, exc.status))
+            await ledger.fail(item_id, ItemError(ErrorKind.AMBIGUOUS_SUBMIT, message, exc.status))
             return _Next.DONE
-        if state.lost >= self._retry.attempts:
+        if state.lost >= self._ctx.retry.attempts:
             message = f"{exc.message}; the answer was lost {state.lost} times, each may have been billed"
-            await self._ledger.fail(item_id, ItemError(exc.kind, message, exc.status))
+            await ledger.fail(item_id, ItemError(exc.kind, message, exc.status))
             return _Next.DONE
         state.possible_duplicate = True
-        await self._ledger.not_accepted(item_id, possible_duplicate=True)
+        await ledger.not_accepted(item_id, possible_duplicate=True)
         log.warning("submit of %s: %s; sending it again (marked possible_duplicate)", item_id, exc.message)
-        state.delay = self._jitter(state.lost)
+        state.delay = self._ctx.backoff(state.lost)
         return _Next.AGAIN
-
-    def _jitter(self, attempt: int) -> float:
-        return full_jitter(
-            attempt, initial=self._retry.initial, maximum=self._retry.maximum, rand=self._rand()
-        )
 
     async def _route(
         self,
         record: ItemRecord,
         prediction: Prediction,
+        slot: Slot,
         done: ObjectSendStream[Resolved],
         submitted_at: float,
     ) -> None:
         """An accepted prediction: to the sink if sync mode already finished it, else to polling."""
         where = phase(prediction.status)
         if where is Phase.PENDING:
-            tracked = Tracked(record.item_id, prediction.id, submitted_at, submitted_at + self._plan.timeout)
-            self._due.push(tracked, self._monotonic() + self._planner.first_delay())
+            deadline = submitted_at + self._plan.timeout
+            self._track(Tracked(record.item_id, prediction.id, submitted_at, deadline, slot=slot))
             return
-        self._control.give_slot()
-        self._ledger.resolved += 1  # its final status came with the submit's answer (sync mode)
+        slot.resolve()  # its final status came with the submit's answer (sync mode)
         if where is Phase.FAILED:
             error = ItemError(
                 ErrorKind.INFERENCE_FAILED, prediction.error or f"prediction {prediction.status}"
             )
-            await self._ledger.fail(record.item_id, error, prediction_id=prediction.id)
+            await self._ctx.ledger.fail(record.item_id, error, prediction_id=prediction.id)
             return
         await done.send(Resolved(record.item_id, prediction))
 
