@@ -31,9 +31,9 @@ from batch_engine.report.input_copies import distinct_inputs, local_inputs
 from batch_engine.report.write import write_reports
 from batch_engine.settings import DEFAULT_BASE_URL, RunSettings
 from batch_engine.sim import SimConfig, Simulator, serve
+from batch_engine.store import open_journal
 from batch_engine.store.files import JOURNAL_NAME
 from batch_engine.store.lock import OutDirLock
-from batch_engine.store.sqlite import SqliteJournal
 from batch_engine.ui.logs import setup_logging
 from batch_engine.ui.progress import ProgressView, make_view
 from batch_engine.ui.summary import format_summary, summary_json
@@ -240,7 +240,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 async def _read_status(out_dir: Path) -> tuple[dict[str, int], Any]:
-    async with await SqliteJournal.open(out_dir) as journal:
+    async with await open_journal(out_dir) as journal:
         counts = {state.value: n for state, n in journal.counts().items()}
         counts["total"] = sum(counts.values())
         return counts, journal.meta()
@@ -257,7 +257,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 async def _rebuild_reports(out_dir: Path) -> dict[str, Path]:
-    async with await SqliteJournal.open(out_dir) as journal:
+    async with await open_journal(out_dir) as journal:
         meta = journal.meta()
         if meta is None:
             raise UsageError(f"{out_dir}'s journal has no run recorded yet")
@@ -404,7 +404,7 @@ def _dry_run(manifest: Manifest, out_dir: Path, settings: RunSettings, args: arg
 
 
 async def _journal_records(out_dir: Path) -> dict[str, Any]:
-    async with await SqliteJournal.open(out_dir) as journal:
+    async with await open_journal(out_dir) as journal:
         return {record.item_id: record for record in journal.records()}
 
 

@@ -27,9 +27,9 @@ from batch_engine.stages.context import StageContext
 from batch_engine.stages.poll import Poller, PollQueue
 from batch_engine.stages.sink import Sink
 from batch_engine.stages.submit import SubmitPlan, Submitter
+from batch_engine.store import Journal, open_journal
 from batch_engine.store.files import IMAGES_DIR, INPUTS_DIR, RESULTS_NAME, remove_temp_files
 from batch_engine.store.lock import OutDirLock
-from batch_engine.store.sqlite import SqliteJournal
 from batch_engine.timing.backoff import DEFAULT_POLICY, RetryPolicy
 from batch_engine.timing.due_queue import DueQueue
 from batch_engine.timing.pacing import DEFAULT_PAUSE_INITIAL, PollBudget, SubmitPacer
@@ -95,7 +95,7 @@ async def run_manifest(manifest: Manifest, options: RunOptions, *, view: Progres
                 "took over a stale lock left by pid %s (no longer running)", lock.stale_owner.get("pid")
             )
         _remove_leftovers(options.out_dir)
-        async with await SqliteJournal.open(options.out_dir) as journal, ApiClient(options.client) as client:
+        async with await open_journal(options.out_dir) as journal, ApiClient(options.client) as client:
             if options.fresh:
                 # The journal first: killed in between, the next run redoes items whose files are still
                 # there, rather than trusting a journal whose outputs are gone.
@@ -124,7 +124,7 @@ class Engine:
         manifest: Manifest,
         options: RunOptions,
         *,
-        journal: SqliteJournal,
+        journal: Journal,
         client: ApiClient,
         view: ProgressView,
     ) -> None:

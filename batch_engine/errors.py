@@ -15,13 +15,15 @@
         └── StopSubmitting      403: no permission or no balance; finish what is in flight
 
 aiohttp's exceptions are mapped to these in exactly one place, `client.ApiClient._exchange`.
-A failed item is a value (`types.ItemError`), not an exception: only bugs and cancellation
+A failed item is a value (`values.ItemError`), not an exception: only bugs and cancellation
 escape the engine's task group.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from batch_engine.values import ErrorKind
 
 
 class BatchEngineError(Exception):
@@ -72,11 +74,14 @@ class JournalError(BatchEngineError):
 
 
 class ApiError(BatchEngineError):
-    """One exchange with the API failed; ``status`` is the HTTP status (None for network errors)."""
+    """One exchange with the API failed; ``status`` is the HTTP status (None for network errors).
 
-    kind: str = "network"
+    ``kind`` is what an item that fails of it is reported as (``ItemError.kind``).
+    """
 
-    def __init__(self, message: str, *, status: int | None = None, kind: str | None = None) -> None:
+    kind: ErrorKind = ErrorKind.NETWORK
+
+    def __init__(self, message: str, *, status: int | None = None, kind: ErrorKind | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.status = status
@@ -87,19 +92,19 @@ class ApiError(BatchEngineError):
 class RetryLater(ApiError):
     """Server trouble or a network fault on a request that is safe to repeat (poll, download)."""
 
-    kind = "server_error"
+    kind = ErrorKind.SERVER_ERROR
 
 
 class NotAccepted(RetryLater):
     """A submit that certainly never reached the server (connection refused): safe to resend."""
 
-    kind = "network"
+    kind = ErrorKind.NETWORK
 
 
 class SlowDown(ApiError):
     """429. ``retry_after`` is the server's Retry-After in seconds, when it sent one."""
 
-    kind = "rate_limited"
+    kind = ErrorKind.RATE_LIMITED
 
     def __init__(self, message: str, *, status: int | None = 429, retry_after: float | None = None) -> None:
         super().__init__(message, status=status)
@@ -109,22 +114,18 @@ class SlowDown(ApiError):
 class ItemRejected(ApiError):
     """400: the request is invalid (kind ``invalid_request``) or refused by policy (``content_policy``)."""
 
-    kind = "invalid_request"
+    kind = ErrorKind.INVALID_REQUEST
 
 
 class SubmitOutcomeUnknown(ApiError):
     """A submit was sent but its answer was lost (timeout, dropped connection, 5xx): maybe billed."""
 
-    kind = "network"
+    kind = ErrorKind.NETWORK
 
 
 class StopRun(ApiError):
     """401: the API key is missing or invalid."""
 
-    kind = "auth"
-
 
 class StopSubmitting(ApiError):
     """403: the key lacks permission or the balance ran out; resumable after a top-up."""
-
-    kind = "balance"

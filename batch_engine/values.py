@@ -15,8 +15,8 @@ class ItemState(enum.StrEnum):
     """Where one manifest item stands. Transitions: pending → submitting → submitted → succeeded | failed.
 
     ``submitting`` means the intent to submit was committed and the POST may be in flight: found at
-    start-up it marks an ambiguous submit (the server may have accepted it). ``failed`` may also be
-    reached from ``pending`` (validation at run time, budget) and ``submitting`` (a 400).
+    start-up it marks an ambiguous submit (the server may have accepted it). Every allowed change is
+    named in `batch_engine.store.transitions`.
     """
 
     PENDING = "pending"
@@ -41,10 +41,7 @@ class ErrorKind(enum.StrEnum):
     TIMEOUT = "timeout"
     INFERENCE_FAILED = "inference_failed"
     DOWNLOAD = "download"  #: the prediction completed but an output could not be fetched or verified
-    AUTH = "auth"
-    BALANCE = "balance"
     AMBIGUOUS_SUBMIT = "ambiguous_submit"  #: answer lost and --no-resubmit-ambiguous was given
-    DISK = "disk"  #: an output could not be written (disk full, permissions)
 
 
 @dataclass(frozen=True)

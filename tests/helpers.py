@@ -51,7 +51,7 @@ FAST = RunSettings(
 #: Predictions end on their second poll: inference is driven by poll counts, not by time.
 BASE_SIM = SimConfig(inference_polls=2, image_scale=SCALE)
 #: Retries of polls, downloads and lost submits in milliseconds, not seconds.
-FAST_RETRY = backoff.RetryPolicy(initial=0.01, maximum=0.05, total=30.0)
+FAST_RETRY = backoff.RetryPolicy(initial=0.01, maximum=0.05)
 FAST_PAUSE = 0.02  #: the first pause after a 429 without Retry-After (1 s in real runs)
 
 

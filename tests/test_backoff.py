@@ -1,4 +1,4 @@
-"""Backoff maths, Retry-After parsing and per-operation retry state: pure, no event loop."""
+"""Backoff maths, Retry-After parsing and the retry policy: pure, no event loop."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import pytest
 
 from batch_engine.timing.backoff import (
     DEFAULT_RETRY_AFTER_MAX,
-    Retrying,
     RetryPolicy,
     clamp_retry_after,
     full_jitter,
@@ -18,18 +17,10 @@ from batch_engine.timing.backoff import (
 NOW = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def test_policy_defaults() -> None:
-    """The default policy is 8 tries, 0.5 s first jitter range, 30 s cap, 300 s in all."""
+    """The default policy is 8 tries, 0.5 s first jitter range, 30 s cap."""
     policy = RetryPolicy()
-    assert (policy.attempts, policy.initial, policy.maximum, policy.total) == (8, 0.5, 30.0, 300.0)
+    assert (policy.attempts, policy.initial, policy.maximum) == (8, 0.5, 30.0)
 
 
 @pytest.mark.parametrize(
@@ -39,7 +30,6 @@ def test_policy_defaults() -> None:
         ({"attempts": 2.5}, "attempts"),
         ({"initial": 0.0}, "initial"),
         ({"maximum": float("inf")}, "maximum"),
-        ({"total": -1.0}, "total"),
         ({"initial": 5.0, "maximum": 1.0}, "maximum"),
     ],
 )
@@ -110,37 +100,3 @@ def test_clamp_retry_after_bounds_to_zero_and_maximum(seconds: float, expected: 
 def test_clamp_retry_after_custom_maximum() -> None:
     """The maximum is a parameter."""
     assert clamp_retry_after(90.0, maximum=10.0) == 10.0
-
-
-def test_retrying_gives_full_jitter_delays_then_none_after_the_last_try() -> None:
-    """With rand=0.5, delays are half of 0.5, 1, 2 s; the try that uses up ``attempts`` gets None."""
-    retrying = Retrying(RetryPolicy(attempts=4, initial=0.5), clock=FakeClock(), rand=lambda: 0.5)
-    assert [retrying.next_delay() for _ in range(5)] == [0.25, 0.5, 1.0, None, None]
-    assert retrying.tries == 4
-
-
-def test_retrying_uses_a_hint_instead_of_jitter_clamped() -> None:
-    """A Retry-After hint replaces the jitter and is clamped to 60 s."""
-    retrying = Retrying(RetryPolicy(), clock=FakeClock(), rand=lambda: 0.5)
-    assert retrying.next_delay(7.0) == 7.0
-    assert retrying.next_delay(3600.0) == DEFAULT_RETRY_AFTER_MAX
-
-
-def test_retrying_gives_up_when_the_delay_would_pass_the_total() -> None:
-    """No retry is offered whose delay would end after ``total`` seconds since the operation began."""
-    clock = FakeClock()
-    retrying = Retrying(RetryPolicy(attempts=100, total=10.0), clock=clock, rand=lambda: 0.5)
-    clock.now += 9.0
-    assert retrying.next_delay(0.5) == 0.5
-    assert retrying.next_delay(2.0) is None
-    assert retrying.elapsed == 9.0
-
-
-def test_retrying_repr_shows_live_state() -> None:
-    """The repr shows tries used and time elapsed."""
-    clock = FakeClock()
-    retrying = Retrying(RetryPolicy(attempts=3), clock=clock, rand=lambda: 0.5)
-    retrying.next_delay()
-    clock.now += 1.5
-    assert "tries=1/3" in repr(retrying)
-    assert "elapsed=1.500s" in repr(retrying)

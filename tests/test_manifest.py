@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -158,16 +157,14 @@ def test_file_over_the_size_limit_is_refused(tmp_path: Path, monkeypatch: pytest
     assert "refused" in problem.message
 
 
-def test_billion_laughs_is_refused_fast(tmp_path: Path) -> None:
-    """Nine levels of nine aliases (10^9 values) are refused within a fraction of a second."""
+def test_billion_laughs_is_refused(tmp_path: Path) -> None:
+    """Nine levels of nine aliases (10^9 values) are refused, naming the limit, before they are expanded."""
     levels = ['a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
     for prev, name in zip("abcdefgh", "bcdefghi", strict=True):
         levels.append(f"{name}: &{name} [{', '.join([f'*{prev}'] * 9)}]")
     path = write(tmp_path, "version: 1\n" + "\n".join(levels) + "\nitems: *i\n")
-    started = time.perf_counter()
     with pytest.raises(ManifestError) as caught:
         load_manifest(path)
-    assert time.perf_counter() - started < 1.0
     [problem] = caught.value.problems
     assert "billion laughs" in problem.message
     assert f"{fields.MAX_NODES:,}" in problem.message
@@ -614,16 +611,14 @@ def test_every_problem_is_listed_in_file_order(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_a_100k_item_manifest_validates_in_seconds(tmp_path: Path) -> None:
-    """100,000 items load and validate in a few seconds."""
+def test_a_100k_item_manifest_validates(tmp_path: Path) -> None:
+    """100,000 items load and validate (how fast is a figure of make bench, not a test)."""
     lines = ["version: 1", "defaults:", "  size: 1024x1024", "items:"]
     for i in range(100_000):
         lines += [f"  - id: sku-{i}", f"    prompt: Girl holding cat {i}", f"    images: [{URL}]"]
     path = tmp_path / "big.yaml"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    started = time.perf_counter()
     manifest = load_manifest(path)
-    assert time.perf_counter() - started < 15
     assert len(manifest.items) == 100_000
     assert manifest.items[-1].id == "sku-99999"
 

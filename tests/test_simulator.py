@@ -462,9 +462,8 @@ async def test_slow_answer_in_flight_does_not_hold_up_close() -> None:
         with anyio.move_on_after(0.1):
             await api.submit(api.body(), headers={"Authorization": "k"})
         assert sim.stats.accepted == 1
-        started = time.monotonic()
-        await sim.close()
-    assert time.monotonic() - started < 5.0
+        with anyio.fail_after(10):  # far less than the 30 s the slow answer would take
+            await sim.close()
 
 
 async def test_download_faults_500_and_truncated() -> None:

@@ -30,7 +30,7 @@ from batch_engine.errors import (
 )
 from batch_engine.settings import DEFAULT_BASE_URL
 from batch_engine.timing.backoff import parse_retry_after
-from batch_engine.values import Prediction
+from batch_engine.values import ErrorKind, Prediction
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +210,7 @@ async def _read(resp: aiohttp.ClientResponse) -> bytes:
 
 
 def _unsent(submit: bool, message: str) -> ApiError:
-    return NotAccepted(message) if submit else RetryLater(message, kind="network")
+    return NotAccepted(message) if submit else RetryLater(message, kind=ErrorKind.NETWORK)
 
 
 def _lost(submit: bool, message: str) -> ApiError:
@@ -218,7 +218,7 @@ def _lost(submit: bool, message: str) -> ApiError:
         return SubmitOutcomeUnknown(
             f"the submit's answer was lost ({message}); the server may have accepted it"
         )
-    return RetryLater(message, kind="network")
+    return RetryLater(message, kind=ErrorKind.NETWORK)
 
 
 def _json(raw: bytes, *, submit: bool, where: _Shown) -> Any:
@@ -248,7 +248,7 @@ def _download_error(status: int, raw: bytes, *, retry_after: str | None, where: 
         return SlowDown(message, retry_after=parse_retry_after(retry_after))
     if status >= 500 or status in (408, 425):
         return RetryLater(message, status=status)
-    return ItemRejected(message, status=status, kind="download")
+    return ItemRejected(message, status=status, kind=ErrorKind.DOWNLOAD)
 
 
 def _classify(status: int, raw: bytes, *, retry_after: str | None, submit: bool, where: _Shown) -> ApiError:
@@ -264,11 +264,12 @@ def _classify(status: int, raw: bytes, *, retry_after: str | None, submit: bool,
         )
     policy = any(word in message.lower() for word in _POLICY_WORDS)
     if status == 503 and policy:  # the vendor documents content-policy refusals as "503"
-        return ItemRejected(message, status=status, kind="content_policy")
+        return ItemRejected(message, status=status, kind=ErrorKind.CONTENT_POLICY)
     if status >= 500 or status in (408, 425) or 300 <= status < 400:
         if submit:  # a gateway's 5xx, or a redirect we do not follow: the POST may have been accepted
             return SubmitOutcomeUnknown(f"server answered {status}: {message}", status=status)
         return RetryLater(f"server answered {status} from {where}: {message}", status=status)
     if status == 404 and not submit:  # a new prediction id may take a moment to become visible
         return RetryLater(f"prediction not found (404) at {where}: {message}", status=status)
-    return ItemRejected(message, status=status, kind="content_policy" if policy else "invalid_request")
+    kind = ErrorKind.CONTENT_POLICY if policy else ErrorKind.INVALID_REQUEST
+    return ItemRejected(message, status=status, kind=kind)

@@ -61,19 +61,44 @@ def _emit_child(out: list[str], head: str, item: Any, indent: str, *, in_list: b
 
 def _scalar(value: Any) -> str:
     if type(value) is str:
-        if _PLAIN_SAFE.fullmatch(value) and value.lower() not in _YAML_WORDS:
-            return value
-        return json.dumps(value, ensure_ascii=False)
+        return _string(value)
     if value is None:
         return "null"
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value) if math.isfinite(value) else json.dumps(str(value))
-    text = str(value)
+    if isinstance(value, int):
+        return repr(int(value))
+    if isinstance(value, float):
+        return _float(value)
+    return _string(str(value))
+
+
+def _string(text: str) -> str:
     if _PLAIN_SAFE.fullmatch(text) and text.lower() not in _YAML_WORDS:
         return text
-    return json.dumps(text, ensure_ascii=False)
+    return _UNSAFE_IN_QUOTES.sub(_escape, json.dumps(text, ensure_ascii=False))
+
+
+def _float(value: float) -> str:
+    """A float as YAML 1.1 reads it back: ``.inf``/``.nan``, and always a dot in the mantissa
+    (``1e+300`` is a string to YAML 1.1; ``1.0e+300`` a float)."""
+    if math.isnan(value):
+        return ".nan"
+    if math.isinf(value):
+        return ".inf" if value > 0 else "-.inf"
+    text = repr(value)
+    mantissa, e, exponent = text.partition("e")
+    return text if "." in mantissa or not e else f"{mantissa}.0e{exponent}"
+
+
+def _escape(match: re.Match[str]) -> str:
+    return f"\\u{ord(match.group()):04x}"
+
+
+#: What JSON leaves raw but a YAML double-quoted scalar must not hold raw: characters outside YAML's
+#: printable set (C1 controls, lone surrogates, U+FFFE/U+FFFF) and the line breaks YAML folds into a
+#: space (NEL U+0085, U+2028, U+2029). YAML's ``\uXXXX`` escape means the same as JSON's.
+_UNSAFE_IN_QUOTES = re.compile("[\x7f-\x9f\u2028\u2029\ud800-\udfff\ufeff\ufffe\uffff]")
 
 
 #: Strings written unquoted: they start with a letter (so no number or date) and hold no YAML syntax.

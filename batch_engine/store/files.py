@@ -17,6 +17,8 @@ INPUTS_DIR = "inputs"
 RESULTS_NAME = "results.jsonl"
 TEMP_PREFIX = ".tmp-"  #: replace_atomically's temporary files; a run deletes leftovers of a killed one
 
+#: The temporary report files older versions wrote (``.report.yaml.<8 hex>.tmp``): removed like the rest.
+_LEGACY_TEMP = re.compile(r"\.[a-z]+\.(yaml|jsonl|html)\.[0-9a-f]{8}\.tmp")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _MAX_STEM = 80
 
@@ -119,7 +121,8 @@ def remove_temp_files(folder: Path) -> int:
         return 0
     removed = 0
     for entry in os.scandir(folder):
-        if entry.name.startswith(TEMP_PREFIX) and entry.is_file(follow_symlinks=False):
+        temporary = entry.name.startswith(TEMP_PREFIX) or _LEGACY_TEMP.fullmatch(entry.name)
+        if temporary and entry.is_file(follow_symlinks=False):
             Path(entry.path).unlink(missing_ok=True)
             removed += 1
     return removed

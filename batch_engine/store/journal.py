@@ -14,7 +14,7 @@ import logging
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, Self
 
 from batch_engine.values import ErrorKind, ItemError, ItemRecord, ItemState, Manifest, OutputFile, RunMeta
 
@@ -43,11 +43,16 @@ class SyncResult:
 
 
 class Journal(Protocol):
-    """What the engine needs of a journal; ``SqliteJournal`` is the local implementation."""
+    """What the engine, the ledger and the reports need of a journal; ``SqliteJournal`` is the local one.
+
+    Reads are synchronous and come from the thread that opened the journal; writes return once committed.
+    """
 
     path: Path
 
     async def close(self) -> None: ...
+    async def __aenter__(self) -> Self: ...
+    async def __aexit__(self, *exc_info: object) -> None: ...
     def meta(self) -> RunMeta | None: ...
     def get(self, item_id: str) -> ItemRecord | None: ...
     def records(
@@ -77,7 +82,9 @@ class Journal(Protocol):
         completed_at: float | None = None,
         prediction_id: str | None = None,
     ) -> ItemRecord: ...
-    async def mark_pending(self, item_id: str, *, possible_duplicate: bool = False) -> None: ...
+    async def mark_pending(self, item_id: str, *, possible_duplicate: bool = False) -> None:
+        """The submit was not accepted, or its answer was lost and it is sent again (transition
+        ``not_accepted``)."""
     async def resolve_ambiguous(self, *, resubmit: bool) -> list[str]: ...
     async def reset_failed(self) -> int: ...
     async def reset_all(self) -> None: ...
@@ -126,7 +133,5 @@ REPOLL_KINDS = (
     ErrorKind.DOWNLOAD,
     ErrorKind.NETWORK,
     ErrorKind.SERVER_ERROR,
-    ErrorKind.BALANCE,
     ErrorKind.RATE_LIMITED,
-    ErrorKind.DISK,
 )
