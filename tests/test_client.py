@@ -81,7 +81,7 @@ def free_port() -> int:
 
 # ---- classification by status, then body -----------------------------------------------------------------
 
-#: (reply, error class on a submit, on a poll, kind, words the message must carry)
+#: (reply, error class on a submit, on a poll, kind (none for a stop), words the message must carry)
 CLASSIFICATION: list[tuple[str, Reply, type[ApiError], type[ApiError], str, str]] = [
     (
         "400-openai",
@@ -120,7 +120,7 @@ CLASSIFICATION: list[tuple[str, Reply, type[ApiError], type[ApiError], str, str]
         Reply.json({"error": {"message": "invalid API key", "type": "authentication_error"}}, 401),
         StopRun,
         StopRun,
-        "auth",
+        "",
         "invalid API key",
     ),
     (
@@ -128,7 +128,7 @@ CLASSIFICATION: list[tuple[str, Reply, type[ApiError], type[ApiError], str, str]
         Reply.json({"code": 403, "message": "insufficient balance"}, 403),
         StopSubmitting,
         StopSubmitting,
-        "balance",
+        "",
         "insufficient balance",
     ),
     (
@@ -209,7 +209,7 @@ CLASSIFICATION: list[tuple[str, Reply, type[ApiError], type[ApiError], str, str]
         Reply.json({"code": 401, "message": "key expired"}),
         StopRun,
         StopRun,
-        "auth",
+        "",
         "key expired",
     ),
 ]
