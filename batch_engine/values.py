@@ -140,7 +140,7 @@ class Manifest:
     model: str  #: ``provider/model``, e.g. ``openai/gpt-image-2-plus``
     task: str  #: e.g. ``image-edit``
     defaults: Mapping[str, Any]
-    settings: Mapping[str, Any]  #: as written (validated); see ``config.RunSettings``
+    settings: Mapping[str, Any]  #: as written (validated); see ``settings.RunSettings``
     items: tuple[Item, ...]
     warnings: tuple[str, ...] = ()  #: not errors, e.g. quality ignored by a -plus model
 
