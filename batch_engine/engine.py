@@ -30,6 +30,7 @@ from batch_engine.stages.submit import SubmitPlan, Submitter
 from batch_engine.store import Journal, open_journal
 from batch_engine.store.files import IMAGES_DIR, INPUTS_DIR, RESULTS_NAME, remove_temp_files
 from batch_engine.store.lock import OutDirLock
+from batch_engine.store.out_dir import check_owner, recover_lost_journal, refuse_links
 from batch_engine.timing.backoff import DEFAULT_POLICY, RetryPolicy
 from batch_engine.timing.due_queue import DueQueue
 from batch_engine.timing.pacing import DEFAULT_PAUSE_INITIAL, PollBudget, SubmitPacer
@@ -60,6 +61,7 @@ class RunOptions:
     client: ClientConfig
     fresh: bool = False  #: forget the journal and outputs first (the CLI asks before)
     retry_failed: bool = False  #: send items that failed in an earlier run again
+    take_over: bool = False  #: let this manifest take over an out dir that holds another manifest's run
     handle_signals: bool = False  #: SIGINT/SIGTERM: stop submitting, grace period, then stop
     copy_inputs: bool = True  #: keep local copies of input images for index.html
     input_source: Callable[[str], str] = str  #: where an input URL is fetched from (the simulator maps it)
@@ -89,6 +91,7 @@ def exit_code(stats: RunStats) -> int:
 async def run_manifest(manifest: Manifest, options: RunOptions, *, view: ProgressView) -> RunResult:
     """Run (or resume) a manifest into its out dir, holding the out dir's lock throughout."""
     options.out_dir.mkdir(parents=True, exist_ok=True)
+    refuse_links(options.out_dir)
     with OutDirLock(options.out_dir) as lock:
         if lock.stale_owner:
             log.warning(
@@ -130,6 +133,7 @@ class Engine:
     ) -> None:
         settings = options.settings
         self._manifest = manifest
+        self._manifest_path = str(Path(manifest.path).resolve())  #: as the journal remembers it
         self._options = options
         self._settings = settings
         self._journal = journal
@@ -187,17 +191,29 @@ class Engine:
             return self._stats(), {}
 
     async def _prepare(self) -> RunMeta:
-        journal = self._journal
-        if self._options.retry_failed:
-            log.info("retrying %d failed item(s)", await journal.reset_failed())
+        journal, manifest_path = self._journal, self._manifest_path
+        check_owner(journal.meta(), manifest_path, take_over=self._options.take_over)
+        await recover_lost_journal(journal, self._options.out_dir)
         sync = await journal.sync_manifest(self._manifest)
         log.info(
-            "journal: %d new, %d changed, %d removed, %d unchanged item(s)",
+            "journal: %d new, %d changed, %d unchanged, %d restored from the archive; %d retired (kept in "
+            "the archive: they come back with their outputs if they return unchanged)",
             sync.added,
             sync.changed,
-            sync.removed,
             sync.unchanged,
+            sync.restored,
+            sync.removed,
         )
+        repaired = await journal.repair_damaged()
+        if repaired:
+            shown = "; ".join(repaired[:10]) + (
+                f"; and {len(repaired) - 10} more" if len(repaired) > 10 else ""
+            )
+            log.warning(
+                "%d damaged journal row(s) repaired (never paid twice silently): %s", len(repaired), shown
+            )
+        if self._options.retry_failed:
+            log.info("retrying %d failed item(s)", await journal.reset_failed())
         ambiguous = await journal.resolve_ambiguous(resubmit=self._settings.resubmit_ambiguous)
         if ambiguous:
             action = (
@@ -208,7 +224,7 @@ class Engine:
             log.warning("%d submit(s) were in flight when the last run died; %s", len(ambiguous), action)
         meta = RunMeta(
             name=self._manifest.name,
-            manifest_path=self._manifest.path,
+            manifest_path=manifest_path,
             model=self._manifest.model,
             task=self._manifest.task,
             base_url=public_url(self._options.client.base_url),

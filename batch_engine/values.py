@@ -24,6 +24,9 @@ class ItemState(enum.StrEnum):
     SUBMITTED = "submitted"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
+    #: not a state any write moves an item to: what a journal row reads as when it cannot be read (an edited
+    #: or corrupted value); a run repairs such rows at start, and reports show them as they are
+    DAMAGED = "damaged"
 
     @property
     def is_final(self) -> bool:
@@ -118,6 +121,7 @@ class ItemRecord:
     submitted_at: float | None = None  #: unix seconds of the accepted submit
     completed_at: float | None = None  #: unix seconds the engine saw the prediction finish
     inference_ms: int | None = None
+    damage: str | None = None  #: what could not be read of a damaged row (state ``damaged``)
 
 
 @dataclass(frozen=True)

@@ -143,7 +143,8 @@ def test_iso_utc_writes_utc_to_the_second() -> None:
 
 
 def test_result_line_has_every_field() -> None:
-    """A result line carries id, status, prediction, outputs, error, attempts, duplicate flag and timings."""
+    """A result line carries id, status, prediction, outputs, error, attempts, duplicate flag, the request's
+    fingerprint (a lost journal is rebuilt from it) and timings."""
     line = result_line(sample_records()[3])
     assert line == {
         "id": "sku-3",
@@ -153,6 +154,7 @@ def test_result_line_has_every_field() -> None:
         "error": {"kind": "timeout", "status": None, "message": "no answer after 300 s"},
         "attempts": 2,
         "possible_duplicate": True,
+        "fingerprint": "fp3",
         "submitted_at": "2026-01-01T00:00:03Z",
         "completed_at": "2026-01-01T00:00:40Z",
         "inference_ms": None,
@@ -205,6 +207,7 @@ def test_report_yaml_entry_has_every_field(tmp_path: Path) -> None:
         "error": None,
         "attempts": 1,
         "possible_duplicate": False,
+        "fingerprint": "fp0",
         "timings": {
             "submitted": "2026-01-01T00:00:00Z",
             "completed": "2026-01-01T00:00:30Z",

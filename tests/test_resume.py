@@ -134,8 +134,11 @@ def journal_rows(out: Path) -> dict[str, str]:
     path = out / "journal.sqlite"
     if not path.exists():
         return {}
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    # Not mode=ro: a read-only connection cannot create the -shm file of a WAL journal whose run was
+    # killed before it made one, and fails with "attempt to write a readonly database".
+    conn = sqlite3.connect(path)
     try:
+        conn.execute("PRAGMA query_only = ON")
         if not conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'items'").fetchone():
             return {}  # killed before its schema was committed
         return dict(conn.execute("SELECT item_id, state FROM items").fetchall())
@@ -534,7 +537,8 @@ async def test_second_run_on_a_busy_out_dir_refuses_and_a_stale_lock_is_taken_ov
 async def test_edited_manifest_redoes_changed_adds_new_drops_removed_and_resends_nothing_else(
     tmp_path: Path,
 ) -> None:
-    """Between runs: an edited item is redone, a new one added, a removed one dropped, the rest untouched."""
+    """Between runs: an edited item is redone, a new one added, a removed one retired, the rest untouched;
+    the removed one, put back unchanged, comes back with its outputs and is not paid again."""
     specs = items(5)
     async with Simulator(sim_config()) as sim:
         manifest = tmp_path / "job.yaml"
@@ -552,7 +556,7 @@ async def test_edited_manifest_redoes_changed_adds_new_drops_removed_and_resends
         second = await run_engine(run_args(manifest, out, sim))
 
         assert second.code == EXIT_OK, second.stderr
-        assert "journal: 1 new, 1 changed, 1 removed, 3 unchanged item(s)" in second.stderr
+        assert "journal: 1 new, 1 changed, 3 unchanged, 0 restored from the archive; 1 retired" in second.stderr
         report = check_out_dir(out, edited, sim)
         assert sim.stats.accepted == len(specs) + 2
         assert set(sim.stats.body_counts.values()) == {1}
@@ -565,6 +569,15 @@ async def test_edited_manifest_redoes_changed_adds_new_drops_removed_and_resends
             assert new[unchanged]["prediction_id"] == old[unchanged]["prediction_id"]
         assert new["item-01"]["prediction_id"] != old["item-01"]["prediction_id"]
         assert new["item-01"]["outputs"][0]["sha256"] != old["item-01"]["outputs"][0]["sha256"]
+
+        write_manifest(manifest, [*edited, specs[2]], sim=sim)
+        third = await run_engine(run_args(manifest, out, sim))
+        assert third.code == EXIT_OK, third.stderr
+        assert "0 new, 0 changed, 5 unchanged, 1 restored from the archive; 0 retired" in third.stderr
+        assert sim.stats.accepted == len(specs) + 2
+        back = entries_by_id(read_report(out))["item-02"]
+        assert (back["status"], back["prediction_id"]) == ("succeeded", old["item-02"]["prediction_id"])
+        assert back["outputs"] == old["item-02"]["outputs"]
 
 
 async def test_fresh_needs_yes_off_a_terminal_and_then_starts_over(tmp_path: Path) -> None:

@@ -28,6 +28,7 @@ from batch_engine.manifest.fields import (
 )
 from batch_engine.manifest.reader import Doc, gc_paused, read_document
 from batch_engine.settings import RunSettings
+from batch_engine.store.files import safe_stem, stem_key
 from batch_engine.values import Item, Manifest
 
 
@@ -76,7 +77,8 @@ class _Validator:
         self.item_warnings: dict[tuple[str, str], list[Problem]] = {}  #: (field, message) -> where
         self.spec = catalogue.spec_for(catalogue.DEFAULT_MODEL)
         self.task_takes_images: bool | None = True  #: None when the task is unknown
-        self.ids: dict[str, int] = {}  #: item id -> index of the first item with it
+        #: stem_key of an id -> (index, id) of the first item with it: ids unique, and their files too
+        self.ids: dict[str, tuple[int, str]] = {}
 
     # -- reporting
 
@@ -248,11 +250,22 @@ class _Validator:
         item_id = f"item-{index}" if given is ABSENT else given
         if not isinstance(item_id, str) or value_problems(ITEM_ID, item_id):
             return None  # the field check reports it
-        first = self.ids.setdefault(item_id, index)
+        first, first_id = self.ids.setdefault(stem_key(item_id), (index, item_id))
         if first != index:
             place = _Place(f"items[{index}]", item, index, item_id)
-            self.complain(place, "id", self._duplicate_message(item_id, first, given))
+            if first_id == item_id:
+                self.complain(place, "id", self._duplicate_message(item_id, first, given))
+            else:
+                self.complain(place, "id", self._same_files_message(item_id, first, first_id))
         return item_id
+
+    def _same_files_message(self, item_id: str, first: int, first_id: str) -> str:
+        line = self.doc.line(self.doc.root["items"], first)
+        return (
+            f"id {item_id!r} would write the same output files as item {first} ({first_id!r}, line {line})"
+            " on a case-insensitive file system (macOS, Windows), images/"
+            f"{safe_stem(item_id)}-1...; rename one"
+        )
 
     def _duplicate_message(self, item_id: str, first: int, given: Any) -> str:
         items = self.doc.root["items"]

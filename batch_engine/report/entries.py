@@ -34,7 +34,8 @@ SUMMARY_KEYS = (
     "rate_final",
     "rate_ceiling",
 )
-UNFINISHED_STATES = tuple(state.value for state in ItemState if not state.is_final)
+#: Listed in report.yaml's header always; ``damaged`` too, but only when some row is.
+UNFINISHED_STATES = tuple(s.value for s in ItemState if not s.is_final and s is not ItemState.DAMAGED)
 
 
 @dataclass(frozen=True)
@@ -83,15 +84,23 @@ def iso_utc(timestamp: float | None) -> str | None:
     return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
+def _error(record: ItemRecord) -> dict[str, Any] | None:
+    if record.damage is not None:  # a journal row that cannot be read: say what is wrong with it
+        message = f"the journal's row is damaged: {record.damage}"
+        return {"kind": "damaged", "status": None, "message": message}
+    return record.error.as_dict() if record.error else None
+
+
 def _common(record: ItemRecord) -> dict[str, Any]:
     return {
         "id": record.item_id,
         "status": record.state.value,
         "prediction_id": record.prediction_id,
         "outputs": [output.as_dict() for output in record.outputs],
-        "error": record.error.as_dict() if record.error else None,
+        "error": _error(record),
         "attempts": record.attempts,
         "possible_duplicate": record.possible_duplicate,
+        "fingerprint": record.fingerprint,  # of the request: a lost journal can be rebuilt from this line
     }
 
 

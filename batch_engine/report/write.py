@@ -99,12 +99,18 @@ def report_header(meta: RunMeta, counts: Counts) -> dict[str, Any]:
             "failed": counts.failed,
             "unfinished": counts.unfinished,
         },
-        "unfinished_by_state": {state: counts.by_state.get(state, 0) for state in UNFINISHED_STATES},
+        "unfinished_by_state": _unfinished(counts),
         "errors_by_kind": dict(counts.by_error_kind),
         "possible_duplicates": counts.possible_duplicates,
         "images": counts.images,
         "run": {key: _plain(meta.stats.get(key)) for key in SUMMARY_KEYS},
     }
+
+
+def _unfinished(counts: Counts) -> dict[str, int]:
+    found = {state: counts.by_state.get(state, 0) for state in UNFINISHED_STATES}
+    damaged = counts.by_state.get(ItemState.DAMAGED.value, 0)
+    return {**found, ItemState.DAMAGED.value: damaged} if damaged else found
 
 
 def write_failures_manifest(out_dir: Path, meta: RunMeta, records: Records) -> Path | None:

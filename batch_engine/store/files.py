@@ -20,19 +20,29 @@ TEMP_PREFIX = ".tmp-"  #: replace_atomically's temporary files; a run deletes le
 #: The temporary report files older versions wrote (``.report.yaml.<8 hex>.tmp``): removed like the rest.
 _LEGACY_TEMP = re.compile(r"\.[a-z]+\.(yaml|jsonl|html)\.[0-9a-f]{8}\.tmp")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_KEPT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _MAX_STEM = 80
 
 
 def safe_stem(item_id: str) -> str:
-    """A file-name stem for an id: ``sku-1`` stays ``sku-1``; ``../a b`` becomes ``a_b-<hash>``.
+    """A file-name stem for an id: ``sku-1`` stays ``sku-1``; ``../a b`` becomes ``a_b~<hash>``.
 
-    Any id that had to change gets a short hash of the original, so two ids that clean up to the
-    same text (``a/b`` and ``a_b``) never share a file.
+    An id made of letters, digits, ``.``, ``_`` and ``-`` (not starting with a dot) is kept as it is.
+    Any other id is cleaned and gets ``~`` and a hash of the original: ``~`` never occurs in a kept id, so
+    a kept id and a cleaned one never share a stem (``a b`` and ``a_b-c8687a08`` once did), and two ids
+    that clean up alike (``a/b`` and ``a b``) differ by their hashes. Ids that differ only in case keep
+    both spellings, which a case-insensitive file system (macOS, Windows) would merge: `stem_key` is what
+    the validator and the journal keep unique.
     """
+    if _KEPT.fullmatch(item_id) and len(item_id) <= _MAX_STEM:
+        return item_id
     cleaned = _UNSAFE.sub("_", item_id).strip("._-")[:_MAX_STEM] or "item"
-    if cleaned == item_id:
-        return cleaned
-    return f"{cleaned}-{hashlib.sha256(item_id.encode()).hexdigest()[:8]}"
+    return f"{cleaned}~{hashlib.sha256(item_id.encode()).hexdigest()[:10]}"
+
+
+def stem_key(item_id: str) -> str:
+    """What two ids must not share: their stems as a case-insensitive file system compares them."""
+    return safe_stem(item_id).casefold()
 
 
 def output_relpath(item_id: str, index: int, ext: str) -> str:

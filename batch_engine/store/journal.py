@@ -9,6 +9,7 @@ of `batch_engine.store.transitions`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Collection, Iterator, Mapping, Sequence
@@ -37,9 +38,10 @@ class SyncResult:
     """What ``sync_manifest`` did to the journal's rows."""
 
     added: int  #: new items, inserted pending
-    changed: int  #: items whose fingerprint changed, reset to pending
-    removed: int  #: rows of items no longer in the manifest, deleted
+    changed: int  #: items whose fingerprint changed: the old version archived, the item reset to pending
+    removed: int  #: items no longer in the manifest: retired to the archive (never deleted)
     unchanged: int  #: items whose state was kept
+    restored: int = 0  #: items back from the archive as they were (outputs, prediction id); not counted above
 
 
 class Journal(Protocol):
@@ -85,7 +87,12 @@ class Journal(Protocol):
     async def mark_pending(self, item_id: str, *, possible_duplicate: bool = False) -> None:
         """The submit was not accepted, or its answer was lost and it is sent again (transition
         ``not_accepted``)."""
+
     async def resolve_ambiguous(self, *, resubmit: bool) -> list[str]: ...
+    async def repair_damaged(self) -> list[str]: ...
+    async def adopt(self, records: Sequence[ItemRecord]) -> int: ...
+    def is_empty(self) -> bool: ...
+    def retired_count(self) -> int: ...
     async def reset_failed(self) -> int: ...
     async def reset_all(self) -> None: ...
 
@@ -101,24 +108,93 @@ def _plain(value: object) -> object:
 
 
 def decode_record(row: tuple[Any, ...]) -> ItemRecord:
+    """A journal row as an ``ItemRecord``; a row that cannot be read comes back ``damaged``, saying why.
+
+    Never raises: a hand-edited or corrupted value must not stop a run or a report, nor disappear.
+    """
     idx, item_id, fingerprint, spec, request, state, prediction_id, attempts, duplicate = row[:9]
     outputs, error, submitted_at, completed_at, inference_ms = row[9:]
-    return ItemRecord(
-        index=idx,
-        item_id=item_id,
-        fingerprint=fingerprint,
-        spec=json.loads(spec),
-        request=json.loads(request),
-        state=ItemState(state),
-        prediction_id=prediction_id,
-        attempts=attempts,
+    damage: list[str] = []
+    record = ItemRecord(
+        index=idx if isinstance(idx, int) else -1,
+        item_id=str(item_id),
+        fingerprint=str(fingerprint),
+        spec=_mapping(spec, "spec", damage),
+        request=_mapping(request, "request", damage),
+        state=_state(state, damage),
+        prediction_id=prediction_id if isinstance(prediction_id, str) else None,
+        attempts=attempts if isinstance(attempts, int) else 0,
         possible_duplicate=bool(duplicate),
-        outputs=tuple(OutputFile(**output) for output in json.loads(outputs)) if outputs else (),
-        error=ItemError(**json.loads(error)) if error else None,
-        submitted_at=submitted_at,
-        completed_at=completed_at,
-        inference_ms=inference_ms,
+        outputs=_outputs(outputs, damage),
+        error=_error(error, damage),
+        submitted_at=_number(submitted_at),
+        completed_at=_number(completed_at),
+        inference_ms=inference_ms if isinstance(inference_ms, int) else None,
     )
+    if not damage:
+        return record
+    return dataclasses.replace(record, state=ItemState.DAMAGED, damage="; ".join(damage))
+
+
+def _loads(text: Any, what: str, damage: list[str]) -> Any:
+    try:
+        return json.loads(text)
+    except (TypeError, ValueError):
+        damage.append(f"{what} is not JSON: {str(text)[:60]!r}")
+        return None
+
+
+def _mapping(text: Any, what: str, damage: list[str]) -> Mapping[str, Any]:
+    value = _loads(text, what, damage)
+    if isinstance(value, Mapping):
+        return value
+    if value is not None:
+        damage.append(f"{what} is not a mapping")
+    return {}
+
+
+def _state(value: Any, damage: list[str]) -> ItemState:
+    try:
+        state = ItemState(value)
+    except ValueError:
+        state = ItemState.DAMAGED
+    if state is ItemState.DAMAGED:
+        damage.append(f"state {str(value)[:40]!r} is not a state")
+    return state
+
+
+def _outputs(text: Any, damage: list[str]) -> tuple[OutputFile, ...]:
+    if text is None:
+        return ()
+    listed = _loads(text, "outputs", damage)
+    try:
+        return tuple(
+            OutputFile(str(o["path"]), str(o["sha256"]), o.get("url"), o.get("nsfw")) for o in listed
+        )
+    except (TypeError, KeyError, AttributeError):
+        if listed is not None:
+            damage.append("outputs is not a list of {path, sha256, ...}")
+        return ()
+
+
+def _error(text: Any, damage: list[str]) -> ItemError | None:
+    if text is None:
+        return None
+    value = _loads(text, "error", damage)
+    if not isinstance(value, Mapping):
+        return ItemError(
+            "unknown", f"the journal's record of this error could not be read: {str(text)[:200]!r}"
+        )
+    status = value.get("status")
+    return ItemError(
+        str(value.get("kind") or "unknown"),
+        str(value.get("message") or ""),
+        status if isinstance(status, int) and not isinstance(status, bool) else None,
+    )
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
 def decode_meta(data: Mapping[str, Any]) -> RunMeta:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import fcntl
 import json
 import os
@@ -20,7 +21,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from batch_engine.errors import OutDirLocked
+from batch_engine.errors import OutDirLocked, UsageError
 
 LOCK_NAME = ".lock"
 
@@ -49,7 +50,14 @@ class OutDirLock:
         if self._fd is not None:
             raise RuntimeError(f"{self.path} is already held by this OutDirLock")
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:  # never through a symlink: a planted link would have us truncate its target
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise
+            raise UsageError(
+                f"{self.path} is a symlink; batch-engine never writes through one: remove it"
+            ) from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from batch_engine.errors import JournalError
-from batch_engine.store import transitions
-from batch_engine.store.files import JOURNAL_NAME
+from batch_engine.store import sqlite_sync, transitions
+from batch_engine.store.files import JOURNAL_NAME, stem_key
 from batch_engine.store.journal import (
     AMBIGUOUS_SUBMIT_ERROR,
     DEFAULT_READ_BATCH,
@@ -44,7 +44,7 @@ logger = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  #: 2 added the archive, items.stem_key and items.seen
 
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)""",
@@ -63,16 +63,28 @@ _SCHEMA = (
         submitted_at REAL,
         completed_at REAL,
         inference_ms INTEGER,
-        updated_at REAL NOT NULL
+        updated_at REAL NOT NULL,
+        stem_key TEXT,
+        seen INTEGER NOT NULL DEFAULT 0
     )""",
     """CREATE INDEX IF NOT EXISTS items_order ON items (idx, item_id)""",
+    """CREATE TABLE IF NOT EXISTS archive (
+        item_id TEXT NOT NULL,
+        fingerprint TEXT NOT NULL,
+        stem_key TEXT,
+        row TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        archived_at REAL NOT NULL
+    )""",
+    """CREATE INDEX IF NOT EXISTS archive_item ON archive (item_id, fingerprint)""",
 )
+#: Created once ``stem_key`` is filled in (a journal of schema 1 gets it from its ids first).
+_STEM_INDEX = "CREATE UNIQUE INDEX IF NOT EXISTS items_stem ON items (stem_key)"
 _COLUMNS = (
     "idx, item_id, fingerprint, spec, request, state, prediction_id, attempts, possible_duplicate,"
     " outputs, error, submitted_at, completed_at, inference_ms"
 )
-_PENDING, _SUBMITTING, _SUBMITTED = ItemState.PENDING, ItemState.SUBMITTING, ItemState.SUBMITTED
-#: the states each ``mark_*`` accepts an item in; anything else is a bug in the caller
+_KNOWN_STATES = ", ".join(f"'{state.value}'" for state in ItemState if state is not ItemState.DAMAGED)
 
 
 class SqliteJournal:
@@ -189,9 +201,18 @@ class SqliteJournal:
             after = (rows[-1][0], rows[-1][1])
 
     def counts(self) -> dict[ItemState, int]:
-        """Items per state; every state is a key."""
+        """Items per state; every state is a key, and a row whose state is no state counts as damaged."""
         found = dict(self._reader.execute("SELECT state, count(*) FROM items GROUP BY state").fetchall())
-        return {state: found.get(state.value, 0) for state in ItemState}
+        counts = {state: found.pop(state.value, 0) for state in ItemState}
+        counts[ItemState.DAMAGED] += sum(found.values())
+        return counts
+
+    def retired_count(self) -> int:
+        """Items no longer in the manifest whose versions the archive keeps."""
+        row = self._reader.execute(
+            "SELECT count(DISTINCT item_id) FROM archive WHERE item_id NOT IN (SELECT item_id FROM items)"
+        ).fetchone()
+        return int(row[0])
 
     def error_kind_counts(self) -> dict[str, int]:
         """Failed items per ``error.kind``."""
@@ -212,9 +233,56 @@ class SqliteJournal:
         await self._write(lambda conn: _put_meta(conn, "run", value), savepoint=False)
 
     async def sync_manifest(self, manifest: Manifest) -> SyncResult:
-        """Make the rows match ``manifest``: add new items, reset changed ones, delete removed ones."""
+        """Make the rows match ``manifest`` (see `sqlite_sync`): add new items, archive and reset changed
+        ones, retire removed ones to the archive, bring archived versions back; one write per chunk."""
+        out_dir = self.path.parent
+        generation = await self._write(sqlite_sync.next_generation)
+        total, waiting = sqlite_sync.SyncCounts(), []
+        for chunk in sqlite_sync.chunks(manifest.items):
+            now = self._clock()
+            counts, held = await self._write(
+                functools.partial(
+                    sqlite_sync.sync_chunk, chunk=chunk, generation=generation, now=now, out_dir=out_dir
+                )
+            )
+            _add_counts(total, counts)
+            waiting += held
         now = self._clock()
-        return await self._write(lambda conn: _sync(conn, manifest, now))
+        total.retired = await self._write(lambda conn: sqlite_sync.retire_unseen(conn, generation, now))
+        if waiting:
+            late = functools.partial(
+                sqlite_sync.add_waiting, waiting=waiting, generation=generation, now=now, out_dir=out_dir
+            )
+            _add_counts(total, await self._write(late))
+        return total.result()
+
+    async def adopt(self, records: Sequence[ItemRecord]) -> int:
+        """Take rows back from the out dir's own record of a lost journal (see `rebuild`); returns how many.
+
+        Only into a journal with no rows: each comes back as it stood, and the manifest sync that follows
+        keeps those whose fingerprint matches and redoes the rest.
+        """
+        now = self._clock()
+        return await self._write(lambda conn: _adopt(conn, records, now))
+
+    def is_empty(self) -> bool:
+        """No item, no archived version and no run recorded: a new journal, or a lost one."""
+        for table in ("items", "archive"):
+            if self._reader.execute(f"SELECT 1 FROM {table} LIMIT 1").fetchone():
+                return False
+        return self.meta() is None
+
+    async def repair_damaged(self) -> list[str]:
+        """Settle rows that cannot be read (hand-edited or corrupted), never paying twice silently;
+        returns ``item: what was wrong`` for each, for the log.
+
+        A row with a prediction id goes back to ``submitted`` (polled again, not paid again); one without
+        becomes an interrupted submit (``submitting``), which `resolve_ambiguous` then settles by the
+        ambiguous-submit policy; a failure whose error record is unreadable stays failed with a readable
+        error saying so.
+        """
+        now = self._clock()
+        return await self._write(lambda conn: _repair_damaged(conn, now))
 
     async def mark_submitting(self, item_id: str) -> int:
         """Record the intent to submit (before the POST); returns the item's new ``attempts``."""
@@ -285,7 +353,7 @@ class SqliteJournal:
         return await self._write(lambda conn: _reset_failed(conn, now))
 
     async def reset_all(self) -> None:
-        """Forget every item and the run meta (``--fresh``); the schema stays."""
+        """Forget every item, the archive and the run meta (``--fresh``); the schema stays."""
         await self._write(_reset_all)
 
     async def _move(
@@ -328,17 +396,34 @@ class SqliteJournal:
 
 
 def _init_schema(conn: sqlite3.Connection, path: Path) -> None:
+    row = conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone()
+    found = None
+    if row is not None:
+        version = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        found = json.loads(version[0]) if version else None
+    if isinstance(found, int) and found > SCHEMA_VERSION:
+        raise JournalError(
+            f"the journal {path} was written by a newer batch-engine (journal schema {found}, this "
+            f"version reads up to {SCHEMA_VERSION}); upgrade batch-engine or choose another out dir"
+        )
+    if found == 1:
+        _migrate_from_1(conn)
     for statement in _SCHEMA:
         conn.execute(statement)
-    row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-    if row is None:
-        _put_meta(conn, "schema_version", json.dumps(SCHEMA_VERSION))
-    elif json.loads(row[0]) > SCHEMA_VERSION:
-        raise JournalError(
-            f"the journal {path} was written by a newer batch-engine (journal schema "
-            f"{json.loads(row[0])}, this version reads up to {SCHEMA_VERSION}); upgrade batch-engine "
-            "or choose another out dir"
-        )
+    conn.execute(_STEM_INDEX)
+    _put_meta(conn, "schema_version", json.dumps(SCHEMA_VERSION))
+
+
+def _migrate_from_1(conn: sqlite3.Connection) -> None:
+    """Schema 1 had no archive, no stem_key and no seen column; stems come from the ids (a pair of ids
+    that only differ in case, which schema 1 allowed, keeps the second without one)."""
+    conn.execute("ALTER TABLE items ADD COLUMN stem_key TEXT")
+    conn.execute("ALTER TABLE items ADD COLUMN seen INTEGER NOT NULL DEFAULT 0")
+    conn.execute(_STEM_INDEX)
+    ids = [row[0] for row in conn.execute("SELECT item_id FROM items")]
+    conn.executemany(
+        "UPDATE OR IGNORE items SET stem_key = ? WHERE item_id = ?", [(stem_key(i), i) for i in ids]
+    )
 
 
 def _put_meta(conn: sqlite3.Connection, key: str, value: str) -> None:
@@ -372,35 +457,71 @@ def _in_sources(transition: Transition) -> str:
     return "state IN (" + ", ".join(f"'{state.value}'" for state in sorted(transition.sources)) + ")"
 
 
-def _sync(conn: sqlite3.Connection, manifest: Manifest, now: float) -> SyncResult:
-    known = {row[0]: row[1:] for row in conn.execute("SELECT item_id, fingerprint, idx, spec FROM items")}
-    added: list[tuple[Any, ...]] = []
-    changed: list[tuple[Any, ...]] = []
-    moved: list[tuple[Any, ...]] = []
-    for item in manifest.items:
-        spec = dumps(item.spec)
-        old = known.pop(item.id, None)
-        if old is None:
-            added.append((item.id, item.index, item.fingerprint, spec, dumps(item.request), now))
-        elif old[0] != item.fingerprint:
-            changed.append((item.index, item.fingerprint, spec, dumps(item.request), now, item.id))
-        elif (old[1], old[2]) != (item.index, spec):
-            moved.append((item.index, spec, now, item.id))
-    conn.executemany(
-        "INSERT INTO items (item_id, idx, fingerprint, spec, request, updated_at) VALUES (?, ?, ?, ?, ?, ?)",
-        added,
-    )
-    conn.executemany(
-        "UPDATE items SET idx = ?, fingerprint = ?, spec = ?, request = ?, updated_at = ?,"
-        f" state = '{transitions.REQUEST_CHANGED.target.value}', prediction_id = NULL, attempts = 0,"
-        " possible_duplicate = 0, outputs = NULL, error = NULL, submitted_at = NULL, completed_at = NULL,"
-        " inference_ms = NULL WHERE item_id = ?",
-        changed,
-    )
-    conn.executemany("UPDATE items SET idx = ?, spec = ?, updated_at = ? WHERE item_id = ?", moved)
-    conn.executemany("DELETE FROM items WHERE item_id = ?", [(item_id,) for item_id in known])
-    unchanged = len(manifest.items) - len(added) - len(changed)
-    return SyncResult(added=len(added), changed=len(changed), removed=len(known), unchanged=unchanged)
+def _add_counts(total: sqlite_sync.SyncCounts, more: sqlite_sync.SyncCounts) -> None:
+    total.added += more.added
+    total.changed += more.changed
+    total.restored += more.restored
+    total.unchanged += more.unchanged
+
+
+def _adopt(conn: sqlite3.Connection, records: Sequence[ItemRecord], now: float) -> int:
+    if conn.execute("SELECT 1 FROM items LIMIT 1").fetchone():
+        raise JournalError("refusing to adopt rows into a journal that already holds items")
+    rows = [
+        (
+            record.item_id,
+            stem_key(record.item_id),
+            record.index,
+            record.fingerprint,
+            dumps(record.spec),
+            dumps(record.request),
+            record.state.value,
+            record.prediction_id,
+            record.attempts,
+            int(record.possible_duplicate),
+            dumps([output.as_dict() for output in record.outputs]) if record.outputs else None,
+            dumps(record.error.as_dict()) if record.error else None,
+            record.submitted_at,
+            record.completed_at,
+            record.inference_ms,
+            now,
+        )
+        for record in records
+    ]
+    columns = ", ".join(("item_id", "stem_key", *sqlite_sync.ARCHIVED_COLUMNS, "updated_at"))
+    marks = ", ".join("?" * (len(sqlite_sync.ARCHIVED_COLUMNS) + 3))
+    return conn.executemany(f"INSERT OR IGNORE INTO items ({columns}) VALUES ({marks})", rows).rowcount
+
+
+def _repair_damaged(conn: sqlite3.Connection, now: float) -> list[str]:
+    rows = conn.execute(
+        f"SELECT {_COLUMNS} FROM items WHERE state NOT IN ({_KNOWN_STATES})"
+        " OR (outputs IS NOT NULL AND NOT json_valid(outputs))"
+        " OR (error IS NOT NULL AND NOT json_valid(error))"
+    ).fetchall()
+    found = []
+    for row in rows:
+        record = decode_record(row)
+        found.append(f"{record.item_id}: {record.damage}")
+        state = row[5]
+        if state == ItemState.FAILED.value and record.damage and record.damage.startswith("error"):
+            error = record.error or ItemError("unknown", "unreadable")
+            conn.execute(
+                "UPDATE items SET error = ?, updated_at = ? WHERE item_id = ?",
+                (dumps(error.as_dict()), now, record.item_id),
+            )
+        elif record.prediction_id:
+            conn.execute(
+                "UPDATE items SET state = ?, outputs = NULL, error = NULL, completed_at = NULL,"
+                " submitted_at = coalesce(submitted_at, ?), updated_at = ? WHERE item_id = ?",
+                (ItemState.SUBMITTED.value, now, now, record.item_id),
+            )
+        else:
+            conn.execute(
+                "UPDATE items SET state = ?, outputs = NULL, error = NULL, updated_at = ? WHERE item_id = ?",
+                (ItemState.SUBMITTING.value, now, record.item_id),
+            )
+    return found
 
 
 def _resolve_ambiguous(conn: sqlite3.Connection, resubmit: bool, now: float) -> list[str]:
@@ -440,4 +561,5 @@ def _reset_failed(conn: sqlite3.Connection, now: float) -> int:
 
 def _reset_all(conn: sqlite3.Connection) -> None:
     conn.execute("DELETE FROM items")
+    conn.execute("DELETE FROM archive")
     conn.execute("DELETE FROM meta WHERE key != 'schema_version'")

@@ -1,0 +1,275 @@
+"""Make the journal's rows match a manifest, chunk by chunk, without ever forgetting a paid prediction.
+
+An item new to the journal is added pending, unless the archive holds a version of it with the same
+fingerprint (it was removed, or changed and changed back): that version comes back as it was, outputs and
+prediction id included. An item whose fingerprint changed is archived as it stood and reset to pending (or
+restored from the archive). An item no longer in the manifest is *retired*: moved to the archive, never
+deleted. The archive is append-only; only ``--fresh`` empties it.
+
+Each chunk is one write of the journal; the manifest is read once. Rows are marked with the sync's
+generation as they are seen, and the rows left unmarked at the end are the retired ones. The output
+file-name stem of every id (``files.stem_key``) is unique among the live rows (an index): a new id whose
+files would land on those of an item being retired in the same sync waits until the retired rows have left.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+from batch_engine.errors import ManifestError, Problem
+from batch_engine.store import transitions
+from batch_engine.store.files import safe_stem, stem_key
+from batch_engine.store.journal import SyncResult, dumps
+from batch_engine.values import Item
+
+CHUNK = 2000  #: manifest items per write of the journal
+
+#: The columns an archived version keeps, in this order (its ``row`` is a JSON object of them).
+ARCHIVED_COLUMNS = (
+    "idx",
+    "fingerprint",
+    "spec",
+    "request",
+    "state",
+    "prediction_id",
+    "attempts",
+    "possible_duplicate",
+    "outputs",
+    "error",
+    "submitted_at",
+    "completed_at",
+    "inference_ms",
+)
+_PENDING = transitions.REQUEST_CHANGED.target.value
+
+
+@dataclass(slots=True)
+class SyncCounts:
+    """What a sync has done so far (mutable, inside one ``sync_manifest``)."""
+
+    added: int = 0
+    changed: int = 0
+    restored: int = 0
+    unchanged: int = 0
+    retired: int = 0
+
+    def result(self) -> SyncResult:
+        return SyncResult(
+            added=self.added,
+            changed=self.changed,
+            removed=self.retired,
+            unchanged=self.unchanged,
+            restored=self.restored,
+        )
+
+
+def chunks(items: Iterable[Item], size: int = CHUNK) -> Iterator[list[Item]]:
+    iterator = iter(items)
+    while chunk := list(islice(iterator, size)):
+        yield chunk
+
+
+def next_generation(conn: sqlite3.Connection) -> int:
+    """Advance the sync generation (committed before any row is marked with it)."""
+    row = conn.execute("SELECT value FROM meta WHERE key = 'sync_generation'").fetchone()
+    generation = (json.loads(row[0]) if row else 0) + 1
+    conn.execute(
+        "INSERT OR REPLACE INTO meta (key, value) VALUES ('sync_generation', ?)", (json.dumps(generation),)
+    )
+    return generation
+
+
+def sync_chunk(
+    conn: sqlite3.Connection, chunk: Sequence[Item], generation: int, now: float, out_dir: Path
+) -> tuple[SyncCounts, list[Item]]:
+    """Apply one chunk; returns its counts and the new items that must wait for the retirements."""
+    counts = SyncCounts()
+    ids = [item.id for item in chunk]
+    columns = "item_id, fingerprint, idx, spec, request"
+    known = {row[0]: row[1:] for row in _select(conn, columns, "items", ids)}
+    fresh = [item for item in chunk if item.id not in known]
+    for item in chunk:
+        old = known.get(item.id)
+        if old is not None:
+            _sync_known(conn, item, old, generation, now, out_dir, counts)
+    waiting = _add(conn, fresh, generation, now, out_dir, counts)
+    return counts, waiting
+
+
+def retire_unseen(conn: sqlite3.Connection, generation: int, now: float) -> int:
+    """Archive every row the sync did not see (items removed from the manifest); returns how many."""
+    conn.execute(
+        f"INSERT INTO archive (item_id, fingerprint, stem_key, row, reason, archived_at)"
+        f" SELECT item_id, fingerprint, stem_key, {_ROW_JSON}, 'removed', ? FROM items WHERE seen < ?",
+        (now, generation),
+    )
+    return conn.execute("DELETE FROM items WHERE seen < ?", (generation,)).rowcount
+
+
+def add_waiting(
+    conn: sqlite3.Connection, waiting: Sequence[Item], generation: int, now: float, out_dir: Path
+) -> SyncCounts:
+    """Add the new items held back until the retired rows left; a clash now is a real one."""
+    counts = SyncCounts()
+    still = _add(conn, list(waiting), generation, now, out_dir, counts)
+    if still:
+        raise _clash(conn, still[0])
+    return counts
+
+
+# -- one item ---------------------------------------------------------------------------------------
+
+
+def _sync_known(
+    conn: sqlite3.Connection,
+    item: Item,
+    old: tuple[Any, ...],
+    generation: int,
+    now: float,
+    out_dir: Path,
+    counts: SyncCounts,
+) -> None:
+    fingerprint, idx, spec, request = old
+    spec_text, request_text = dumps(item.spec), dumps(item.request)
+    if fingerprint == item.fingerprint:
+        counts.unchanged += 1
+        if (idx, spec, request) != (item.index, spec_text, request_text):  # moved, or a damaged copy
+            conn.execute(
+                "UPDATE items SET idx = ?, spec = ?, request = ?, seen = ?, updated_at = ? WHERE item_id = ?",
+                (item.index, spec_text, request_text, generation, now, item.id),
+            )
+        else:
+            conn.execute("UPDATE items SET seen = ? WHERE item_id = ?", (generation, item.id))
+        return
+    _archive_live(conn, item.id, "changed", now)
+    found = _archived_version(conn, item, out_dir)
+    version = found[1] if found is not None else _new_version(item)
+    conn.execute(
+        f"UPDATE items SET {_SET_ALL}, seen = ?, updated_at = ? WHERE item_id = ?",
+        (*version, generation, now, item.id),
+    )
+    if found is None:
+        counts.changed += 1
+        return
+    counts.restored += 1
+    conn.execute("DELETE FROM archive WHERE rowid = ?", (found[0],))
+
+
+def _add(
+    conn: sqlite3.Connection,
+    fresh: list[Item],
+    generation: int,
+    now: float,
+    out_dir: Path,
+    counts: SyncCounts,
+) -> list[Item]:
+    """Insert new items (restored from the archive where it has them); returns those whose output
+    stem is still taken by another live row (inserted later, or refused)."""
+    if not fresh:
+        return []
+    archived = {row[0] for row in _select(conn, "DISTINCT item_id", "archive", [i.id for i in fresh])}
+    rows, restored = [], {}
+    for item in fresh:
+        found = _archived_version(conn, item, out_dir) if item.id in archived else None
+        if found is not None:
+            restored[item.id] = found[0]
+        version = found[1] if found is not None else _new_version(item)
+        rows.append((item.id, stem_key(item.id), *version, generation, now))
+    columns = ", ".join(("item_id", "stem_key", *ARCHIVED_COLUMNS, "seen", "updated_at"))
+    marks = ", ".join("?" * (len(ARCHIVED_COLUMNS) + 4))
+    conn.executemany(f"INSERT OR IGNORE INTO items ({columns}) VALUES ({marks})", rows)
+    inserted = {row[0] for row in _select(conn, "item_id", "items", [i.id for i in fresh])}
+    back = [(rowid,) for item_id, rowid in restored.items() if item_id in inserted]
+    conn.executemany("DELETE FROM archive WHERE rowid = ?", back)  # only once the row is live again
+    counts.restored += len(back)
+    counts.added += len(inserted) - len(back)
+    waiting = [item for item in fresh if item.id not in inserted]
+    for item in waiting:
+        owner = _stem_owner(conn, item.id)
+        if owner is not None and owner[1] == generation:  # a live item of this very manifest
+            raise _clash(conn, item)
+    return waiting
+
+
+def _new_version(item: Item) -> tuple[Any, ...]:
+    """A new item's columns (in ``ARCHIVED_COLUMNS`` order): pending, nothing done yet."""
+    head = (item.index, item.fingerprint, dumps(item.spec), dumps(item.request), _PENDING)
+    return (*head, None, 0, 0, None, None, None, None, None)
+
+
+def _archive_live(conn: sqlite3.Connection, item_id: str, reason: str, now: float) -> None:
+    """Keep the row as it stands in the archive, when it holds anything a run did (not just pending)."""
+    conn.execute(
+        f"INSERT INTO archive (item_id, fingerprint, stem_key, row, reason, archived_at)"
+        f" SELECT item_id, fingerprint, stem_key, {_ROW_JSON}, ?, ? FROM items"
+        f" WHERE item_id = ? AND (state != '{_PENDING}' OR attempts > 0 OR prediction_id IS NOT NULL)",
+        (reason, now, item_id),
+    )
+
+
+def _archived_version(
+    conn: sqlite3.Connection, item: Item, out_dir: Path
+) -> tuple[int, tuple[Any, ...]] | None:
+    """The newest archived version of ``item`` with its fingerprint: its archive rowid and the row's
+    columns in ``ARCHIVED_COLUMNS`` order (the manifest's index, spec and request); None if none.
+
+    A version that succeeded comes back succeeded only if its files are still there with their sha256
+    (another item may have overwritten them meanwhile); else it comes back ``submitted``, so its paid
+    prediction is polled and downloaded again, never paid again.
+    """
+    found = conn.execute(
+        "SELECT rowid, row FROM archive WHERE item_id = ? AND fingerprint = ? ORDER BY rowid DESC LIMIT 1",
+        (item.id, item.fingerprint),
+    ).fetchone()
+    if found is None:
+        return None
+    row = json.loads(found[1])
+    row["idx"], row["spec"], row["request"] = item.index, dumps(item.spec), dumps(item.request)
+    if row["state"] == transitions.SUCCEED.target.value and not _outputs_intact(row["outputs"], out_dir):
+        row["state"], row["outputs"], row["completed_at"] = transitions.ACCEPTED.target.value, None, None
+    return found[0], tuple(row[column] for column in ARCHIVED_COLUMNS)
+
+
+def _outputs_intact(outputs: str | None, out_dir: Path) -> bool:
+    try:
+        listed = json.loads(outputs or "[]")
+        for output in listed:
+            data = (out_dir / output["path"]).read_bytes()
+            if hashlib.sha256(data).hexdigest() != output["sha256"]:
+                return False
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return bool(listed)
+
+
+def _stem_owner(conn: sqlite3.Connection, item_id: str) -> tuple[str, int] | None:
+    row = conn.execute("SELECT item_id, seen FROM items WHERE stem_key = ?", (stem_key(item_id),)).fetchone()
+    return None if row is None else (row[0], row[1])
+
+
+def _clash(conn: sqlite3.Connection, item: Item) -> ManifestError:
+    owner = _stem_owner(conn, item.id)
+    other = owner[0] if owner else "another item"
+    message = (
+        f"id {item.id!r} would write the same output files as item {other!r}"
+        f" (images/{safe_stem(item.id)}-1...) on a case-insensitive file system (macOS, Windows); rename one"
+    )
+    return ManifestError([Problem("journal", message, "id", item.index, item.id)])
+
+
+def _select(conn: sqlite3.Connection, columns: str, table: str, ids: Sequence[str]) -> list[tuple[Any, ...]]:
+    if not ids:
+        return []
+    marks = ", ".join("?" * len(ids))
+    return conn.execute(f"SELECT {columns} FROM {table} WHERE item_id IN ({marks})", tuple(ids)).fetchall()
+
+
+_ROW_JSON = "json_object(" + ", ".join(f"'{column}', {column}" for column in ARCHIVED_COLUMNS) + ")"
+_SET_ALL = ", ".join(f"{column} = ?" for column in ARCHIVED_COLUMNS)
