@@ -37,7 +37,7 @@ from batch_engine.store.lock import OutDirLock
 from batch_engine.ui.logs import setup_logging
 from batch_engine.ui.progress import ProgressView, make_view
 from batch_engine.ui.summary import format_summary, summary_json
-from batch_engine.values import Manifest, RunStats
+from batch_engine.values import ItemState, Manifest, RunStats
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +188,12 @@ def _run_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--yes", action="store_true", help="do not ask before --fresh")
     g.add_argument("--retry-failed", action="store_true", help="send items that failed before again")
     g.add_argument(
+        "--take-over",
+        action="store_true",
+        help="let this manifest use an out dir that holds another manifest's run (its items are retired "
+        "to the journal's archive, not forgotten)",
+    )
+    g.add_argument(
         "--dry-run",
         action="store_true",
         help="print what a run would do (done, to poll, to submit, images billed); send nothing",
@@ -241,7 +247,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 async def _read_status(out_dir: Path) -> tuple[dict[str, int], Any]:
     async with await open_journal(out_dir) as journal:
-        counts = {state.value: n for state, n in journal.counts().items()}
+        shown = journal.counts().items()  # a damaged row is counted (and named by run), never dropped
+        counts = {s.value: n for s, n in shown if n or s is not ItemState.DAMAGED}
         counts["total"] = sum(counts.values())
         return counts, journal.meta()
 
@@ -330,6 +337,7 @@ async def _run(
             client=client,
             fresh=args.fresh,
             retry_failed=args.retry_failed,
+            take_over=args.take_over,
             handle_signals=True,
             input_source=input_source,
         )

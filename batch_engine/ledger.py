@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -61,11 +62,15 @@ class Ledger:
         self.timeline: dict[str, list[int]] = {"submitted": [], "finished": [], "rate_limited": []}
 
     def open_results(self, out_dir: Path) -> None:
-        """Start ``results.jsonl`` afresh with the items already final, then append as items finish."""
-        self._results = (out_dir / RESULTS_NAME).open("w", encoding="utf-8")
-        for record in self._journal.records({ItemState.SUCCEEDED, ItemState.FAILED}):
-            self._results.write(json.dumps(result_line(record)) + "\n")
-        self._results.flush()
+        """Append a line to ``results.jsonl`` as each item finishes.
+
+        Never rewritten in place: a run killed at any moment leaves every line that was there. An item
+        done again appears again (its last line is its current one); the end of the run replaces the file
+        atomically with one line per item, in manifest order.
+        """
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(out_dir / RESULTS_NAME, flags, 0o666)
+        self._results = open(fd, "a", encoding="utf-8")  # noqa: SIM115 - closed by close_results
 
     def close_results(self) -> None:
         if self._results is not None:
