@@ -223,7 +223,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     for warning in manifest.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     print(
-        f"{args.manifest}: valid, {len(manifest.items)} item(s), model {manifest.model}, task {manifest.task}"
+        f"{args.manifest}: valid, {manifest.count} item(s), model {manifest.model}, task {manifest.task}"
     )
     return EXIT_OK
 
@@ -358,8 +358,7 @@ def _simulated_input(sim: Simulator, url: str) -> str:
 
 def _submit_timeout(manifest: Manifest, settings: RunSettings) -> float:
     """Sync mode holds the submit open until the edit is done: give it the prediction's whole timeout."""
-    sync = any(item.request.get("enable_sync_mode") for item in manifest.items)
-    return max(120.0, settings.timeout) if sync else 120.0
+    return max(120.0, settings.timeout) if manifest.sync_mode else 120.0
 
 
 def _settings(manifest: Manifest, args: argparse.Namespace) -> RunSettings:
@@ -393,15 +392,8 @@ def _confirm_fresh(out_dir: Path, yes: bool) -> bool:
 
 
 def _dry_run(manifest: Manifest, out_dir: Path, settings: RunSettings, args: argparse.Namespace) -> int:
-    records = anyio.run(_journal_records, out_dir) if (out_dir / JOURNAL_NAME).exists() else {}
-    if args.fresh:
-        records = {}
-    counts = plan_counts(
-        manifest,
-        records,
-        retry_failed=args.retry_failed,
-        resubmit_ambiguous=settings.resubmit_ambiguous,
-    )
+    use_journal = (out_dir / JOURNAL_NAME).exists() and not args.fresh
+    counts = anyio.run(_plan, manifest, out_dir if use_journal else None, settings, args)
     if args.json_logs:
         print(json.dumps({"event": "dry_run", "out_dir": str(out_dir), **counts}))
     else:
@@ -411,9 +403,14 @@ def _dry_run(manifest: Manifest, out_dir: Path, settings: RunSettings, args: arg
     return EXIT_OK
 
 
-async def _journal_records(out_dir: Path) -> dict[str, Any]:
+async def _plan(
+    manifest: Manifest, out_dir: Path | None, settings: RunSettings, args: argparse.Namespace
+) -> dict[str, Any]:
+    options = {"retry_failed": args.retry_failed, "resubmit_ambiguous": settings.resubmit_ambiguous}
+    if out_dir is None:
+        return plan_counts(manifest, None, **options)
     async with await open_journal(out_dir) as journal:
-        return {record.item_id: record for record in journal.records()}
+        return plan_counts(manifest, journal, **options)
 
 
 def _print_summary(stats: RunStats, paths: dict[str, Path], out_dir: Path, *, json_lines: bool) -> None:

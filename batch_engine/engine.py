@@ -27,7 +27,7 @@ from batch_engine.stages.context import StageContext
 from batch_engine.stages.poll import Poller, PollQueue
 from batch_engine.stages.sink import Sink
 from batch_engine.stages.submit import SubmitPlan, Submitter
-from batch_engine.store import Journal, open_journal
+from batch_engine.store import Journal, open_journal, sqlite_sync
 from batch_engine.store.files import IMAGES_DIR, INPUTS_DIR, RESULTS_NAME, remove_temp_files
 from batch_engine.store.lock import OutDirLock
 from batch_engine.store.out_dir import check_owner, recover_lost_journal, refuse_links
@@ -37,6 +37,7 @@ from batch_engine.timing.pacing import DEFAULT_PAUSE_INITIAL, PollBudget, Submit
 from batch_engine.timing.poll_plan import PollPlanner
 from batch_engine.ui.progress import ProgressView
 from batch_engine.values import (
+    Item,
     ItemRecord,
     ItemState,
     Manifest,
@@ -358,7 +359,7 @@ class Engine:
         ledger = self._ledger
         assert ledger is not None
         return Snapshot(
-            total=len(self._manifest.items),
+            total=self._manifest.count,
             done_before=self._done_before,
             submitted=ledger.submits,
             in_flight=self._control.predictions,
@@ -377,7 +378,7 @@ class Engine:
         assert ledger is not None
         journal = self._journal
         return RunStats(
-            total=len(self._manifest.items),
+            total=self._manifest.count,
             by_state={state.value: n for state, n in journal.counts().items()},
             by_error_kind=journal.error_kind_counts(),
             images=ledger.images,
@@ -406,29 +407,42 @@ class Engine:
 
 def plan_counts(
     manifest: Manifest,
-    journal_records: dict[str, ItemRecord],
+    journal: Journal | None,
     *,
     retry_failed: bool = False,
     resubmit_ambiguous: bool = True,
 ) -> dict[str, Any]:
     """What a run would do, for ``--dry-run``: nothing is sent and nothing is written.
 
-    The options are the run's: ``retry_failed`` sends failed items again, and ambiguous submits are
-    billed again only when ``resubmit_ambiguous`` (else the run fails them).
+    ``journal`` is the out dir's (None when there is none yet); the items are looked up in it a chunk at
+    a time, archived versions included (an item that returns unchanged is not paid again). The options
+    are the run's: ``retry_failed`` sends failed items again, and ambiguous submits are billed again only
+    when ``resubmit_ambiguous`` (else the run fails them).
     """
     counts = {"done": 0, "failed": 0, "to_poll": 0, "ambiguous": 0, "to_submit": 0, "images_billed": 0}
-    for item in manifest.items:
-        record = journal_records.get(item.id)
-        state = record.state if record and record.fingerprint == item.fingerprint else ItemState.PENDING
-        if state is ItemState.FAILED and retry_failed:
-            state = ItemState.PENDING
-        key = {
-            ItemState.SUCCEEDED: "done",
-            ItemState.FAILED: "failed",
-            ItemState.SUBMITTED: "to_poll",
-            ItemState.SUBMITTING: "ambiguous",
-        }.get(state, "to_submit")
-        counts[key] += 1
-        if key == "to_submit" or (key == "ambiguous" and resubmit_ambiguous):
-            counts["images_billed"] += int(item.request.get("n", 1))
+    for chunk in sqlite_sync.chunks(manifest.iter_items()):
+        known = journal.versions(chunk) if journal is not None else {}
+        for item in chunk:
+            _plan_item(counts, item, known.get(item.id), retry_failed, resubmit_ambiguous)
     return counts
+
+
+def _plan_item(
+    counts: dict[str, Any],
+    item: Item,
+    record: ItemRecord | None,
+    retry_failed: bool,
+    resubmit_ambiguous: bool,
+) -> None:
+    state = record.state if record and record.fingerprint == item.fingerprint else ItemState.PENDING
+    if state is ItemState.FAILED and retry_failed:
+        state = ItemState.PENDING
+    key = {
+        ItemState.SUCCEEDED: "done",
+        ItemState.FAILED: "failed",
+        ItemState.SUBMITTED: "to_poll",
+        ItemState.SUBMITTING: "ambiguous",
+    }.get(state, "to_submit")
+    counts[key] += 1
+    if key == "to_submit" or (key == "ambiguous" and resubmit_ambiguous):
+        counts["images_billed"] += int(item.request.get("n", 1))

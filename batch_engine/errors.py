@@ -43,10 +43,12 @@ class Problem:
     field: str | None = None  #: dotted path of the field, e.g. ``items[3].size`` or ``settings.rate``
     item_index: int | None = None  #: 0-based position in ``items``
     item_id: str | None = None
-    line: int | None = None  #: 1-based line in the YAML file, when known
+    line: int | None = None  #: 1-based line in the file (the manifest, or a CSV/JSONL items file), when known
+    column: int | None = None  #: 1-based column of a CSV items file
 
     def __str__(self) -> str:
         where = self.file + (f":{self.line}" if self.line is not None else "")
+        where += f":{self.column}" if self.column is not None and self.line is not None else ""
         parts = [where]
         if self.item_index is not None:
             parts.append(f"item {self.item_index}" + (f" ({self.item_id!r})" if self.item_id else ""))
@@ -58,11 +60,14 @@ class Problem:
 class ManifestError(BatchEngineError):
     """A manifest failed validation; ``problems`` lists every problem found, not just the first."""
 
-    def __init__(self, problems: list[Problem]) -> None:
+    def __init__(self, problems: list[Problem], *, more: int = 0) -> None:
         self.problems = problems
-        noun = "problem" if len(problems) == 1 else "problems"
+        self.more = more  #: problems found beyond those listed (a huge items file can hold millions)
+        total = len(problems) + more
+        noun = "problem" if total == 1 else "problems"
         lines = "\n".join(f"  {p}" for p in problems)
-        super().__init__(f"{len(problems)} {noun} in the manifest:\n{lines}")
+        tail = f"\n  ... and {more:,} more (fix these first, then validate again)" if more else ""
+        super().__init__(f"{total:,} {noun} in the manifest:\n{lines}{tail}")
 
 
 class OutDirLocked(BatchEngineError):

@@ -84,3 +84,48 @@ def _require(name: str, value: float, *, minimum: float, inclusive: bool) -> Non
     if not ok or math.isnan(value) or math.isinf(value):
         bound = f">= {minimum}" if inclusive else f"> {minimum}"
         raise UsageError(f"{name} must be a finite number {bound}, got {value}")
+
+
+#: The two routes a local input file can take to the API.
+ROUTE_PREDICTIONS = "predictions"  #: staged to the user's object store, sent as a URL to the prediction API
+ROUTE_OPENAI_IMAGES = "openai-images"  #: sent as a file to the OpenAI-format endpoint /v1/images/edits
+DEFAULT_UPLOAD_CONCURRENCY = 8
+URL_TTL_MARGIN = 900.0  #: seconds a presigned URL outlives the prediction timeout, by default
+MAX_URL_TTL = 7 * 24 * 3600.0  #: S3 signs URLs for at most a week
+
+
+@dataclass(frozen=True, kw_only=True)
+class InputsSettings:
+    """How local input files reach the API: the manifest's ``settings.inputs``.
+
+    ``upload`` stages each file once, keyed by its sha256, under an ``s3://bucket/prefix/`` of the user's
+    object store (any S3-compatible one; credentials from the standard AWS chain, never the manifest) and
+    sends a presigned URL, or ``public_base_url`` + the key when the bucket is public. ``route:
+    openai-images`` sends the files themselves to the vendor's OpenAI-format endpoint instead.
+    """
+
+    upload: str | None = None  #: s3://bucket/prefix/ where local inputs are staged
+    url_ttl: float | None = None  #: seconds a presigned URL stays valid; default: timeout + 15 minutes
+    public_base_url: str | None = None  #: the bucket is public: URLs are this + the object key, unsigned
+    route: str = ROUTE_PREDICTIONS  #: predictions (local files staged by upload) or openai-images
+    upload_concurrency: int = DEFAULT_UPLOAD_CONCURRENCY  #: uploads at once
+
+    def __post_init__(self) -> None:
+        if self.route == ROUTE_OPENAI_IMAGES and (self.upload or self.public_base_url):
+            raise UsageError("inputs: route openai-images sends the files themselves; remove upload")
+        if self.route == ROUTE_PREDICTIONS and not self.upload:
+            raise UsageError(
+                "inputs: name a route for local files: upload: s3://bucket/prefix/ (staged, sent as URLs) "
+                "or route: openai-images (sent as files)"
+            )
+        if self.public_base_url and self.url_ttl is not None:
+            raise UsageError("inputs: url_ttl is for presigned URLs; a public_base_url is never signed")
+
+    def ttl(self, timeout: float) -> float:
+        """Seconds a presigned URL must stay valid: ``url_ttl``, else the prediction timeout + a margin."""
+        chosen = self.url_ttl if self.url_ttl is not None else timeout + URL_TTL_MARGIN
+        return min(chosen, MAX_URL_TTL)
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from batch_engine.control import Slot
+    from batch_engine.settings import InputsSettings
 
 
 class ItemState(enum.StrEnum):
@@ -145,8 +146,19 @@ class Manifest:
     task: str  #: e.g. ``image-edit``
     defaults: Mapping[str, Any]
     settings: Mapping[str, Any]  #: as written (validated); see ``settings.RunSettings``
-    items: tuple[Item, ...]
+    #: a fresh iterator of every item, in manifest order; read from the source again each time it is called
+    #: (an items file is streamed, never held whole)
+    item_source: Callable[[], Iterator[Item]]
+    count: int  #: items in the manifest
     warnings: tuple[str, ...] = ()  #: not errors, e.g. quality ignored by a -plus model
+    notes: tuple[str, ...] = ()  #: worth knowing, e.g. how many ids were generated from the items' contents
+    output: str = "images/{id}-{k}.{ext}"  #: the output path template (``store.files.OutputTemplate``)
+    inputs: InputsSettings | None = None  #: how local input files reach the API; None: no local files
+    sync_mode: bool = False  #: some item asks for enable_sync_mode (its submit is held open longer)
+
+    def iter_items(self) -> Iterator[Item]:
+        """Every item in manifest order, one at a time."""
+        return self.item_source()
 
 
 @dataclass(frozen=True)

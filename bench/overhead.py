@@ -167,7 +167,7 @@ def _loop_run(items: int, concurrency: int, *, save_to: Path | None) -> Timing:
     with tempfile.TemporaryDirectory() as tmp, SimProcess(**SIM_KNOBS) as sim:
         manifest = load_manifest(write_manifest(Path(tmp) / "bench.yaml", count=items, base_url=sim.base_url))
         spec = spec_for(MODEL)
-        bodies = [(item.id, wire_body(spec, item.request)) for item in manifest.items]
+        bodies = [(item.id, wire_body(spec, item.request)) for item in manifest.iter_items()]
         before = resource.getrusage(resource.RUSAGE_SELF)
         started = time.perf_counter()
         done = anyio.run(minimal_loop, sim.base_url, bodies, concurrency, save_to)

@@ -213,7 +213,7 @@ def child(job: dict[str, Any]) -> dict[str, Any]:
         )
     (sync_start, sync_end), (reports_start, reports_end) = windows["sync"], windows["reports"]
     return {
-        "items": len(manifest.items),
+        "items": manifest.count,
         "submits": run.result.stats.submits,
         "succeeded": run.result.stats.by_state.get("succeeded", 0),
         "peak_reset": _reset_peak(),

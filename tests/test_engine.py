@@ -261,7 +261,7 @@ async def test_content_policy_refusal_fails_the_item_as_content_policy(harness: 
         {"id": "bad", "prompt": "draw something FORBIDDEN", "images": [sim.input_url("cat")]}
     ]
     rerun = load_manifest(outcome.out_dir / "failures.yaml")  # a manifest of the failed items alone
-    assert [item.id for item in rerun.items] == ["bad"]
+    assert [item.id for item in rerun.iter_items()] == ["bad"]
 
 
 async def test_prediction_that_never_finishes_times_out(harness: Harness) -> None:

@@ -43,13 +43,14 @@ def manifest_of(*ids: str, fingerprints: Mapping[str, str] | None = None, spec_e
         for index, item_id in enumerate(ids)
     )
     return Manifest(
+        item_source=lambda: iter(items),
+        count=len(items),
         path="jobs/test.yaml",
         name="test",
         model="openai/gpt-image-2-plus",
         task="image-edit",
         defaults={"size": "1024x1024"},
         settings={},
-        items=items,
     )
 
 
@@ -396,7 +397,7 @@ async def test_a_success_commits_only_once_its_output_files_are_synced(
 
 async def test_a_bug_in_a_write_reaches_its_caller_and_the_writer_survives(journal: SqliteJournal) -> None:
     """An unexpected exception inside the writer thread is raised to the caller, and later writes work."""
-    broken = replace(manifest_of("a"), items=(Item(0, "a", {"x": object()}, {}, "fp"),))
+    broken = replace(manifest_of("a"), item_source=lambda: iter([Item(0, "a", {"x": object()}, {}, "fp")]))
     with pytest.raises(TypeError, match="object is not JSON serialisable"):
         await journal.sync_manifest(broken)
     assert await journal.sync_manifest(manifest_of("a")) == SyncResult(1, 0, 0, 0)

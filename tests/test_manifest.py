@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import textwrap
 from pathlib import Path
 
@@ -11,6 +12,8 @@ import yaml
 from batch_engine.api import catalogue
 from batch_engine.errors import ManifestError, Problem
 from batch_engine.manifest import fields, fingerprint, load_manifest, reader
+from batch_engine.manifest.items import generated_id
+from batch_engine.sim.drawing import render_output
 from batch_engine.values import Manifest
 
 URL = "https://example.com/cat.png"
@@ -53,7 +56,12 @@ def test_valid_manifest_loads_with_defaults_applied(tmp_path: Path) -> None:
     assert manifest.model == "openai/gpt-image-2-plus"
     assert manifest.task == "image-edit"
     assert manifest.path == str(tmp_path / "job.yaml")
-    assert [item.id for item in manifest.items] == ["item-0"]
+    [item] = manifest.iter_items()
+    assert item.id.startswith("auto-")
+    assert manifest.notes == (
+        "1 of 1 item(s) have no id: each was given one made from its request (auto-<hash>), so editing an "
+        "item gives it a new id",
+    )
     assert manifest.warnings == ()
 
 
@@ -63,26 +71,26 @@ def test_defaults_merge_into_request_but_not_into_spec(tmp_path: Path) -> None:
         "- id: a\n  prompt: one\n  size: 1536x1024\n- prompt: two\n",
         head=f"defaults:\n  size: 1024x1024\n  images: [{URL}]\n",
     )
-    first, second = load(tmp_path, text).items
+    first, second = load(tmp_path, text).iter_items()
     assert first.spec == {"id": "a", "prompt": "one", "size": "1536x1024"}
     assert first.request == {"size": "1536x1024", "images": [URL], "prompt": "one"}
     assert second.request == {"size": "1024x1024", "images": [URL], "prompt": "two"}
-    assert (second.index, second.id) == (1, "item-1")
+    assert (second.index, second.id) == (1, generated_id({"prompt": "two"}))
 
 
 def test_fingerprint_is_the_canonical_hash_of_model_task_and_request(tmp_path: Path) -> None:
     """Each item's fingerprint is ``fingerprint(model, task, request)``."""
     manifest = load(tmp_path, with_items(f"- prompt: a\n  images: [{URL}]\n"))
-    item = manifest.items[0]
+    item = next(manifest.iter_items())
     assert item.fingerprint == fingerprint(manifest.model, manifest.task, item.request)
     assert len(item.fingerprint) == 64
 
 
 def test_fingerprint_is_stable_across_key_order_and_defaults(tmp_path: Path) -> None:
     """The same request, written in another order or through defaults, has the same fingerprint."""
-    inline = load(tmp_path, with_items(f"- prompt: a\n  images: [{URL}]\n  n: 2\n")).items[0]
+    inline = next(load(tmp_path, with_items(f"- prompt: a\n  images: [{URL}]\n  n: 2\n")).iter_items())
     via_defaults = load(tmp_path, with_items("- n: 2\n  prompt: a\n", head=f"defaults:\n  images: [{URL}]\n"))
-    assert via_defaults.items[0].fingerprint == inline.fingerprint
+    assert next(via_defaults.iter_items()).fingerprint == inline.fingerprint
 
 
 def test_fingerprint_changes_with_model_task_and_every_field() -> None:
@@ -177,7 +185,7 @@ def test_aliases_under_the_limit_are_expanded(tmp_path: Path) -> None:
         + URL
         + "], n: 2}\n- {<<: *first, prompt: b}\n- {prompt: c, images: *imgs}\n"
     )
-    first, second, third = load(tmp_path, text).items
+    first, second, third = load(tmp_path, text).iter_items()
     assert second.request == {"prompt": "b", "images": [URL], "n": 2}
     assert third.request["images"] == first.request["images"] == [URL]
 
@@ -375,20 +383,56 @@ def test_images_count(tmp_path: Path, count: int, words: str) -> None:
     assert "1 to 16" in problem.message
 
 
-@pytest.mark.parametrize("local", ["./cat.png", "/tmp/x.png", "C:\\x.png", "file:///tmp/x.png", "cat.png"])
-def test_local_image_paths_are_refused(tmp_path: Path, local: str) -> None:
-    """Local paths are refused, saying local files are not supported yet and the API takes public URLs."""
+@pytest.mark.parametrize("local", ["./cat.png", "/tmp/no-such-x.png", "C:\\x.png", "cat.png"])
+def test_a_missing_local_image_is_named_with_its_resolved_path(tmp_path: Path, local: str) -> None:
+    """A local path that names no file is a problem at its entry, saying where it was looked for (relative
+    paths are relative to the manifest's folder)."""
     problem = one(tmp_path, with_items(f"- prompt: a\n  images:\n    - {URL}\n    - '{local}'\n"))
     assert (problem.field, problem.line) == ("items[0].images[1]", 6)
-    assert "local files are not supported yet" in problem.message
-    assert "public URLs" in problem.message
+    expected = Path(local) if local.startswith("/") else tmp_path / local
+    assert problem.message == f"{os.path.normpath(expected)} does not exist"
+
+
+def test_a_local_image_with_no_route_names_both_routes(tmp_path: Path) -> None:
+    """A local file is accepted only with a route for local files; without one, validate says so once,
+    showing both routes, and sends nothing."""
+    (tmp_path / "cat.png").write_bytes(render_output(32, 32, prompt="cat", index=0))
+    text = with_items("- {prompt: a, images: [cat.png]}\n- {prompt: b, images: [cat.png]}\n")
+    problem = one(tmp_path, text)
+    assert (problem.field, problem.item_index) == ("items[0].images[0]", 0)
+    assert "upload: s3://bucket/prefix/" in problem.message
+    assert "route: openai-images" in problem.message
+
+
+def test_a_local_image_is_resolved_and_fingerprinted_by_its_content(tmp_path: Path) -> None:
+    """With a route, a local path becomes absolute in the request, and the fingerprint follows the file's
+    bytes, not its name: an edited photo is a changed item, a moved folder is not."""
+    head = "settings:\n  inputs: {route: openai-images}\ndefaults:\n  size: auto\n"
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "cat.png").write_bytes(render_output(32, 32, prompt="cat", index=0))
+    item = next(
+        load(tmp_path, with_items("- {id: x, prompt: p, images: [a/cat.png]}\n", head=head)).iter_items()
+    )
+    assert item.request["images"] == [str(tmp_path / "a" / "cat.png")]
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "cat.png").rename(tmp_path / "b" / "cat.png")
+    moved = next(
+        load(tmp_path, with_items("- {id: x, prompt: p, images: [b/cat.png]}\n", head=head)).iter_items()
+    )
+    assert moved.fingerprint == item.fingerprint
+    (tmp_path / "b" / "cat.png").write_bytes(render_output(32, 32, prompt="dog", index=0))
+    edited = next(
+        load(tmp_path, with_items("- {id: x, prompt: p, images: [b/cat.png]}\n", head=head)).iter_items()
+    )
+    assert edited.fingerprint != item.fingerprint
 
 
 def test_data_uri_is_a_warning(tmp_path: Path) -> None:
     """A data: URI is accepted with a warning naming the file, item and field."""
     manifest = load(tmp_path, with_items("- prompt: a\n  images: ['data:image/png;base64,AAAA']\n"))
     [warning] = manifest.warnings
-    assert warning.startswith(f"{tmp_path / 'job.yaml'}:4: item 0 ('item-0'): items[0].images[0]: ")
+    assert warning.startswith(f"{tmp_path / 'job.yaml'}:4: item 0 ('auto-")
+    assert ": items[0].images[0]: " in warning
     assert "data: URI" in warning
 
 
@@ -405,13 +449,24 @@ def test_duplicate_ids_name_both_positions(tmp_path: Path) -> None:
     assert "already used by item 0 (line 3)" in problem.message
 
 
-def test_default_id_colliding_with_an_explicit_one(tmp_path: Path) -> None:
-    """An explicit id equal to another item's default id is a duplicate too."""
+def test_two_identical_items_without_ids_are_named(tmp_path: Path) -> None:
+    """Ids are made from the items' contents, so two identical items without ids would share one: the
+    second is a problem naming the first and how to fix it."""
     problem = one(
-        tmp_path,
-        with_items(f"- {{id: item-1, prompt: x, images: [{URL}]}}\n- {{prompt: y, images: [{URL}]}}\n"),
+        tmp_path, with_items(f"- {{prompt: x, images: [{URL}]}}\n- {{prompt: x, images: [{URL}]}}\n")
     )
-    assert "default id 'item-1'" in problem.message
+    assert (problem.item_index, problem.field, problem.line) == (1, "items[1].id", 4)
+    assert "is the same request as item 0 (line 3), and neither has an id" in problem.message
+
+
+def test_generated_ids_do_not_move_when_an_item_is_inserted(tmp_path: Path) -> None:
+    """An item without an id keeps its id when another is inserted above it (ids come from content)."""
+    before = [
+        item.id for item in load(tmp_path, with_items(f"- {{prompt: b, images: [{URL}]}}\n")).iter_items()
+    ]
+    text = with_items(f"- {{prompt: a, images: [{URL}]}}\n- {{prompt: b, images: [{URL}]}}\n")
+    after = [item.id for item in load(tmp_path, text).iter_items()]
+    assert after[1] == before[0]
 
 
 def test_integer_id_is_refused_with_a_quoting_hint(tmp_path: Path) -> None:
@@ -518,9 +573,9 @@ def test_malformed_model_is_an_error(tmp_path: Path, model: str) -> None:
 
 def test_quality_on_a_plus_model_is_one_counted_warning(tmp_path: Path) -> None:
     """quality on -plus items warns once, naming the first item and counting the others."""
-    items = "".join(f"- {{prompt: p, images: [{URL}], quality: high}}\n" for _ in range(3))
+    items = "".join(f"- {{id: i{k}, prompt: p, images: [{URL}], quality: high}}\n" for k in range(3))
     [warning] = load(tmp_path, with_items(items)).warnings
-    assert "item 0 ('item-0'): items[0].quality: ignored by -plus models" in warning
+    assert "item 0 ('i0'): items[0].quality: ignored by -plus models" in warning
     assert warning.startswith(f"{tmp_path / 'job.yaml'}:3:")
     assert warning.endswith("(and 2 more items)")
 
@@ -619,8 +674,9 @@ def test_a_100k_item_manifest_validates(tmp_path: Path) -> None:
     path = tmp_path / "big.yaml"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     manifest = load_manifest(path)
-    assert len(manifest.items) == 100_000
-    assert manifest.items[-1].id == "sku-99999"
+    assert manifest.count == 100_000
+    *_, last = manifest.iter_items()
+    assert last.id == "sku-99999"
 
 
 # ------------------------------------------------------------------------------------- the model table

@@ -25,7 +25,7 @@ from batch_engine.manifest.fields import (
     value_problems,
 )
 from batch_engine.manifest.schema import SCHEMA_DIALECT, field_schema, manifest_schema
-from batch_engine.settings import RunSettings
+from batch_engine.settings import InputsSettings, RunSettings
 
 URL = "https://example.com/cat.png"
 ITEMS = f"items: [{{prompt: a, images: [{URL}]}}]\n"
@@ -45,25 +45,29 @@ def test_schema_is_json_with_id_and_title() -> None:
 
 
 def test_top_level_properties_are_the_validators() -> None:
-    """The top level lists the plain fields and the three containers, and requires version and items."""
+    """The top level lists the plain fields and the containers, and requires version and one of items and
+    items_from."""
     built = schema()
     expected = [spec.name for spec in top_level_fields()] + list(CONTAINER_KEYS)
     assert list(built["properties"]) == expected
-    assert built["required"] == ["version", "items"]
+    assert built["required"] == ["version"]
+    assert built["oneOf"] == [{"required": ["items"]}, {"required": ["items_from"]}]
 
 
 def test_every_request_field_appears_in_defaults_and_items() -> None:
-    """defaults holds every request field; an item holds id and every request field."""
+    """defaults holds every request field; an item holds id, meta and every request field."""
     built = schema()
     names = [spec.name for spec in request_fields()]
     assert list(built["properties"]["defaults"]["properties"]) == names
-    assert list(built["$defs"]["item"]["properties"]) == ["id", *names]
+    assert list(built["$defs"]["item"]["properties"]) == ["id", "meta", *names]
 
 
 def test_every_run_setting_appears() -> None:
-    """settings lists every RunSettings field, with its dataclass default."""
+    """settings lists every RunSettings field, with its dataclass default, then inputs with every
+    InputsSettings field."""
     properties = schema()["properties"]["settings"]["properties"]
-    assert list(properties) == list(RunSettings.field_names())
+    assert list(properties) == [*RunSettings.field_names(), "inputs"]
+    assert list(properties["inputs"]["properties"]) == list(InputsSettings.field_names())
     for spec in dataclasses.fields(RunSettings):
         assert properties[spec.name]["default"] == spec.default
         assert properties[spec.name]["description"]
@@ -189,7 +193,7 @@ INVALID = {
     "n boolean": f"version: 1\nitems: [{{prompt: a, images: [{URL}], n: true}}]\n",
     "bad quality": f"version: 1\nitems: [{{prompt: a, images: [{URL}], quality: best}}]\n",
     "images string": f"version: 1\nitems: [{{prompt: a, images: {URL}}}]\n",
-    "local image": "version: 1\nitems: [{prompt: a, images: [./cat.png]}]\n",
+    "blank image": "version: 1\nitems: [{prompt: a, images: [' ']}]\n",
     "blank prompt": f"version: 1\nitems: [{{prompt: ' ', images: [{URL}]}}]\n",
     "malformed size": f"version: 1\nitems: [{{prompt: a, images: [{URL}], size: big}}]\n",
     "integer id": f"version: 1\nitems: [{{id: 7, prompt: a, images: [{URL}]}}]\n",

@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 
 from batch_engine.api import catalogue
 from batch_engine.settings import RunSettings
+from batch_engine.store.files import DEFAULT_OUTPUT
 
 MAX_MANIFEST_BYTES = 256 * 1024 * 1024
 #: Values in the document once every alias is expanded; a 100,000-item manifest has about 1,200,000.
@@ -34,7 +35,7 @@ IMAGE_URL_PATTERN = r"^([hH][tT][tT][pP][sS]?://[^\s/]|[dD][aA][tT][aA]:)"
 SIZE_PATTERN = r"^(auto|[0-9]+x[0-9]+)$"
 NOT_BLANK_PATTERN = r"\S"
 
-CONTAINER_KEYS = ("defaults", "settings", "items")
+CONTAINER_KEYS = ("defaults", "settings", "items", "items_from")
 
 
 class Marker:
@@ -87,14 +88,13 @@ _REQUEST_FIELDS = (
     FieldDef(
         "images",
         "array",
-        "Input images as public http(s) URLs. Required for image-edit, not allowed for text-to-image.",
+        "Input images: public http(s) URLs, or local files (paths relative to the manifest's folder, ~ "
+        "expanded; settings.inputs names how they reach the API). Required for image-edit, not allowed for "
+        "text-to-image.",
         min_length=1,
         max_length=MAX_IMAGES,
-        pattern=IMAGE_URL_PATTERN,
-        pattern_hint=(
-            "is not an http(s) URL: local files are not supported yet, the API takes public URLs, "
-            "so upload the image somewhere public and give its https:// address"
-        ),
+        pattern=NOT_BLANK_PATTERN,
+        pattern_hint="is blank: give a URL or a file path",
         example="[https://example.com/cat.png]",
     ),
     FieldDef(
@@ -139,6 +139,73 @@ _REQUEST_FIELDS = (
     ),
 )
 
+ITEM_META = FieldDef(
+    "meta",
+    "object",
+    "The item's metadata (title, category, supplier...): not sent, carried unchanged into results.jsonl, "
+    "report.yaml, failures.yaml and the page's search; usable as {meta.NAME} in the output template.",
+    example="{category: shoes}",
+)
+
+#: ``items_from:`` as a mapping, for a folder of images: the glob, then any request field for every item.
+ITEMS_FROM_GLOB = FieldDef(
+    "glob",
+    "string",
+    "Files to make items of, relative to the manifest's folder; ** spans folders, e.g. photos/**/*.jpg. "
+    "One item per file, its id the path below the folder without the extension.",
+    min_length=1,
+    pattern=NOT_BLANK_PATTERN,
+    pattern_hint="is blank: e.g. photos/*.jpg",
+    example='"photos/**/*.jpg"',
+)
+
+#: ``settings.inputs``: how local input files reach the API (see ``settings.InputsSettings``).
+INPUTS_FIELDS = (
+    FieldDef(
+        "upload",
+        "string",
+        "Stage local files in your object store, keyed by sha256: s3://bucket/prefix/ (any S3-compatible "
+        "store; credentials, region and endpoint from the standard AWS environment, never the manifest).",
+        pattern=r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$",
+        pattern_hint="is not s3://bucket/prefix/ (a bucket name in lower case, then an optional prefix)",
+        example="s3://my-bucket/batch-inputs/",
+    ),
+    FieldDef(
+        "url_ttl",
+        "number",
+        "Seconds a presigned URL of a staged file stays valid. Default: the prediction timeout + 15 minutes.",
+        minimum=60,
+        maximum=7 * 24 * 3600,
+        example="3600",
+    ),
+    FieldDef(
+        "public_base_url",
+        "string",
+        "The bucket is public: the API gets this URL + the object key, unsigned.",
+        pattern=IMAGE_URL_PATTERN,
+        pattern_hint="is not an http(s) URL",
+        example='"https://my-bucket.s3.amazonaws.com/"',
+    ),
+    FieldDef(
+        "route",
+        "string",
+        "predictions (the default: files staged by upload, sent as URLs) or openai-images (files sent to "
+        "the vendor's OpenAI-format endpoint, which answers when the image is done).",
+        enum=("predictions", "openai-images"),
+        default="predictions",
+        example="openai-images",
+    ),
+    FieldDef(
+        "upload_concurrency",
+        "integer",
+        "Uploads at once.",
+        minimum=1,
+        maximum=64,
+        default=8,
+        example="8",
+    ),
+)
+
 ITEM_ID = FieldDef(
     "id",
     "string",
@@ -177,6 +244,17 @@ _TOP_LEVEL_FIELDS = (
         enum=tuple(catalogue.TASK_TAKES_IMAGES),
         default=catalogue.DEFAULT_TASK,
         example=catalogue.DEFAULT_TASK,
+    ),
+    FieldDef(
+        "output",
+        "string",
+        "Where each item's outputs go, relative to the out dir: {id} (the id made safe), {k} (1, 2, ...), "
+        "{ext} (from the bytes) and {meta.NAME}, e.g. {meta.category}/{id}-{k}.{ext}.",
+        min_length=1,
+        pattern=NOT_BLANK_PATTERN,
+        pattern_hint="is blank: leave output out for images/{id}-{k}.{ext}",
+        default=DEFAULT_OUTPUT,
+        example='"{meta.category}/{id}-{k}.{ext}"',
     ),
 )
 
@@ -259,6 +337,7 @@ _PY_TYPES: Mapping[str, type | tuple[type, ...]] = {
     "number": (int, float),
     "boolean": bool,
     "array": list,
+    "object": dict,
 }
 _TYPE_NAMES = {
     "string": "a string",
@@ -266,6 +345,7 @@ _TYPE_NAMES = {
     "number": "a number",
     "boolean": "true or false",
     "array": "a list",
+    "object": "a mapping of name: value",
 }
 
 
@@ -407,3 +487,27 @@ def _array_problems(spec: FieldDef, value: list[Any]) -> list[Complaint]:
         elif spec.pattern is not None and _regex(spec.pattern).search(entry) is None:
             found.append(Complaint(f"{describe(entry)} {spec.pattern_hint}", index))
     return found
+
+
+# ---------------------------------------------------------------------------------------------- field names
+
+#: Where each known key belongs, for "unknown field" messages about a key put in the wrong place.
+_HOMES = {
+    **{spec.name: "at the top level" for spec in _TOP_LEVEL_FIELDS},
+    **{name: "at the top level" for name in CONTAINER_KEYS},
+    **{spec.name: "under settings:" for spec in _SETTING_FIELDS},
+    "inputs": "under settings:",
+    **{spec.name: "on an item, or under defaults: for every item" for spec in _REQUEST_FIELDS},
+    "id": "on an item (ids are per item)",
+    "meta": "on an item (its metadata)",
+}
+
+
+def unknown_message(key: Any, allowed: Sequence[str]) -> str:
+    """``unknown field 'x'``, and where it belongs if elsewhere, or the nearest allowed name."""
+    text = f"unknown field {key!r}"
+    home = _HOMES.get(key) if isinstance(key, str) else None
+    if home is not None:
+        return f"{text} here: {key} belongs {home}"
+    hint = suggestion(str(key), allowed)
+    return text + (hint if hint else f"; the fields here are: {', '.join(allowed)}")

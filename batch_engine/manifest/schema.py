@@ -15,7 +15,10 @@ import yaml
 
 from batch_engine.api import catalogue
 from batch_engine.manifest.fields import (
+    INPUTS_FIELDS,
     ITEM_ID,
+    ITEM_META,
+    ITEMS_FROM_GLOB,
     NO_DEFAULT,
     FieldDef,
     request_fields,
@@ -35,23 +38,55 @@ def manifest_schema() -> dict[str, Any]:
         "title": "batch-engine manifest",
         "description": "A batch of image requests for GPTProto's prediction API, run by batch-engine.",
         "type": "object",
-        "required": ["version", "items"],
+        "required": ["version"],
+        "oneOf": [{"required": ["items"]}, {"required": ["items_from"]}],
         "additionalProperties": False,
         "properties": {
             **{spec.name: field_schema(spec) for spec in top_level_fields()},
             "defaults": _object(
                 request_fields(), "Request fields applied to every item that does not set them itself."
             ),
-            "settings": _object(setting_fields(), "Run settings; command-line flags override them."),
+            "settings": _settings(),
             "items": {
                 "description": "The work: one request per item.",
                 "type": "array",
                 "minItems": 1,
                 "items": {"$ref": "#/$defs/item"},
             },
+            "items_from": _items_from(),
         },
-        "$defs": {"item": _object((ITEM_ID, *request_fields()), _ITEM_DESCRIPTION)},
+        "$defs": {"item": _object((ITEM_ID, ITEM_META, *request_fields()), _ITEM_DESCRIPTION)},
     }
+
+
+def _settings() -> dict[str, Any]:
+    schema = _object(setting_fields(), "Run settings; command-line flags override them.")
+    inputs = _object(INPUTS_FIELDS, "How local input files reach the API: upload: or route: openai-images.")
+    schema["properties"]["inputs"] = inputs
+    return schema
+
+
+def _items_from() -> dict[str, Any]:
+    folder = _object((ITEMS_FROM_GLOB, *request_fields()), _FOLDER_DESCRIPTION)
+    folder["required"] = [ITEMS_FROM_GLOB.name]
+    return {
+        "description": "Items from a file or a folder instead of items: (defaults apply, items override).",
+        "oneOf": [
+            {"type": "string", "description": _FILE_DESCRIPTION, "pattern": r"\\.(csv|jsonl|ndjson)$"},
+            folder,
+        ],
+    }
+
+
+_FILE_DESCRIPTION = (
+    "A CSV file with a header row (id, prompt, images separated by |, or image_1 ... image_N, and any "
+    "request field as a column; other columns are the item's metadata) or a JSONL file of one item object "
+    "per line; relative to the manifest's folder."
+)
+_FOLDER_DESCRIPTION = (
+    "One item per file the glob matches, the file as its image, its id the path below the folder without the "
+    "extension; {stem}, {name} and {relpath} in the prompt are the file's."
+)
 
 
 _ITEM_DESCRIPTION = (

@@ -1,105 +1,107 @@
 """Validate a manifest: a ``Manifest``, or a ``ManifestError`` listing every problem, each with its place.
 
-``_Validator`` holds every rule; each broken rule is one ``Problem``, and all of them are collected before
-raising.
+The header (version, name, model, task, defaults, settings, output) is checked here; the items, inline under
+``items:`` or from ``items_from:`` (a CSV or JSONL file, or a folder of images), by `items.ItemRules`, in one
+streaming pass that also keeps ids and output files unique (`unique.UniqueKeys`). Each broken rule is one
+``Problem``; all of them are collected (the first ``MAX_LISTED`` listed, the rest counted) before raising.
+The manifest returned reads its items again from their source whenever they are asked for.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-from collections.abc import Collection, Mapping, Sequence
+import functools
+from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 from batch_engine.api import catalogue
 from batch_engine.errors import ManifestError, Problem, UsageError
+from batch_engine.manifest import sources
 from batch_engine.manifest.fields import (
     ABSENT,
     CONTAINER_KEYS,
-    ITEM_ID,
+    INPUTS_FIELDS,
+    ITEMS_FROM_GLOB,
     FieldDef,
     describe,
     request_fields,
     setting_fields,
-    suggestion,
     top_level_fields,
+    unknown_message,
     value_problems,
 )
+from batch_engine.manifest.items import GENERATED_PREFIX, ItemRules, Place, fingerprint, generated_id
 from batch_engine.manifest.reader import Doc, gc_paused, read_document
-from batch_engine.settings import RunSettings
-from batch_engine.store.files import safe_stem, stem_key
+from batch_engine.manifest.sources import RawItem, SourceError, Where
+from batch_engine.manifest.unique import UniqueKeys
+from batch_engine.settings import InputsSettings, RunSettings
+from batch_engine.store.files import DEFAULT_OUTPUT, OutputTemplate
 from batch_engine.values import Item, Manifest
 
-
-class _Entry(NamedTuple):
-    """An item that passed its own checks, waiting for the whole manifest to pass."""
-
-    position: int
-    item_id: str
-    spec: dict[Any, Any]
-    request: dict[Any, Any]
-
-
-class _Place(NamedTuple):
-    """Where a group of fields sits: its path prefix, its mapping (for lines) and its item, if any."""
-
-    prefix: str  #: "" (top level), "defaults", "settings" or "items[3]"
-    container: Any
-    item_index: int | None = None
-    item_id: str | None = None
-
+MAX_LISTED = 200  #: problems listed in full; beyond, they are counted
 
 _REQUEST = {spec.name: spec for spec in request_fields()}
 _SETTINGS = {spec.name: spec for spec in setting_fields()}
+_INPUTS = {spec.name: spec for spec in INPUTS_FIELDS}
 _TOP = {spec.name: spec for spec in top_level_fields()}
-_ITEM = {ITEM_ID.name: ITEM_ID, **_REQUEST}
+_FOLDER = {ITEMS_FROM_GLOB.name: ITEMS_FROM_GLOB, **_REQUEST}
 _TOP_KEYS = (*_TOP, *CONTAINER_KEYS)
-_DATA_URI_WARNING = "is a data: URI, which the API may refuse: prefer a public https:// URL"
+_ITEM_FIELDS = ("id", "meta", *_REQUEST)
+_ITEMS_FILES = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 
-#: Where each known key belongs, for "unknown field" messages about a key put in the wrong place.
-_HOMES = {
-    **{name: "at the top level" for name in (*_TOP, *CONTAINER_KEYS)},
-    **{name: "under settings:" for name in _SETTINGS},
-    **{name: "on an item, or under defaults: for every item" for name in _REQUEST},
-    "id": "on an item (ids are per item)",
-}
+__all__ = ["fingerprint", "generated_id", "load_manifest"]
 
 
 class _Validator:
-    """Checks one document against every rule, collecting problems and warnings as it goes."""
+    """Checks one manifest against every rule, collecting problems and warnings as it goes."""
 
     def __init__(self, file: str) -> None:
         self.file = file
         self.doc = Doc()
-        self.problems: list[tuple[int, int, Problem]] = []
+        self.problems: list[tuple[str, int, int, Problem]] = []
+        self.problem_count = 0  #: every problem found, listed or not
         self.warnings: list[tuple[int, int, str]] = []
-        self.item_warnings: dict[tuple[str, str], list[Problem]] = {}  #: (field, message) -> where
+        self.item_warnings: dict[tuple[str, str], tuple[Problem, int]] = {}  #: first place, and how many
         self.spec = catalogue.spec_for(catalogue.DEFAULT_MODEL)
-        self.task_takes_images: bool | None = True  #: None when the task is unknown
-        #: stem_key of an id -> (index, id) of the first item with it: ids unique, and their files too
-        self.ids: dict[str, tuple[int, str]] = {}
+        self.takes_images: bool | None = True  #: None when the task is unknown
 
     # -- reporting
 
     def complain_at(self, message: str, line: int | None) -> None:
         """A problem of the file as a whole, or of the line given."""
-        self.problems.append((line or 0, len(self.problems), Problem(self.file, message, line=line)))
+        self._add(Problem(self.file, message, line=line))
 
-    def complain(self, place: _Place, key: Any, message: str, *, entry: int | None = None) -> None:
+    def complain(self, place: Place, key: Any, message: str, *, entry: int | None = None) -> None:
+        self._add(self._problem(place, key, message, entry))
+
+    def warn(self, place: Place, key: Any, message: str, *, entry: int | None = None) -> None:
+        where = self._problem(place, key, message, entry)
+        if place.item_index is None:
+            self.warnings.append((where.line or 0, len(self.warnings), str(where)))
+            return
+        said = (_path("", key, entry), message)  # the same warning on many items is said once, with a count
+        first, count = self.item_warnings.get(said, (where, 0))
+        self.item_warnings[said] = (first, count + 1)
+
+    def item_line(self, position: int) -> int | None:
+        items = self.doc.root.get("items") if isinstance(self.doc.root, dict) else None
+        return self.doc.line(items, position) if isinstance(items, list) else None
+
+    def _add(self, problem: Problem) -> None:
+        self.problem_count += 1
+        if len(self.problems) < MAX_LISTED:
+            self.problems.append((problem.file, problem.line or 0, len(self.problems), problem))
+
+    def _problem(self, place: Place, key: Any, message: str, entry: int | None) -> Problem:
+        if place.where is not None:  # an items file: its own path, the item's line, the field's column
+            column = place.where.column(key) if isinstance(key, str) else None
+            field = _path("", key, entry) or None
+            return Problem(
+                place.where.file, message, field, place.item_index, place.item_id, place.where.line, column
+            )
         path = _path(place.prefix, key, entry)
         line = self._line(place.container, key, entry)
-        problem = Problem(self.file, message, path or None, place.item_index, place.item_id, line)
-        self.problems.append((line or 0, len(self.problems), problem))
-
-    def warn(self, place: _Place, key: Any, message: str, *, entry: int | None = None) -> None:
-        line = self._line(place.container, key, entry)
-        path = _path(place.prefix, key, entry) or None
-        where = Problem(self.file, message, path, place.item_index, place.item_id, line)
-        if place.item_index is None:
-            self.warnings.append((line or 0, len(self.warnings), str(where)))
-        else:  # the same warning on many items is said once, with a count
-            self.item_warnings.setdefault((_path("", key, entry), message), []).append(where)
+        return Problem(self.file, message, path or None, place.item_index, place.item_id, line)
 
     def _line(self, container: Any, key: Any, entry: int | None) -> int | None:
         if entry is not None and isinstance(container, dict) and key in container:
@@ -108,11 +110,11 @@ class _Validator:
 
     # -- the document
 
-    def run(self, doc: Doc, default_name: str) -> Manifest | None:
+    def run(self, doc: Doc, path: Path) -> Manifest | None:
         """The manifest, or None when any problem was found (reading problems included)."""
         self.doc = doc
         root = doc.root
-        top = _Place("", root)
+        top = Place("", root)
         if not isinstance(root, dict):
             self.complain(top, None, _root_message(root))
             return None
@@ -120,27 +122,32 @@ class _Validator:
         self._check_fields(root, top, _TOP)
         self._check_top(root, top)
         defaults = self._mapping(root, "defaults", top)
-        self._check_fields(defaults, _Place("defaults", defaults), _REQUEST, request=True)
         settings = self._mapping(root, "settings", top)
-        self._check_settings(settings, _Place("settings", settings))
-        entries = self._items(root, top, defaults)
-        if self.problems:
+        inputs = self._check_settings(settings, Place("settings", settings))
+        output = self._check_output(root, top)
+        rules = self._rules(root, path, defaults, inputs, output)
+        self._check_defaults(defaults, rules)
+        reader = self._reader(root, top, path, rules)
+        if reader is None:
             return None
-        return self._manifest(root, default_name, defaults, settings, entries)
+        count = self._check_items(reader, rules)
+        if self.problem_count:
+            return None
+        return self._manifest(root, path, defaults, settings, reader, rules, count)
 
-    def _check_top(self, root: dict[Any, Any], top: _Place) -> None:
+    def _check_top(self, root: dict[Any, Any], top: Place) -> None:
         if "version" not in root:
             self.complain(top, "version", "is missing: write 'version: 1' at the top of the manifest")
         model = root.get("model", catalogue.DEFAULT_MODEL)
         if isinstance(model, str) and catalogue.is_model_name(model):
             self._use_model(model, top)
         task = root.get("task", catalogue.DEFAULT_TASK)
-        self.task_takes_images = catalogue.TASK_TAKES_IMAGES.get(task) if isinstance(task, str) else None
+        self.takes_images = catalogue.TASK_TAKES_IMAGES.get(task) if isinstance(task, str) else None
         if isinstance(task, str) and task in catalogue.TASK_TAKES_IMAGES and task not in self.spec.tasks:
             tasks = ", ".join(sorted(self.spec.tasks))
             self.complain(top, "task", f"{self.spec.name} does not do {task}; it does: {tasks}")
 
-    def _use_model(self, model: str, top: _Place) -> None:
+    def _use_model(self, model: str, top: Place) -> None:
         self.spec = catalogue.spec_for(model)
         if catalogue.model_spec(model) is None:
             known = ", ".join(catalogue.MODELS)
@@ -151,7 +158,7 @@ class _Validator:
                 "with the gpt-image-2 family's rules assumed (sizes, fields)",
             )
 
-    def _mapping(self, root: dict[Any, Any], key: str, top: _Place) -> dict[Any, Any]:
+    def _mapping(self, root: dict[Any, Any], key: str, top: Place) -> dict[Any, Any]:
         value = root.get(key)
         if value is None:
             return {}
@@ -160,165 +167,242 @@ class _Validator:
             return {}
         return value
 
+    def _check_output(self, root: dict[Any, Any], top: Place) -> OutputTemplate:
+        text = root.get("output", DEFAULT_OUTPUT)
+        if not isinstance(text, str):
+            return OutputTemplate()  # the field check reports it
+        template = OutputTemplate(text)
+        for problem in template.problems():
+            self.complain(top, "output", f'{problem}; e.g. output: "{{meta.category}}/{{id}}-{{k}}.{{ext}}"')
+        return template
+
     # -- fields
 
-    def _check_keys(self, values: dict[Any, Any], place: _Place, allowed: Collection[str]) -> None:
+    def _check_keys(self, values: dict[Any, Any], place: Place, allowed: Collection[str]) -> None:
         for key in values:
             if key not in allowed:
-                self.complain(place, key, _unknown_message(key, list(allowed)))
+                self.complain(place, key, unknown_message(key, list(allowed)))
 
-    def _check_fields(
-        self, values: dict[Any, Any], place: _Place, specs: Mapping[str, FieldDef], *, request: bool = False
-    ) -> None:
-        if request:
-            self._check_keys(values, place, specs.keys())
+    def _check_fields(self, values: dict[Any, Any], place: Place, specs: Mapping[str, FieldDef]) -> bool:
+        before = self.problem_count
         for key, value in values.items():
             spec = specs.get(key)
             if spec is None:
                 continue
-            complaints = value_problems(spec, value)
-            for complaint in complaints:
+            for complaint in value_problems(spec, value):
                 self.complain(place, key, complaint.message, entry=complaint.entry)
-            if request and not complaints:
-                self._check_for_model(place, key, value)
+        return self.problem_count == before
 
-    def _check_for_model(self, place: _Place, key: str, value: Any) -> None:
-        if key == "size":
-            broken = catalogue.size_problem(self.spec, value)
-            if broken is not None:
-                self.complain(place, key, broken)
-        elif key == "images":
-            self._check_images(place, value)
-        elif key == "quality" and not self.spec.supports_quality:
-            name = self.spec.short_name
-            self.warn(place, key, f"ignored by -plus models: {name} does not take quality, so it is not sent")
-        elif key == "background" and value == "transparent" and self.spec.transparent_doubtful:
-            self.warn(
-                place, key, f"transparent backgrounds are reported not to work on {self.spec.short_name}"
-            )
+    def _check_defaults(self, defaults: dict[Any, Any], rules: ItemRules) -> None:
+        place = Place("defaults", defaults)
+        self._check_keys(defaults, place, _REQUEST)
+        for key, value in defaults.items():
+            spec = _REQUEST.get(key)
+            if spec is not None and self._check_fields({key: value}, place, _REQUEST):
+                rules.check_for_model(place, key, value)
 
-    def _check_images(self, place: _Place, urls: list[str]) -> None:
-        if self.task_takes_images is False:
-            self.complain(
-                place, "images", "text-to-image takes no input images: remove them, or use image-edit"
-            )
-            return
-        for entry, url in enumerate(urls):
-            if url[:5].lower() == "data:":
-                self.warn(place, "images", _DATA_URI_WARNING, entry=entry)
-
-    def _check_settings(self, settings: dict[Any, Any], place: _Place) -> None:
-        before = len(self.problems)
-        self._check_keys(settings, place, _SETTINGS)
-        self._check_fields(settings, place, _SETTINGS)
-        if len(self.problems) > before or not settings:
-            return
+    def _check_settings(self, settings: dict[Any, Any], place: Place) -> InputsSettings | None:
+        before = self.problem_count
+        self._check_keys(settings, place, (*_SETTINGS, "inputs"))
+        plain = {key: value for key, value in settings.items() if key != "inputs"}
+        self._check_fields(plain, place, _SETTINGS)
+        inputs = self._check_inputs(settings.get("inputs"), place)
+        if self.problem_count > before or not plain:
+            return inputs
         try:
-            RunSettings(**settings)
+            RunSettings(**plain)
         except (UsageError, TypeError) as exc:  # rules across settings, e.g. rate_min <= rate
-            self.complain(_Place("", self.doc.root), "settings", str(exc))
+            self.complain(Place("", self.doc.root), "settings", str(exc))
+        return inputs
+
+    def _check_inputs(self, value: Any, settings: Place) -> InputsSettings | None:
+        if value is None:
+            return None
+        if not isinstance(value, dict):
+            self.complain(
+                settings,
+                "inputs",
+                f"must be a mapping (upload: s3://..., or route: ...), got {describe(value)}",
+            )
+            return None
+        place = Place("settings.inputs", value)
+        self._check_keys(value, place, _INPUTS)
+        if not self._check_fields(value, place, _INPUTS) or set(value) - set(_INPUTS):
+            return None
+        try:
+            return InputsSettings(**value)
+        except UsageError as exc:
+            self.complain(settings, "inputs", str(exc).removeprefix("inputs: "))
+            return None
 
     # -- items
 
-    def _items(self, root: dict[Any, Any], top: _Place, defaults: dict[Any, Any]) -> list[_Entry]:
-        items = root.get("items", ABSENT)
-        if items is ABSENT:
-            self.complain(top, "items", "is missing: list the work under items:, e.g. items: [{prompt: ...}]")
-            return []
-        if not isinstance(items, list) or not items:
-            got = "an empty list" if items == [] else describe(items)
-            self.complain(top, "items", f"must be a non-empty list of items, got {got}")
-            return []
-        entries = (self._item(index, value, items, defaults) for index, value in enumerate(items))
-        return [entry for entry in entries if entry is not None]
-
-    def _item(self, index: int, value: Any, items: list[Any], defaults: dict[Any, Any]) -> _Entry | None:
-        if not isinstance(value, dict):
-            message = f"must be a mapping of fields (prompt: ..., images: ...), got {describe(value)}"
-            self.complain(_Place("items", items, index), index, message)
-            return None
-        item_id = self._item_id(index, value)
-        place = _Place(f"items[{index}]", value, index, item_id)
-        self._check_fields(value, place, _ITEM, request=True)
-        request = {**defaults, **value}
-        request.pop("id", None)
-        self._check_required(place, request)
-        return None if item_id is None else _Entry(index, item_id, value, request)
-
-    def _item_id(self, index: int, item: dict[Any, Any]) -> str | None:
-        given = item.get("id", ABSENT)
-        item_id = f"item-{index}" if given is ABSENT else given
-        if not isinstance(item_id, str) or value_problems(ITEM_ID, item_id):
-            return None  # the field check reports it
-        first, first_id = self.ids.setdefault(stem_key(item_id), (index, item_id))
-        if first != index:
-            place = _Place(f"items[{index}]", item, index, item_id)
-            if first_id == item_id:
-                self.complain(place, "id", self._duplicate_message(item_id, first, given))
-            else:
-                self.complain(place, "id", self._same_files_message(item_id, first, first_id))
-        return item_id
-
-    def _same_files_message(self, item_id: str, first: int, first_id: str) -> str:
-        line = self.doc.line(self.doc.root["items"], first)
-        return (
-            f"id {item_id!r} would write the same output files as item {first} ({first_id!r}, line {line})"
-            " on a case-insensitive file system (macOS, Windows), images/"
-            f"{safe_stem(item_id)}-1...; rename one"
+    def _rules(
+        self,
+        root: dict[Any, Any],
+        path: Path,
+        defaults: dict[Any, Any],
+        inputs: InputsSettings | None,
+        output: OutputTemplate,
+    ) -> ItemRules:
+        model = root.get("model", catalogue.DEFAULT_MODEL)
+        task = root.get("task", catalogue.DEFAULT_TASK)
+        return ItemRules(
+            model=model if isinstance(model, str) else catalogue.DEFAULT_MODEL,
+            task=task if isinstance(task, str) else catalogue.DEFAULT_TASK,
+            spec=self.spec,
+            takes_images=self.takes_images,
+            defaults=defaults,
+            base=path.resolve().parent,
+            inputs=inputs,
+            output=output,
+            report=self,
         )
 
-    def _duplicate_message(self, item_id: str, first: int, given: Any) -> str:
-        items = self.doc.root["items"]
-        whose = "its default id" if given is ABSENT else "id"
-        return (
-            f"{whose} {item_id!r} is already used by item {first} (line {self.doc.line(items, first)}); "
-            "ids must be unique: rename one"
-        )
-
-    def _check_required(self, place: _Place, request: dict[Any, Any]) -> None:
-        if "prompt" not in request:
-            self.complain(place, "prompt", "is missing: give the item a prompt, or set one under defaults:")
-        if self.task_takes_images and "images" not in request:
+    def _reader(
+        self, root: dict[Any, Any], top: Place, path: Path, rules: ItemRules
+    ) -> sources.Reader | None:
+        """How to read the items again and again: from the document, or from the source items_from names."""
+        inline, source = root.get("items", ABSENT), root.get("items_from", ABSENT)
+        if inline is not ABSENT and source is not ABSENT:
             self.complain(
-                place, "images", "is missing: image-edit needs 1 to 16 public http(s) URLs of input images"
+                top, "items_from", "give the items either under items: or with items_from:, not both"
             )
+            return None
+        if source is not ABSENT:
+            return self._source(source, top, rules)
+        if inline is ABSENT:
+            self.complain(
+                top,
+                "items",
+                "is missing: list the work under items:, or name a file or folder in items_from:",
+            )
+            return None
+        if not isinstance(inline, list) or not inline:
+            got = "an empty list" if inline == [] else describe(inline)
+            self.complain(top, "items", f"must be a non-empty list of items, got {got}")
+            return None
+        rules.yaml_items = inline
+        where = Where(self.file)
+        return lambda: (RawItem(position, item, where) for position, item in enumerate(inline))
+
+    def _source(self, value: Any, top: Place, rules: ItemRules) -> sources.Reader | None:
+        if isinstance(value, str) and value.strip():
+            return self._items_file(value, top, rules)
+        if not isinstance(value, dict):
+            got = describe(value)
+            self.complain(
+                top, "items_from", f"must name a CSV or JSONL file, or be {{glob: ..., ...}}, got {got}"
+            )
+            return None
+        return self._folder(value, rules)
+
+    def _items_file(self, text: str, top: Place, rules: ItemRules) -> sources.Reader | None:
+        path = Path(text).expanduser()
+        path = path if path.is_absolute() else rules.base / path
+        kind = _ITEMS_FILES.get(path.suffix.lower())
+        if path.is_dir():
+            self.complain(
+                top, "items_from", f'{path} is a folder: write items_from: {{glob: "{text}/*.jpg"}}'
+            )
+            return None
+        if kind is None:
+            self.complain(top, "items_from", f"{path.name} is not a .csv or .jsonl file")
+            return None
+        if not path.is_file():
+            self.complain(top, "items_from", f"{path} does not exist")
+            return None
+        rules.base = path.parent
+        if kind == "csv":
+            return functools.partial(sources.read_csv, path, tuple(_REQUEST))
+        return functools.partial(sources.read_jsonl, path, _ITEM_FIELDS)
+
+    def _folder(self, value: dict[Any, Any], rules: ItemRules) -> sources.Reader | None:
+        place = Place("items_from", value)
+        self._check_keys(value, place, _FOLDER)
+        if "glob" not in value:
+            self.complain(place, "glob", 'is missing: e.g. items_from: {glob: "photos/*.jpg", prompt: ...}')
+        if not self._check_fields(value, place, _FOLDER) or "glob" not in value:
+            return None
+        prompt = value.get("prompt")
+        unknown = (
+            sources.unknown_placeholders(prompt, sources.FOLDER_PLACEHOLDERS)
+            if isinstance(prompt, str)
+            else []
+        )
+        for name in unknown:
+            known = ", ".join(f"{{{n}}}" for n in sources.FOLDER_PLACEHOLDERS)
+            self.complain(
+                place, "prompt", f"{{{name}}} is not a placeholder of a folder's items: use {known}"
+            )
+        fixed = {key: item for key, item in value.items() if key != "glob"}
+        return functools.partial(sources.read_folder, rules.base, value["glob"], fixed)
+
+    def _check_items(self, reader: sources.Reader, rules: ItemRules) -> int:
+        count = 0
+        try:
+            with UniqueKeys() as keys:
+                for raw in reader():
+                    rules.check(raw, keys)
+                    count += 1
+        except SourceError as exc:
+            self.complain(Place("", self.doc.root), "items_from", str(exc))
+        if count == 0 and not self.problem_count:
+            self.complain(Place("", self.doc.root), "items_from", "holds no items")
+        return count
 
     # -- the result
 
     def _manifest(
         self,
         root: dict[Any, Any],
-        default_name: str,
+        path: Path,
         defaults: dict[Any, Any],
         settings: dict[Any, Any],
-        entries: list[_Entry],
+        reader: sources.Reader,
+        rules: ItemRules,
+        count: int,
     ) -> Manifest:
-        model = root.get("model", catalogue.DEFAULT_MODEL)
-        task = root.get("task", catalogue.DEFAULT_TASK)
-        items = tuple(
-            Item(index, item_id, spec, request, fingerprint(model, task, request))
-            for index, item_id, spec, request in entries
-        )
+        notes = []
+        if rules.generated:
+            notes.append(
+                f"{rules.generated:,} of {count:,} item(s) have no id: each was given one made from its "
+                f"request ({GENERATED_PREFIX}<hash>), so editing an item gives it a new id"
+            )
         return Manifest(
             path=self.file,
-            name=root.get("name", default_name),
-            model=model,
-            task=task,
+            name=root.get("name", path.stem),
+            model=rules.model,
+            task=rules.task,
             defaults=defaults,
             settings=settings,
-            items=items,
+            item_source=functools.partial(_items, reader, rules),
+            count=count,
             warnings=self.collected_warnings(),
+            notes=tuple(notes),
+            output=rules.output.text,
+            inputs=rules.inputs,
+            sync_mode=rules.sync_mode,
         )
 
     def collected_warnings(self) -> tuple[str, ...]:
         found = list(self.warnings)
-        for wheres in self.item_warnings.values():
-            more = f" (and {len(wheres) - 1:,} more items)" if len(wheres) > 1 else ""
-            found.append((wheres[0].line or 0, len(found), str(wheres[0]) + more))
+        for first, count in self.item_warnings.values():
+            more = f" (and {count - 1:,} more items)" if count > 1 else ""
+            found.append((first.line or 0, len(found), str(first) + more))
         return tuple(text for _, _, text in sorted(found))
 
-    def sorted_problems(self) -> list[Problem]:
-        return [problem for _, _, problem in sorted(self.problems, key=lambda p: p[:2])]
+    def error(self) -> ManifestError:
+        listed = [problem for *_, problem in sorted(self.problems, key=lambda p: p[:3])]
+        return ManifestError(listed, more=self.problem_count - len(listed))
+
+
+def _items(reader: sources.Reader, rules: ItemRules) -> Iterator[Item]:
+    for raw in reader():
+        try:
+            yield rules.build(raw)
+        except ValueError as exc:
+            raise ManifestError([Problem(raw.where.file, str(exc), line=raw.where.line)]) from exc
 
 
 def _path(prefix: str, key: Any, entry: int | None) -> str:
@@ -335,15 +419,6 @@ def _root_message(root: Any) -> str:
     return f"the manifest must be a mapping (version:, items:, ...), got {describe(root)}"
 
 
-def _unknown_message(key: Any, allowed: Sequence[str]) -> str:
-    text = f"unknown field {key!r}"
-    home = _HOMES.get(key) if isinstance(key, str) else None
-    if home is not None:
-        return f"{text} here: {key} belongs {home}"
-    hint = suggestion(str(key), allowed)
-    return text + (hint if hint else f"; the fields here are: {', '.join(allowed)}")
-
-
 # ---------------------------------------------------------------------------------------------- public API
 
 
@@ -352,19 +427,7 @@ def load_manifest(path: str | Path) -> Manifest:
     validator = _Validator(str(path))
     with gc_paused():
         doc = read_document(Path(path), validator.complain_at)
-        manifest = validator.run(doc, Path(path).stem) if doc is not None else None
+        manifest = validator.run(doc, Path(path)) if doc is not None else None
     if manifest is None:
-        raise ManifestError(validator.sorted_problems())
+        raise validator.error()
     return manifest
-
-
-def fingerprint(model: str, task: str, request: Mapping[str, Any]) -> str:
-    """SHA-256 (hex) of model, task and request as canonical JSON: equal requests, equal fingerprints."""
-    canonical = json.dumps(
-        {"model": model, "task": task, "request": request},
-        sort_keys=True,
-        separators=(",", ":"),
-        ensure_ascii=False,
-        allow_nan=False,
-    )
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()

@@ -6,8 +6,9 @@ import hashlib
 import os
 import re
 import secrets
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO, Any, Literal, overload
 
@@ -46,8 +47,69 @@ def stem_key(item_id: str) -> str:
 
 
 def output_relpath(item_id: str, index: int, ext: str) -> str:
-    """``images/<safe id>-<k>.<ext>`` with k counting from 1, relative to the out dir."""
-    return f"{IMAGES_DIR}/{safe_stem(item_id)}-{index + 1}.{ext}"
+    """``images/<safe id>-<k>.<ext>``, k counting from 1, relative to the out dir: the default template."""
+    return DEFAULT_OUTPUTS.path(item_id, {}, index, ext)
+
+
+DEFAULT_OUTPUT = "images/{id}-{k}.{ext}"
+_PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
+_META = "meta."
+
+
+@dataclass(frozen=True)
+class OutputTemplate:
+    """Where an item's outputs go, e.g. ``{meta.category}/{id}-{k}.{ext}``, relative to the out dir.
+
+    ``{id}`` is the id's safe stem, ``{k}`` the output's number (from 1), ``{ext}`` the extension its bytes
+    say, ``{meta.NAME}`` a metadata value with anything but letters, digits, ``.``, ``_`` and ``-`` made
+    ``_`` (so a value never adds a folder, nor climbs out of the out dir).
+    """
+
+    text: str = DEFAULT_OUTPUT
+
+    def problems(self) -> list[str]:
+        """What is wrong with the template itself (an empty list when it can be used)."""
+        names = _PLACEHOLDER.findall(self.text)
+        found = [f"unknown placeholder {{{name}}}" for name in names if not _known(name)]
+        found += [f"{{{name}}} is missing" for name in ("id", "k", "ext") if name not in names]
+        if not self.text.endswith(".{ext}"):
+            found.append("it must end with .{ext} (the extension of each output's bytes)")
+        parts = PurePosixPath(self.text).parts
+        if self.text.startswith(("/", "\\", "~")) or "\\" in self.text or ".." in parts:
+            found.append("it must be a relative path inside the out dir (no leading /, ~, \\ or ..)")
+        if "{id}" in self.text and not _stands_alone(self.text, "{id}"):
+            found.append(
+                "{id} must stand between separators (/, -, _ or .), so two ids never meet in one name"
+            )
+        return found
+
+    @property
+    def meta_keys(self) -> tuple[str, ...]:
+        return tuple(name[len(_META) :] for name in _PLACEHOLDER.findall(self.text) if name.startswith(_META))
+
+    def path(self, item_id: str, meta: Mapping[str, Any], index: int, ext: str) -> str:
+        """The relative path of output number ``index`` (0-based) of an item."""
+        values = {"id": safe_stem(item_id), "k": str(index + 1), "ext": ext}
+        return _PLACEHOLDER.sub(lambda m: values.get(m[1]) or _meta_value(meta, m[1]), self.text)
+
+
+DEFAULT_OUTPUTS = OutputTemplate()
+
+
+def _known(name: str) -> bool:
+    return name in ("id", "k", "ext") or (name.startswith(_META) and len(name) > len(_META))
+
+
+def _stands_alone(text: str, placeholder: str) -> bool:
+    start = text.index(placeholder)
+    before, after = text[start - 1 : start], text[start + len(placeholder) : start + len(placeholder) + 1]
+    return before in ("", "/", "-", "_", ".") and after in ("/", "-", "_", ".")
+
+
+def _meta_value(meta: Mapping[str, Any], name: str) -> str:
+    value = meta.get(name[len(_META) :]) if name.startswith(_META) else None
+    text = "" if value is None or isinstance(value, Mapping | list) else str(value)
+    return _UNSAFE.sub("_", text).strip(".")[:_MAX_STEM] or "_"
 
 
 def write_atomic(out_dir: Path, relpath: str, data: bytes, *, durable: bool = True) -> Path:

@@ -17,7 +17,16 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Protocol, Self
 
-from batch_engine.values import ErrorKind, ItemError, ItemRecord, ItemState, Manifest, OutputFile, RunMeta
+from batch_engine.values import (
+    ErrorKind,
+    Item,
+    ItemError,
+    ItemRecord,
+    ItemState,
+    Manifest,
+    OutputFile,
+    RunMeta,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +70,7 @@ class Journal(Protocol):
         self, states: Collection[ItemState] | None = None, *, batch: int = DEFAULT_READ_BATCH
     ) -> Iterator[ItemRecord]: ...
     def counts(self) -> dict[ItemState, int]: ...
+    def versions(self, items: Sequence[Item]) -> dict[str, ItemRecord]: ...
     def error_kind_counts(self) -> dict[str, int]: ...
     def possible_duplicate_count(self) -> int: ...
     async def set_meta(self, meta: RunMeta) -> None: ...

@@ -38,7 +38,16 @@ from batch_engine.store.journal import (
 )
 from batch_engine.store.sqlite_writer import DEFAULT_MAX_BATCH, Writer, connect
 from batch_engine.store.transitions import Transition, TransitionRefused
-from batch_engine.values import ErrorKind, ItemError, ItemRecord, ItemState, Manifest, OutputFile, RunMeta
+from batch_engine.values import (
+    ErrorKind,
+    Item,
+    ItemError,
+    ItemRecord,
+    ItemState,
+    Manifest,
+    OutputFile,
+    RunMeta,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -200,6 +209,41 @@ class SqliteJournal:
                 return
             after = (rows[-1][0], rows[-1][1])
 
+    def versions(self, items: Sequence[Item]) -> dict[str, ItemRecord]:
+        """For each item, what a sync would keep of it: its live row when the fingerprint matches, else
+        the newest archived version with that fingerprint (it would come back), else nothing."""
+        ids = [item.id for item in items]
+        marks = ", ".join("?" * len(ids))
+        live = {
+            r.item_id: r
+            for r in map(
+                decode_record,
+                self._reader.execute(
+                    f"SELECT {_COLUMNS} FROM items WHERE item_id IN ({marks})", ids
+                ).fetchall(),
+            )
+        }
+        found = {}
+        for item in items:
+            record = live.get(item.id)
+            if record is None or record.fingerprint != item.fingerprint:
+                record = self._archived(item)
+            if record is not None:
+                found[item.id] = record
+        return found
+
+    def _archived(self, item: Item) -> ItemRecord | None:
+        row = self._reader.execute(
+            "SELECT row FROM archive WHERE item_id = ? AND fingerprint = ? ORDER BY rowid DESC LIMIT 1",
+            (item.id, item.fingerprint),
+        ).fetchone()
+        if row is None:
+            return None
+        version = json.loads(row[0])
+        values = [version[column] for column in sqlite_sync.ARCHIVED_COLUMNS]
+        idx, fingerprint, spec, request, state, *rest = values
+        return decode_record((idx, item.id, fingerprint, spec, request, state, *rest))
+
     def counts(self) -> dict[ItemState, int]:
         """Items per state; every state is a key, and a row whose state is no state counts as damaged."""
         found = dict(self._reader.execute("SELECT state, count(*) FROM items GROUP BY state").fetchall())
@@ -238,7 +282,7 @@ class SqliteJournal:
         out_dir = self.path.parent
         generation = await self._write(sqlite_sync.next_generation)
         total, waiting = sqlite_sync.SyncCounts(), []
-        for chunk in sqlite_sync.chunks(manifest.items):
+        for chunk in sqlite_sync.chunks(manifest.iter_items()):
             now = self._clock()
             counts, held = await self._write(
                 functools.partial(
