@@ -222,6 +222,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     manifest = load_manifest(args.manifest)
     for warning in manifest.warnings:
         print(f"warning: {warning}", file=sys.stderr)
+    for note in manifest.notes:
+        print(f"note: {note}", file=sys.stderr)
     print(
         f"{args.manifest}: valid, {manifest.count} item(s), model {manifest.model}, task {manifest.task}"
     )

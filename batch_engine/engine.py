@@ -28,7 +28,7 @@ from batch_engine.stages.poll import Poller, PollQueue
 from batch_engine.stages.sink import Sink
 from batch_engine.stages.submit import SubmitPlan, Submitter
 from batch_engine.store import Journal, open_journal, sqlite_sync
-from batch_engine.store.files import IMAGES_DIR, INPUTS_DIR, RESULTS_NAME, remove_temp_files
+from batch_engine.store.files import IMAGES_DIR, INPUTS_DIR, RESULTS_NAME, OutputTemplate, remove_temp_files
 from batch_engine.store.lock import OutDirLock
 from batch_engine.store.out_dir import check_owner, recover_lost_journal, refuse_links
 from batch_engine.timing.backoff import DEFAULT_POLICY, RetryPolicy
@@ -160,6 +160,7 @@ class Engine:
         self._ledger: Ledger | None = None
         self._done_before = 0
         self._plan = self._submit_plan()  #: shared by every submitter
+        self._outputs = OutputTemplate(manifest.output)
 
     async def run(self) -> RunResult:
         meta = await self._prepare()
@@ -232,6 +233,7 @@ class Engine:
             defaults=dict(self._manifest.defaults),
             settings=dict(self._manifest.settings),
             started_at=self._started,
+            output=self._manifest.output,
         )
         await journal.set_meta(meta)
         return meta
@@ -353,7 +355,7 @@ class Engine:
         return Poller(self._context(), budget=self._poll_budget, queue=self._queue)
 
     def _sink(self) -> Sink:
-        return Sink(self._context(), out_dir=self._options.out_dir)
+        return Sink(self._context(), out_dir=self._options.out_dir, outputs=self._outputs)
 
     def _snapshot(self) -> Snapshot:
         ledger = self._ledger

@@ -7,9 +7,9 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from batch_engine.report.entries import result_line
 from batch_engine.store.files import RESULTS_NAME
@@ -76,6 +76,12 @@ class Ledger:
         if self._results is not None:
             self._guarded(self._results.close)
             self._results = None
+
+    def meta_of(self, item_id: str) -> Mapping[str, Any]:
+        """An item's metadata (``meta:``), for an output path template that uses it."""
+        record = self._journal.get(item_id)
+        meta = record.spec.get("meta") if record is not None else None
+        return meta if isinstance(meta, Mapping) else {}
 
     def tick(self, series: str) -> None:
         """Count one event in the per-minute timeline (``submitted``, ``finished``, ``rate_limited``)."""

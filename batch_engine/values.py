@@ -12,6 +12,10 @@ if TYPE_CHECKING:
     from batch_engine.settings import InputsSettings
 
 
+#: The id of an item the manifest gives none: ``auto-`` and 12 hex digits of its own request fields.
+GENERATED_ID_PREFIX = "auto-"
+
+
 class ItemState(enum.StrEnum):
     """Where one manifest item stands. Transitions: pending → submitting → submitted → succeeded | failed.
 
@@ -102,6 +106,7 @@ class RunMeta:
     finished_at: float | None = None
     stopped_reason: str | None = None  #: None when the run finished; else e.g. "interrupted", "auth"
     stats: Mapping[str, Any] = field(default_factory=dict)  #: ``RunStats.as_dict()`` of the last run
+    output: str | None = None  #: the manifest's output path template, when it set one
 
 
 @dataclass(frozen=True)

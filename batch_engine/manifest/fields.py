@@ -23,7 +23,8 @@ from batch_engine.settings import RunSettings
 from batch_engine.store.files import DEFAULT_OUTPUT
 
 MAX_MANIFEST_BYTES = 256 * 1024 * 1024
-#: Values in the document once every alias is expanded; a 100,000-item manifest has about 1,200,000.
+#: Values that aliases (``*name``) may add to the document once expanded. Values written out are bounded by
+#: the file size alone (a million written items are fine); only expansion can multiply them unseen.
 MAX_NODES = 5_000_000
 MAX_PROMPT_CHARS = 32_000
 MAX_IMAGES = 16

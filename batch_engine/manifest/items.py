@@ -31,9 +31,9 @@ from batch_engine.manifest.sources import ID, IMAGES, META, RawItem, Where
 from batch_engine.manifest.unique import Owner, UniqueKeys
 from batch_engine.settings import ROUTE_OPENAI_IMAGES, InputsSettings
 from batch_engine.store.files import OutputTemplate, safe_stem, stem_key
-from batch_engine.values import Item
+from batch_engine.values import GENERATED_ID_PREFIX, Item
 
-GENERATED_PREFIX = "auto-"  #: ids made from an item's content: ``auto-<12 hex digits>``
+GENERATED_PREFIX = GENERATED_ID_PREFIX
 #: Sizes the OpenAI-format route takes (api-facts.md, "The OpenAI-format route").
 OPENAI_IMAGES_SIZES = ("auto", "1536x1024", "1024x1536", "1672x941", "941x1672")
 _REQUEST = {spec.name: spec for spec in request_fields()}

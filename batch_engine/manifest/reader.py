@@ -129,13 +129,12 @@ class _Builder:
         self.expanded += size
         if self.expanded > MAX_NODES:
             raise _Refused(
-                f"the manifest holds more than {MAX_NODES:,} values once its aliases (*name) are expanded: "
+                f"the manifest's aliases (*name) expand to more than {MAX_NODES:,} values: "
                 "refused, as a 'billion laughs' document would be. Use fewer aliases, or split the job",
                 _line(event),
             )
 
     def _scalar(self, event: yaml.ScalarEvent) -> None:
-        self._count(1, event)
         if event.tag is None and not (event.implicit[0] and event.value[:1] in self.resolvable):
             value: Any = event.value  # a string no implicit type can match: most scalars, kept fast
         else:
@@ -169,7 +168,6 @@ class _Builder:
         return bool(self.stack) and isinstance(self.stack[-1].value, dict) and self.stack[-1].key is _NO_KEY
 
     def _open(self, event: yaml.SequenceStartEvent | yaml.MappingStartEvent) -> None:
-        self._count(1, event)
         if event.tag not in (None, "!") and event.tag not in _COLLECTION_TAGS:
             self.complain(_tag_message(str(event.tag)), _line(event))
         value: Any = {} if isinstance(event, yaml.MappingStartEvent) else []

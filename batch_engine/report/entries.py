@@ -101,6 +101,7 @@ def _common(record: ItemRecord) -> dict[str, Any]:
         "attempts": record.attempts,
         "possible_duplicate": record.possible_duplicate,
         "fingerprint": record.fingerprint,  # of the request: a lost journal can be rebuilt from this line
+        **({"meta": dict(meta)} if isinstance(meta := record.spec.get("meta"), Mapping) and meta else {}),
     }
 
 

@@ -100,7 +100,16 @@ def card_data(record: ItemRecord, inputs: Mapping[str, str]) -> dict[str, Any]:
         "attempts": record.attempts,
         "prediction_id": record.prediction_id,
         "inference_ms": record.inference_ms,
+        "meta": _meta_text(record),
     }
+
+
+def _meta_text(record: ItemRecord) -> str:
+    """The item's metadata as one searchable line, ``key: value`` pairs."""
+    meta = record.spec.get("meta")
+    if not isinstance(meta, Mapping):
+        return ""
+    return " · ".join(f"{key}: {value}" for key, value in meta.items())
 
 
 def input_urls(request: Mapping[str, Any]) -> list[str]:
@@ -261,7 +270,7 @@ def _toolbar(counts: Counts) -> str:
         f"{kind_options}</select></label>\n"
         '<label class="check"><input type="checkbox" id="filter-duplicate"> possible duplicates only'
         '</label>\n<label class="grow"><input type="search" id="filter-search" '
-        'placeholder="Search id or prompt"></label>\n'
+        'placeholder="Search id, prompt or metadata"></label>\n'
         '<span class="pager"><button type="button" id="page-prev">← Prev</button>'
         '<span id="page-info" aria-live="polite">Page 1 of 1</span>'
         '<button type="button" id="page-next">Next →</button></span>\n'

@@ -19,6 +19,7 @@ from typing import IO, Any
 
 import yaml
 
+from batch_engine.manifest.local_files import is_local
 from batch_engine.report.block_yaml import block_yaml
 from batch_engine.report.entries import (
     SUMMARY_KEYS,
@@ -31,7 +32,7 @@ from batch_engine.report.entries import (
     result_line,
 )
 from batch_engine.report.html import Gallery
-from batch_engine.store.files import replace_atomically
+from batch_engine.store.files import DEFAULT_OUTPUT, replace_atomically
 from batch_engine.values import ItemRecord, ItemState, RunMeta
 
 logger = logging.getLogger(__name__)
@@ -141,16 +142,21 @@ def failures_header(meta: RunMeta) -> dict[str, Any]:
         "task": meta.task,
         "defaults": _plain(meta.defaults),
         "settings": _plain(meta.settings),
+        **({"output": meta.output} if meta.output and meta.output != DEFAULT_OUTPUT else {}),
     }
 
 
 def failed_spec(record: ItemRecord) -> dict[str, Any]:
-    """The item as written in the manifest, with its id made explicit.
+    """The item as written in the manifest (its metadata included), with its id made explicit and local
+    input files as absolute paths, so failures.yaml runs as it is from the out dir.
 
-    An item without an ``id`` is called ``item-<index>``; in the shorter failures manifest its index
-    changes, so the id is written out to keep outputs and reports under the same name as the first run.
+    The id is written out so that outputs and reports keep the names of the first run; local paths were
+    relative to the manifest's folder, which failures.yaml is not in.
     """
     spec: dict[str, Any] = _plain(record.spec)
+    images = record.request.get("images")
+    if isinstance(images, list) and any(is_local(str(image)) for image in images):
+        spec["images"] = list(images)
     return spec if "id" in spec else {"id": record.item_id, **spec}
 
 

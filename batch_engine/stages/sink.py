@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import logging
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import anyio
 from anyio.abc import ObjectReceiveStream
@@ -14,7 +17,7 @@ from batch_engine.control import StopReason
 from batch_engine.errors import ItemRejected, JournalError, RetryLater, SlowDown
 from batch_engine.images import check_complete, decode_b64_output, is_png
 from batch_engine.stages.context import StageContext
-from batch_engine.store.files import output_relpath, write_atomic
+from batch_engine.store.files import DEFAULT_OUTPUTS, OutputTemplate, write_atomic
 from batch_engine.store.transitions import TransitionRefused
 from batch_engine.timing.backoff import clamp_retry_after
 from batch_engine.values import ErrorKind, ItemError, OutputFile, Prediction, Resolved
@@ -36,9 +39,12 @@ class OutputFailed(Exception):
 class Sink:
     """One of a pool of download workers reading the resolved-predictions stream."""
 
-    def __init__(self, ctx: StageContext, *, out_dir: Path) -> None:
+    def __init__(
+        self, ctx: StageContext, *, out_dir: Path, outputs: OutputTemplate = DEFAULT_OUTPUTS
+    ) -> None:
         self._ctx = ctx
         self._out_dir = out_dir
+        self._outputs = outputs
 
     async def run(self, resolved: ObjectReceiveStream[Resolved]) -> None:
         async with resolved:
@@ -59,8 +65,11 @@ class Sink:
             error = ItemError(ErrorKind.INFERENCE_FAILED, "the prediction completed without any output")
             await self._ctx.ledger.fail(item.item_id, error, prediction_id=prediction.id)
             return
+        meta = self._ctx.ledger.meta_of(item.item_id) if self._outputs.meta_keys else {}
         try:
-            outputs = [await self._save(item.item_id, prediction, k) for k in range(len(prediction.outputs))]
+            outputs = [
+                await self._save(item.item_id, meta, prediction, k) for k in range(len(prediction.outputs))
+            ]
         except OutputFailed as exc:
             error = ItemError(ErrorKind.DOWNLOAD, str(exc))
             await self._ctx.ledger.fail(item.item_id, error, prediction_id=prediction.id)
@@ -70,7 +79,9 @@ class Sink:
         files = [self._out_dir / output.path for output in outputs]
         await self._ctx.ledger.succeed(item.item_id, outputs, prediction.inference_ms, durable=files)
 
-    async def _save(self, item_id: str, prediction: Prediction, k: int) -> OutputFile:
+    async def _save(
+        self, item_id: str, meta: Mapping[str, Any], prediction: Prediction, k: int
+    ) -> OutputFile:
         """Fetch (or decode) one output, verify it and write it; a bad download is fetched again."""
         source = prediction.outputs[k]
         is_url = source.startswith(("http://", "https://"))
@@ -79,10 +90,11 @@ class Sink:
             attempt += 1
             try:
                 data: bytes | str = await self._ctx.client.download(source) if is_url else source
+                store = functools.partial(_store, self._out_dir, self._outputs.path, item_id, meta, k, data)
                 if isinstance(data, bytes) and len(data) <= INLINE_BYTES and is_png(data):
-                    relpath, digest = _store(self._out_dir, item_id, k, data)
+                    relpath, digest = store()
                 else:
-                    relpath, digest = await anyio.to_thread.run_sync(_store, self._out_dir, item_id, k, data)
+                    relpath, digest = await anyio.to_thread.run_sync(store)
                 break
             except ItemRejected as exc:
                 raise OutputFailed(exc.message) from exc
@@ -104,14 +116,21 @@ class Sink:
         return self._ctx.backoff(attempt)
 
 
-def _store(out_dir: Path, item_id: str, k: int, data: bytes | str) -> tuple[str, str]:
+def _store(
+    out_dir: Path,
+    name: Callable[[str, Mapping[str, Any], int, str], str],
+    item_id: str,
+    meta: Mapping[str, Any],
+    k: int,
+    data: bytes | str,
+) -> tuple[str, str]:
     """Decode, check, write (atomically, not yet fsynced) and hash one output.
 
     ValueError: not a complete image (the caller fetches it again). OSError: a disk error, which stops
     the run; any other write error fails the item.
     """
     raw = decode_b64_output(data) if isinstance(data, str) else data
-    relpath = output_relpath(item_id, k, check_complete(raw))
+    relpath = name(item_id, meta, k, check_complete(raw))
     try:
         write_atomic(out_dir, relpath, raw, durable=False)
     except OSError as exc:

@@ -77,6 +77,7 @@ _SCHEMA = (
         seen INTEGER NOT NULL DEFAULT 0
     )""",
     """CREATE INDEX IF NOT EXISTS items_order ON items (idx, item_id)""",
+    """CREATE INDEX IF NOT EXISTS items_fingerprint ON items (fingerprint)""",
     """CREATE TABLE IF NOT EXISTS archive (
         item_id TEXT NOT NULL,
         fingerprint TEXT NOT NULL,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -27,9 +28,10 @@ from batch_engine.errors import ManifestError, Problem
 from batch_engine.store import transitions
 from batch_engine.store.files import safe_stem, stem_key
 from batch_engine.store.journal import SyncResult, dumps
-from batch_engine.values import Item
+from batch_engine.values import GENERATED_ID_PREFIX, Item
 
 CHUNK = 2000  #: manifest items per write of the journal
+_LEGACY_ID = re.compile(r"item-[0-9]+")  #: what such an item was called before: its position
 
 #: The columns an archived version keeps, in this order (its ``row`` is a JSON object of them).
 ARCHIVED_COLUMNS = (
@@ -95,6 +97,7 @@ def sync_chunk(
     columns = "item_id, fingerprint, idx, spec, request"
     known = {row[0]: row[1:] for row in _select(conn, columns, "items", ids)}
     fresh = [item for item in chunk if item.id not in known]
+    fresh = [item for item in fresh if not _adopt_legacy_id(conn, item, generation, now, counts)]
     for item in chunk:
         old = known.get(item.id)
         if old is not None:
@@ -196,6 +199,29 @@ def _add(
         if owner is not None and owner[1] == generation:  # a live item of this very manifest
             raise _clash(conn, item)
     return waiting
+
+
+def _adopt_legacy_id(
+    conn: sqlite3.Connection, item: Item, generation: int, now: float, counts: SyncCounts
+) -> bool:
+    """An item without an id was once called ``item-<position>``; its id now comes from its content. The row
+    of the same request under its old name is renamed, not retired: it is not paid for again."""
+    if not item.id.startswith(GENERATED_ID_PREFIX):
+        return False
+    rows = conn.execute(
+        "SELECT item_id FROM items WHERE fingerprint = ? AND seen < ? AND item_id GLOB 'item-[0-9]*'",
+        (item.fingerprint, generation),
+    ).fetchall()
+    old = next((row[0] for row in rows if _LEGACY_ID.fullmatch(row[0])), None)
+    if old is None:
+        return False
+    conn.execute(
+        "UPDATE items SET item_id = ?, stem_key = ?, idx = ?, spec = ?, request = ?, seen = ?, updated_at = ?"
+        " WHERE item_id = ?",
+        (item.id, stem_key(item.id), item.index, dumps(item.spec), dumps(item.request), generation, now, old),
+    )
+    counts.unchanged += 1
+    return True
 
 
 def _new_version(item: Item) -> tuple[Any, ...]:

@@ -68,6 +68,7 @@
     prompt.addEventListener("click", function () { prompt.classList.toggle("expanded"); });
     var facts = node.appendChild(el("div", "facts"));
     if (it.size) facts.appendChild(el("span", "size", "size " + it.size));
+    if (it.meta) facts.appendChild(el("span", "meta", it.meta));
     facts.appendChild(el("span", "attempts", it.attempts + (it.attempts === 1 ? " submit" : " submits")));
     if (it.inference_ms !== null) {
       facts.appendChild(el("span", "inference", (it.inference_ms / 1000).toFixed(1) + " s"));
@@ -87,7 +88,8 @@
     return (!status.value || it.status === status.value)
       && (!kind.value || it.kind === kind.value)
       && (!dup.checked || it.duplicate)
-      && (!text || it.id.toLowerCase().indexOf(text) >= 0 || it.prompt.toLowerCase().indexOf(text) >= 0);
+      && (!text || it.id.toLowerCase().indexOf(text) >= 0 || it.prompt.toLowerCase().indexOf(text) >= 0
+        || it.meta.toLowerCase().indexOf(text) >= 0);
   }
 
   function render() {
