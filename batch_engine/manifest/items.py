@@ -93,13 +93,14 @@ class ItemRules:
         return self._build(raw, keys) is not None
 
     def build(self, raw: RawItem) -> Item:
-        """The item again, as `check` saw it; ValueError if it no longer passes (a file changed meanwhile)."""
-        item = self._build(raw, None)
+        """The item again, as `check` saw it, without checking its fields again (half the cost of a
+        million-item sync); ValueError if it cannot be built any more (its source changed meanwhile)."""
+        item = self._build(raw, None, checked=True)
         if item is None:
             raise ValueError(f"item {raw.position} no longer passes validation (its source changed?)")
         return item
 
-    def _build(self, raw: RawItem, keys: UniqueKeys | None) -> Item | None:
+    def _build(self, raw: RawItem, keys: UniqueKeys | None, *, checked: bool = False) -> Item | None:
         fields = raw.fields
         if self.yaml_items is not None and not isinstance(fields, dict):
             place = Place("items", self.yaml_items, raw.position)
@@ -115,10 +116,11 @@ class ItemRules:
         place = self._place(raw, item_id)
         if keys is not None and item_id is not None:
             self._claim_id(item_id, raw, place, keys, generated)
-        self._check_fields(fields, place)
         request = {**self.defaults, **{k: v for k, v in fields.items() if k not in (ID, META)}}
-        self._check_required(place, request)
-        self._check_output_meta(place, fields)
+        if not checked:
+            self._check_fields(fields, place)
+            self._check_required(place, request)
+            self._check_output_meta(place, fields)
         images = self._images(place, request.get(IMAGES)) if self.report.problem_count == before else None
         if item_id is None or images is None:
             return None

@@ -14,6 +14,7 @@ synchronous.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import logging
@@ -53,7 +54,7 @@ logger = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 
-SCHEMA_VERSION = 2  #: 2 added the archive, items.stem_key and items.seen
+SCHEMA_VERSION = 2  #: 2 added the archive and items.stem_key
 
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)""",
@@ -73,8 +74,7 @@ _SCHEMA = (
         completed_at REAL,
         inference_ms INTEGER,
         updated_at REAL NOT NULL,
-        stem_key TEXT,
-        seen INTEGER NOT NULL DEFAULT 0
+        stem_key TEXT
     )""",
     """CREATE INDEX IF NOT EXISTS items_order ON items (idx, item_id)""",
     """CREATE INDEX IF NOT EXISTS items_fingerprint ON items (fingerprint)""",
@@ -281,24 +281,22 @@ class SqliteJournal:
         """Make the rows match ``manifest`` (see `sqlite_sync`): add new items, archive and reset changed
         ones, retire removed ones to the archive, bring archived versions back; one write per chunk."""
         out_dir = self.path.parent
-        generation = await self._write(sqlite_sync.next_generation)
+        await self._write(sqlite_sync.begin)
         total, waiting = sqlite_sync.SyncCounts(), []
+        queued: list[asyncio.Future[tuple[sqlite_sync.SyncCounts, list[Item]]]] = []
         for chunk in sqlite_sync.chunks(manifest.iter_items()):
-            now = self._clock()
-            counts, held = await self._write(
-                functools.partial(
-                    sqlite_sync.sync_chunk, chunk=chunk, generation=generation, now=now, out_dir=out_dir
-                )
-            )
-            _add_counts(total, counts)
-            waiting += held
+            # The writer applies one chunk while the next is read and built: at most two are queued.
+            job = functools.partial(sqlite_sync.sync_chunk, chunk=chunk, now=self._clock(), out_dir=out_dir)
+            queued.append(self._submit(job))
+            if len(queued) > 1:
+                waiting += _add_counts(total, await queued.pop(0))
+        for done in queued:
+            waiting += _add_counts(total, await done)
         now = self._clock()
-        total.retired = await self._write(lambda conn: sqlite_sync.retire_unseen(conn, generation, now))
+        total.retired = await self._write(lambda conn: sqlite_sync.retire_unseen(conn, now))
         if waiting:
-            late = functools.partial(
-                sqlite_sync.add_waiting, waiting=waiting, generation=generation, now=now, out_dir=out_dir
-            )
-            _add_counts(total, await self._write(late))
+            late = functools.partial(sqlite_sync.add_waiting, waiting=waiting, now=now, out_dir=out_dir)
+            _add_counts(total, (await self._write(late), []))
         return total.result()
 
     async def adopt(self, records: Sequence[ItemRecord]) -> int:
@@ -425,6 +423,11 @@ class SqliteJournal:
         )
         return await self._write(move, savepoint=False, durable=durable)
 
+    def _submit(self, apply: Callable[[sqlite3.Connection], _T]) -> asyncio.Future[_T]:
+        if self._closed:
+            raise JournalError(f"the journal {self.path} is closed; no more writes are accepted")
+        return self._writer.submit(apply)
+
     async def _write(
         self,
         apply: Callable[[sqlite3.Connection], _T],
@@ -460,10 +463,9 @@ def _init_schema(conn: sqlite3.Connection, path: Path) -> None:
 
 
 def _migrate_from_1(conn: sqlite3.Connection) -> None:
-    """Schema 1 had no archive, no stem_key and no seen column; stems come from the ids (a pair of ids
+    """Schema 1 had no archive and no stem_key column; stems come from the ids (a pair of ids
     that only differ in case, which schema 1 allowed, keeps the second without one)."""
     conn.execute("ALTER TABLE items ADD COLUMN stem_key TEXT")
-    conn.execute("ALTER TABLE items ADD COLUMN seen INTEGER NOT NULL DEFAULT 0")
     conn.execute(_STEM_INDEX)
     ids = [row[0] for row in conn.execute("SELECT item_id FROM items")]
     conn.executemany(
@@ -502,11 +504,14 @@ def _in_sources(transition: Transition) -> str:
     return "state IN (" + ", ".join(f"'{state.value}'" for state in sorted(transition.sources)) + ")"
 
 
-def _add_counts(total: sqlite_sync.SyncCounts, more: sqlite_sync.SyncCounts) -> None:
+def _add_counts(total: sqlite_sync.SyncCounts, done: tuple[sqlite_sync.SyncCounts, list[Item]]) -> list[Item]:
+    """Add a chunk's counts to the sync's; returns the chunk's items waiting for the retirements."""
+    more, waiting = done
     total.added += more.added
     total.changed += more.changed
     total.restored += more.restored
     total.unchanged += more.unchanged
+    return waiting
 
 
 def _adopt(conn: sqlite3.Connection, records: Sequence[ItemRecord], now: float) -> int:

@@ -6,8 +6,9 @@ prediction id included. An item whose fingerprint changed is archived as it stoo
 restored from the archive). An item no longer in the manifest is *retired*: moved to the archive, never
 deleted. The archive is append-only; only ``--fresh`` empties it.
 
-Each chunk is one write of the journal; the manifest is read once. Rows are marked with the sync's
-generation as they are seen, and the rows left unmarked at the end are the retired ones. The output
+Each chunk is one write of the journal; the manifest is read once. The ids a sync sees go to a temporary
+table of the writer's connection (touching each row would rewrite the whole table), and the rows whose ids it
+did not see are the retired ones. The output
 file-name stem of every id (``files.stem_key``) is unique among the live rows (an index): a new id whose
 files would land on those of an item being retired in the same sync waits until the retired rows have left.
 """
@@ -78,50 +79,45 @@ def chunks(items: Iterable[Item], size: int = CHUNK) -> Iterator[list[Item]]:
         yield chunk
 
 
-def next_generation(conn: sqlite3.Connection) -> int:
-    """Advance the sync generation (committed before any row is marked with it)."""
-    row = conn.execute("SELECT value FROM meta WHERE key = 'sync_generation'").fetchone()
-    generation = (json.loads(row[0]) if row else 0) + 1
-    conn.execute(
-        "INSERT OR REPLACE INTO meta (key, value) VALUES ('sync_generation', ?)", (json.dumps(generation),)
-    )
-    return generation
+def begin(conn: sqlite3.Connection) -> None:
+    """Start a sync: an empty table of the ids it sees (temporary tables are on disk: see `connect`)."""
+    conn.execute("CREATE TEMP TABLE IF NOT EXISTS sync_seen (item_id TEXT PRIMARY KEY) WITHOUT ROWID")
+    conn.execute("DELETE FROM sync_seen")
 
 
 def sync_chunk(
-    conn: sqlite3.Connection, chunk: Sequence[Item], generation: int, now: float, out_dir: Path
+    conn: sqlite3.Connection, chunk: Sequence[Item], now: float, out_dir: Path
 ) -> tuple[SyncCounts, list[Item]]:
     """Apply one chunk; returns its counts and the new items that must wait for the retirements."""
     counts = SyncCounts()
     ids = [item.id for item in chunk]
+    conn.executemany("INSERT OR IGNORE INTO sync_seen (item_id) VALUES (?)", [(i,) for i in ids])
     columns = "item_id, fingerprint, idx, spec, request"
     known = {row[0]: row[1:] for row in _select(conn, columns, "items", ids)}
     fresh = [item for item in chunk if item.id not in known]
-    fresh = [item for item in fresh if not _adopt_legacy_id(conn, item, generation, now, counts)]
+    fresh = [item for item in fresh if not _adopt_legacy_id(conn, item, now, counts)]
     for item in chunk:
         old = known.get(item.id)
         if old is not None:
-            _sync_known(conn, item, old, generation, now, out_dir, counts)
-    waiting = _add(conn, fresh, generation, now, out_dir, counts)
+            _sync_known(conn, item, old, now, out_dir, counts)
+    waiting = _add(conn, fresh, now, out_dir, counts)
     return counts, waiting
 
 
-def retire_unseen(conn: sqlite3.Connection, generation: int, now: float) -> int:
+def retire_unseen(conn: sqlite3.Connection, now: float) -> int:
     """Archive every row the sync did not see (items removed from the manifest); returns how many."""
     conn.execute(
         f"INSERT INTO archive (item_id, fingerprint, stem_key, row, reason, archived_at)"
-        f" SELECT item_id, fingerprint, stem_key, {_ROW_JSON}, 'removed', ? FROM items WHERE seen < ?",
-        (now, generation),
+        f" SELECT item_id, fingerprint, stem_key, {_ROW_JSON}, 'removed', ? FROM items WHERE {_UNSEEN}",
+        (now,),
     )
-    return conn.execute("DELETE FROM items WHERE seen < ?", (generation,)).rowcount
+    return conn.execute(f"DELETE FROM items WHERE {_UNSEEN}").rowcount
 
 
-def add_waiting(
-    conn: sqlite3.Connection, waiting: Sequence[Item], generation: int, now: float, out_dir: Path
-) -> SyncCounts:
+def add_waiting(conn: sqlite3.Connection, waiting: Sequence[Item], now: float, out_dir: Path) -> SyncCounts:
     """Add the new items held back until the retired rows left; a clash now is a real one."""
     counts = SyncCounts()
-    still = _add(conn, list(waiting), generation, now, out_dir, counts)
+    still = _add(conn, list(waiting), now, out_dir, counts)
     if still:
         raise _clash(conn, still[0])
     return counts
@@ -134,7 +130,6 @@ def _sync_known(
     conn: sqlite3.Connection,
     item: Item,
     old: tuple[Any, ...],
-    generation: int,
     now: float,
     out_dir: Path,
     counts: SyncCounts,
@@ -145,18 +140,16 @@ def _sync_known(
         counts.unchanged += 1
         if (idx, spec, request) != (item.index, spec_text, request_text):  # moved, or a damaged copy
             conn.execute(
-                "UPDATE items SET idx = ?, spec = ?, request = ?, seen = ?, updated_at = ? WHERE item_id = ?",
-                (item.index, spec_text, request_text, generation, now, item.id),
+                "UPDATE items SET idx = ?, spec = ?, request = ?, updated_at = ? WHERE item_id = ?",
+                (item.index, spec_text, request_text, now, item.id),
             )
-        else:
-            conn.execute("UPDATE items SET seen = ? WHERE item_id = ?", (generation, item.id))
         return
     _archive_live(conn, item.id, "changed", now)
     found = _archived_version(conn, item, out_dir)
     version = found[1] if found is not None else _new_version(item)
     conn.execute(
-        f"UPDATE items SET {_SET_ALL}, seen = ?, updated_at = ? WHERE item_id = ?",
-        (*version, generation, now, item.id),
+        f"UPDATE items SET {_SET_ALL}, updated_at = ? WHERE item_id = ?",
+        (*version, now, item.id),
     )
     if found is None:
         counts.changed += 1
@@ -168,7 +161,6 @@ def _sync_known(
 def _add(
     conn: sqlite3.Connection,
     fresh: list[Item],
-    generation: int,
     now: float,
     out_dir: Path,
     counts: SyncCounts,
@@ -184,9 +176,9 @@ def _add(
         if found is not None:
             restored[item.id] = found[0]
         version = found[1] if found is not None else _new_version(item)
-        rows.append((item.id, stem_key(item.id), *version, generation, now))
-    columns = ", ".join(("item_id", "stem_key", *ARCHIVED_COLUMNS, "seen", "updated_at"))
-    marks = ", ".join("?" * (len(ARCHIVED_COLUMNS) + 4))
+        rows.append((item.id, stem_key(item.id), *version, now))
+    columns = ", ".join(("item_id", "stem_key", *ARCHIVED_COLUMNS, "updated_at"))
+    marks = ", ".join("?" * (len(ARCHIVED_COLUMNS) + 3))
     conn.executemany(f"INSERT OR IGNORE INTO items ({columns}) VALUES ({marks})", rows)
     inserted = {row[0] for row in _select(conn, "item_id", "items", [i.id for i in fresh])}
     back = [(rowid,) for item_id, rowid in restored.items() if item_id in inserted]
@@ -196,29 +188,27 @@ def _add(
     waiting = [item for item in fresh if item.id not in inserted]
     for item in waiting:
         owner = _stem_owner(conn, item.id)
-        if owner is not None and owner[1] == generation:  # a live item of this very manifest
+        if owner is not None and owner[1]:  # a live item of this very manifest
             raise _clash(conn, item)
     return waiting
 
 
-def _adopt_legacy_id(
-    conn: sqlite3.Connection, item: Item, generation: int, now: float, counts: SyncCounts
-) -> bool:
+def _adopt_legacy_id(conn: sqlite3.Connection, item: Item, now: float, counts: SyncCounts) -> bool:
     """An item without an id was once called ``item-<position>``; its id now comes from its content. The row
     of the same request under its old name is renamed, not retired: it is not paid for again."""
     if not item.id.startswith(GENERATED_ID_PREFIX):
         return False
     rows = conn.execute(
-        "SELECT item_id FROM items WHERE fingerprint = ? AND seen < ? AND item_id GLOB 'item-[0-9]*'",
-        (item.fingerprint, generation),
+        f"SELECT item_id FROM items WHERE fingerprint = ? AND {_UNSEEN} AND item_id GLOB 'item-[0-9]*'",
+        (item.fingerprint,),
     ).fetchall()
     old = next((row[0] for row in rows if _LEGACY_ID.fullmatch(row[0])), None)
     if old is None:
         return False
     conn.execute(
-        "UPDATE items SET item_id = ?, stem_key = ?, idx = ?, spec = ?, request = ?, seen = ?, updated_at = ?"
+        "UPDATE items SET item_id = ?, stem_key = ?, idx = ?, spec = ?, request = ?, updated_at = ?"
         " WHERE item_id = ?",
-        (item.id, stem_key(item.id), item.index, dumps(item.spec), dumps(item.request), generation, now, old),
+        (item.id, stem_key(item.id), item.index, dumps(item.spec), dumps(item.request), now, old),
     )
     counts.unchanged += 1
     return True
@@ -275,9 +265,13 @@ def _outputs_intact(outputs: str | None, out_dir: Path) -> bool:
     return bool(listed)
 
 
-def _stem_owner(conn: sqlite3.Connection, item_id: str) -> tuple[str, int] | None:
-    row = conn.execute("SELECT item_id, seen FROM items WHERE stem_key = ?", (stem_key(item_id),)).fetchone()
-    return None if row is None else (row[0], row[1])
+def _stem_owner(conn: sqlite3.Connection, item_id: str) -> tuple[str, bool] | None:
+    """The live row holding ``item_id``'s output stem, and whether this sync has seen it (it stays)."""
+    row = conn.execute(
+        "SELECT item_id, item_id IN (SELECT item_id FROM sync_seen) FROM items WHERE stem_key = ?",
+        (stem_key(item_id),),
+    ).fetchone()
+    return None if row is None else (row[0], bool(row[1]))
 
 
 def _clash(conn: sqlite3.Connection, item: Item) -> ManifestError:
@@ -297,5 +291,6 @@ def _select(conn: sqlite3.Connection, columns: str, table: str, ids: Sequence[st
     return conn.execute(f"SELECT {columns} FROM {table} WHERE item_id IN ({marks})", tuple(ids)).fetchall()
 
 
+_UNSEEN = "item_id NOT IN (SELECT item_id FROM sync_seen)"
 _ROW_JSON = "json_object(" + ", ".join(f"'{column}', {column}" for column in ARCHIVED_COLUMNS) + ")"
 _SET_ALL = ", ".join(f"{column} = ?" for column in ARCHIVED_COLUMNS)

@@ -98,6 +98,11 @@ class Writer:
     ) -> _T:
         return cast(_T, await self._enqueue(apply, savepoint=savepoint, durable=durable))
 
+    def submit(self, apply: Callable[[sqlite3.Connection], _T]) -> asyncio.Future[_T]:
+        """Queue a write now and return its future, so the caller can prepare the next meanwhile; writes
+        are applied in the order they were queued."""
+        return cast(asyncio.Future[_T], self._enqueue(apply))
+
     async def stop(self) -> None:
         """Wait for every job queued before this call to commit, then close the connection."""
         await self._enqueue(None)
@@ -283,6 +288,7 @@ def connect(path: Path) -> sqlite3.Connection:
     try:
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("PRAGMA temp_store = FILE")  # a sync's table of a million seen ids must not cost memory
     except BaseException:
         conn.close()
         raise
