@@ -20,7 +20,7 @@ import pytest
 from aiohttp import web
 
 from batch_engine.sim.drawing import render_output
-from tests.helpers import ScriptedServer
+from tests.helpers import ScriptedServer, Seen
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 EDIT_PATH = "/api/v3/openai/gpt-image-2-plus/image-edit"
@@ -57,6 +57,7 @@ class HostileServer(ScriptedServer):
         handler = self.routes.get(request.path)
         if handler is None:
             return await super()._answer(request)
+        self.seen.append(Seen(request.method, request.path, dict(request.headers)))
         return await handler(request)
 
 
@@ -191,3 +192,35 @@ def trickle(server: HostileServer, every: float = 0.05, *, drain: bool = False) 
         return response
 
     return handler
+
+
+def accepted(server: HostileServer, *outputs: str, status: str = "completed", **data: Any) -> Handler:
+    """A submit accepted as a new prediction (p-1, p-2, ...) of ``status`` with ``outputs`` (paths on
+    ``server``, or whole URLs) and any other ``data`` fields."""
+    count = 0
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        nonlocal count
+        await request.read()
+        count += 1
+        urls = [o if "://" in o else server.url + o for o in outputs]
+        body = {"data": {"id": f"p-{count}", "status": status, "outputs": urls, **data}, "code": 200}
+        return web.Response(body=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+
+    return handler
+
+
+def rate_limited(retry_after: str = "0") -> Handler:
+    """A 429, with a Retry-After."""
+    body = json.dumps({"error": {"message": "rate limit exceeded", "type": "rate_limit"}}).encode()
+    return raw(body, 429, {"Retry-After": retry_after})
+
+
+def delayed(handler: Handler, seconds: float) -> Handler:
+    """``handler``'s answer, given only after ``seconds``."""
+
+    async def slow(request: web.Request) -> web.StreamResponse:
+        await anyio.sleep(seconds)
+        return await handler(request)
+
+    return slow
