@@ -199,21 +199,27 @@ class Submitter:
         await self._unpaid(item_id, state)
         self._ctx.ledger.saw_rate_limit()
         pause = self._pacer.on_rate_limited(exc.retry_after)
-        now, watch = self._ctx.clock(), self._plan.refusals
-        state.rate_limited += 1
-        state.first_refused = now if state.first_refused is None else state.first_refused
-        throttled = watch.refused(now, window=self._plan.refusal_window)
+        if self._run_throttled(state):
+            self._ctx.control.stop_submitting(StopReason.THROTTLED)  # the item stays pending
+            return _Next.DONE
         spent = self._spent(state)
-        if not throttled and state.rate_limited < RATE_LIMITED_ATTEMPTS and spent is None:
+        if state.rate_limited < RATE_LIMITED_ATTEMPTS and spent is None:
             log.debug("submit of %s rate limited; all submitters pause %.2fs", item_id, pause)
             state.delay = 0.0  # the pacer's shared pause already holds every submitter back
             return _Next.AGAIN
-        if throttled or watch.nothing_accepted_since(state.first_refused):
-            self._ctx.control.stop_submitting(StopReason.THROTTLED)  # the item stays pending
-            return _Next.DONE
         message = f"rate limited (429) {state.rate_limited} times{spent or ''}: {exc.message}"
         await self._ctx.ledger.fail(item_id, ItemError(ErrorKind.RATE_LIMITED, message, exc.status))
         return _Next.DONE
+
+    def _run_throttled(self, state: _Attempts) -> bool:
+        """Count a 429 against the item and the run; True when it shows the key is refused, not the item."""
+        now, watch = self._ctx.clock(), self._plan.refusals
+        state.rate_limited += 1
+        state.first_refused = now if state.first_refused is None else state.first_refused
+        if watch.refused(now, window=self._plan.refusal_window):
+            return True
+        out = state.rate_limited >= RATE_LIMITED_ATTEMPTS or self._spent(state) is not None
+        return out and watch.nothing_accepted_since(state.first_refused)
 
     async def _refused(self, item_id: str, state: _Attempts, exc: NotAccepted) -> _Next:
         await self._unpaid(item_id, state)
