@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from batch_engine.stages.submit import RATE_LIMITED_ATTEMPTS
+from batch_engine.stages.submit import RATE_LIMITED_ATTEMPTS, RUN_REFUSALS, RefusalWatch
 from tests.helpers import FAST_RETRY, KEY, Harness, check_settled, fast_settings
 from tests.hostile import (
     EDIT_PATH,
@@ -271,6 +271,30 @@ async def test_a_trickling_submit_is_resent_only_until_the_items_timeout(
     assert (entry["error"]["kind"], entry["possible_duplicate"]) == ("network", True)
     assert "past the item's 0.6 s timeout" in entry["error"]["message"]
     assert 2 <= posts(server) < FAST_RETRY.attempts
+
+
+def test_many_429s_in_a_row_over_the_window_stop_the_run() -> None:
+    """RUN_REFUSALS 429s in a row stop the run once they span the refusal window, not before; a few 429s
+    far apart never do; an accepted submit (or a 400) in between starts the count afresh."""
+    watch = RefusalWatch()
+    assert not any(watch.refused(float(t), window=300.0) for t in range(RUN_REFUSALS))
+    assert watch.refused(300.0, window=300.0)
+    watch.answered()
+    assert not watch.refused(301.0, window=300.0)
+    sparse = RefusalWatch()
+    assert not any(sparse.refused(1000.0 * t, window=300.0) for t in range(RUN_REFUSALS - 1))
+
+
+def test_an_item_is_blamed_only_if_something_else_got_through() -> None:
+    """Nothing accepted since an item's first 429 means the key is refused; an acceptance after it means
+    the item alone is."""
+    watch = RefusalWatch()
+    watch.refused(10.0, window=300.0)
+    assert watch.nothing_accepted_since(10.0)
+    watch.answered()
+    watch.refused(12.0, window=300.0)
+    assert not watch.nothing_accepted_since(10.0)
+    assert watch.nothing_accepted_since(12.0)
 
 
 # ---- where outputs may come from (item 15) ------------------------------------------------------------
