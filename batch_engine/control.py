@@ -21,6 +21,7 @@ class StopReason(enum.StrEnum):
     BUDGET = "budget"
     DISK = "disk"
     INTERNAL = "internal"
+    THROTTLED = "throttled"
 
 
 #: What each stop means, as the log, the summary and the report say it.
@@ -37,6 +38,10 @@ STOP_MESSAGES: dict[str, str] = {
     ),
     StopReason.DISK: (
         "stopped early: an output or the journal could not be written (disk full?); free space and rerun"
+    ),
+    StopReason.THROTTLED: (
+        "stopped submitting: every submit was refused with 429 (rate limited) for minutes on end, so the key "
+        "is throttled or over its concurrency limit; run again later to resume"
     ),
     StopReason.INTERNAL: (
         "stopped early: an internal error (a bug in batch-engine; the log line above names it); the journal "

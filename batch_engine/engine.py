@@ -25,7 +25,7 @@ from batch_engine.report.write import REPORT_FILES, write_reports
 from batch_engine.settings import RunSettings
 from batch_engine.stages.context import StageContext
 from batch_engine.stages.poll import Poller, PollQueue
-from batch_engine.stages.sink import Sink
+from batch_engine.stages.sink import Sink, SinkPlan
 from batch_engine.stages.submit import SubmitPlan, Submitter
 from batch_engine.store import Journal, open_journal, sqlite_sync
 from batch_engine.store.files import IMAGES_DIR, INPUTS_DIR, RESULTS_NAME, OutputTemplate, remove_temp_files
@@ -355,7 +355,16 @@ class Engine:
         return Poller(self._context(), budget=self._poll_budget, queue=self._queue)
 
     def _sink(self) -> Sink:
-        return Sink(self._context(), out_dir=self._options.out_dir, outputs=self._outputs)
+        assert self._ledger is not None
+        timeout = max(self._settings.timeout, self._options.client.download_timeout)
+        plan = SinkPlan(
+            timeout=timeout, wanted=self._outputs_wanted, outputs=self._outputs, meta=self._ledger.meta_of
+        )
+        return Sink(self._context(), out_dir=self._options.out_dir, plan=plan)
+
+    def _outputs_wanted(self, item_id: str) -> int:
+        record = self._journal.get(item_id)
+        return int(record.request.get("n", 1)) if record is not None else 1
 
     def _snapshot(self) -> Snapshot:
         ledger = self._ledger

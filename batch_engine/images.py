@@ -1,4 +1,11 @@
-"""Image checks: recognise, verify and decode the pictures the engine downloads."""
+"""Image checks: recognise, verify and decode the pictures the engine downloads.
+
+Downloads are foreign bytes. Only the formats the engine means to keep are opened at all (PNG, JPEG,
+WebP, GIF: what the API sends and a browser shows), each by its own Pillow plugin, chosen by its magic
+bytes, so that no other decoder (DDS, BLP, ...) ever sees the data. Every image's size is read from its
+header and checked against `MAX_PIXELS` before a single pixel is decoded, and whatever a decoder raises
+becomes a ValueError: the caller fetches the output again, and in the end fails the item, never the run.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +15,13 @@ import io
 import re
 import struct
 import zlib
+from collections.abc import Callable
 
-from PIL import Image
+from PIL import GifImagePlugin, ImageFile, JpegImagePlugin, PngImagePlugin, WebPImagePlugin
+
+#: Four times the largest picture the API makes (3840x2160, 8,294,400 pixels). A 2 MB JPEG can say
+#: 13000x13000 in its header, which would decode to 670 MB; at this cap a decode stays near 130 MB.
+MAX_PIXELS = 4 * 8_294_400
 
 #: magic-byte prefixes → extension; WebP is checked apart (its tag sits at offset 8)
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -19,6 +31,14 @@ _MAGIC: tuple[tuple[bytes, str], ...] = (
     (b"GIF87a", "gif"),
     (b"GIF89a", "gif"),
 )
+#: The one decoder each accepted format is opened with (never Image.open, which tries every plugin).
+_OPENERS: dict[str, Callable[[io.BytesIO], ImageFile.ImageFile]] = {
+    "png": PngImagePlugin.PngImageFile,
+    "jpg": JpegImagePlugin.JpegImageFile,
+    "webp": WebPImagePlugin.WebPImageFile,
+    "gif": GifImagePlugin.GifImageFile,
+}
+_IHDR_SIZE = struct.Struct(">II")
 _DATA_URI = re.compile(r"^data:[^,;]*(?:;[^,;]*)*;base64,", re.IGNORECASE)
 
 
@@ -34,34 +54,22 @@ def sniff_extension(data: bytes) -> str | None:
 
 def verify_image(data: bytes) -> tuple[int, int]:
     """Decode ``data`` completely and return ``(width, height)``; ValueError if it is not a whole image."""
-    return _decode(data)[0]
-
-
-def _decode(data: bytes) -> tuple[tuple[int, int], str]:
-    """Decode ``data`` completely: its size and Pillow's name of its format; ValueError if not whole."""
-    if not data:
-        raise ValueError("not an image: the data is empty")
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-            return image.size, str(image.format or "")
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        kind = sniff_extension(data) or "unknown format"
-        raise ValueError(f"not a complete image ({kind}, {len(data)} bytes): {exc}") from exc
+    return _decode(data, _accepted_format(data))
 
 
 def check_complete(data: bytes) -> str:
-    """Check that ``data`` is a whole image and return its extension; ValueError if not.
+    """Check that ``data`` is a whole image of an accepted format and return its extension; else ValueError.
 
     A PNG (what the API sends by default) is checked by its structure, which catches a cut-short or
     corrupted transfer in microseconds where a full decode of a 1024x1024 picture costs milliseconds:
-    it must start with IHDR, hold image data and reach IEND with every chunk's CRC right. JPEG, WebP
-    and anything else carry no checksum of their own, so they are decoded in full by Pillow, which
-    also names formats the magic bytes do not (``bmp``, ``tiff``...).
+    it must start with IHDR, hold image data and reach IEND with every chunk's CRC right, and its IHDR
+    size must be within `MAX_PIXELS`. JPEG, WebP and GIF carry no checksum of their own, so they are
+    decoded in full, after their header's size has passed the same check.
     """
-    if not is_png(data):
-        size_and_format = _decode(data)
-        return sniff_extension(data) or size_and_format[1].lower() or "bin"
+    ext = _accepted_format(data)
+    if ext != "png":
+        _decode(data, ext)
+        return ext
     try:
         _check_png(data)
     except (ValueError, struct.error) as exc:
@@ -72,6 +80,40 @@ def check_complete(data: bytes) -> str:
 def is_png(data: bytes) -> bool:
     """True when ``data`` starts with the PNG signature."""
     return data.startswith(_PNG_MAGIC)
+
+
+def _accepted_format(data: bytes) -> str:
+    if not data:
+        raise ValueError("not an image: the data is empty")
+    ext = sniff_extension(data)
+    if ext is None:
+        raise ValueError(
+            f"not an image of an accepted format ({len(data)} bytes starting {data[:8]!r}): "
+            "only PNG, JPEG, WebP and GIF are kept"
+        )
+    return ext
+
+
+def _check_pixels(width: int, height: int) -> None:
+    if width <= 0 or height <= 0:
+        raise ValueError(f"the image says it is {width}x{height} pixels")
+    if width * height > MAX_PIXELS:
+        raise ValueError(
+            f"the image is {width}x{height} ({width * height:,} pixels); "
+            f"images over {MAX_PIXELS:,} pixels are refused"
+        )
+
+
+def _decode(data: bytes, ext: str) -> tuple[int, int]:
+    """Open ``data`` with its format's own decoder, check its size, then decode every pixel."""
+    try:
+        with _OPENERS[ext](io.BytesIO(data)) as image:
+            size: tuple[int, int] = image.size
+            _check_pixels(*size)
+            image.load()
+            return size
+    except Exception as exc:  # a decoder may raise anything (struct.error, IndexError, ...): all mean "bad"
+        raise ValueError(f"not a complete image ({ext}, {len(data)} bytes): {exc}") from exc
 
 
 def _check_png(data: bytes) -> None:
@@ -85,8 +127,8 @@ def _check_png(data: bytes) -> None:
         stop = pos + 12 + length
         if stop > end:
             raise ValueError(f"the {kind!r} chunk runs past the end (cut short?)")
-        if first and kind != b"IHDR":
-            raise ValueError("the first chunk is not IHDR")
+        if first:
+            _check_ihdr(kind, data[pos + 8 : stop - 4])
         (crc,) = struct.unpack_from(">I", data, stop - 4)
         if zlib.crc32(data[pos + 4 : stop - 4]) != crc:
             raise ValueError(f"the {kind!r} chunk at byte {pos} fails its CRC")
@@ -96,6 +138,14 @@ def _check_png(data: bytes) -> None:
             return  # anything after IEND is ignored, as decoders do
         pixels = pixels or kind == b"IDAT"
         pos, first = stop, False
+
+
+def _check_ihdr(kind: bytes, body: bytes) -> None:
+    if kind != b"IHDR":
+        raise ValueError("the first chunk is not IHDR")
+    if len(body) != 13:
+        raise ValueError(f"the IHDR chunk holds {len(body)} bytes, not 13")
+    _check_pixels(*_IHDR_SIZE.unpack_from(body))
 
 
 def decode_b64_output(value: str) -> bytes:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +18,51 @@ DEFAULT_POLL_INTERVAL = 3.0
 DEFAULT_POLL_INTERVAL_MAX = 15.0
 DEFAULT_POLL_RATE = 10.0
 DEFAULT_GRACE = 30.0
+
+WEEK = 7 * 24 * 3600  #: seconds
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a number setting may take: ``low`` to ``high``, ``low`` itself excluded if ``open_low``."""
+
+    low: float
+    high: float
+    open_low: bool = False
+    whole: bool = False  #: a whole number (int), not any number
+
+    def __contains__(self, value: object) -> bool:
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            return False
+        if self.whole and not isinstance(value, int):
+            return False
+        # Comparisons only: exact for ints of any size, False for nan (no float() that could overflow).
+        above = value > self.low if self.open_low else value >= self.low
+        return above and value <= self.high
+
+    def describe(self) -> str:
+        kind = "a whole number" if self.whole else "a number"
+        low, high = bound_text(self.low), bound_text(self.high)
+        if self.open_low:
+            return f"{kind} greater than {low} and at most {high}"
+        return f"{kind} from {low} to {high}"
+
+
+#: The sane range of every number setting; the manifest's field table and its JSON Schema are built from
+#: it. Past these, a value only hangs a run (a first poll in 1e300 s) or ends it in a traceback.
+SETTING_RANGES: Mapping[str, Range] = {
+    "rate": Range(0.001, 10_000),  # submits/s: one per 17 minutes to the largest tiers known
+    "rate_min": Range(0.001, 10_000),
+    "max_in_flight": Range(1, 10_000, whole=True),  # the largest concurrency tier known
+    "timeout": Range(0, WEEK, open_low=True),
+    "poll_after": Range(0, WEEK),
+    "poll_interval": Range(0.01, 3600),
+    "poll_interval_max": Range(0.01, 3600),
+    "poll_rate": Range(0.01, 10_000),
+    "max_submits": Range(0, 1_000_000_000, whole=True),
+    "grace": Range(0, 24 * 3600),
+}
+_FLAGS = ("adapt", "resubmit_ambiguous")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -39,18 +83,13 @@ class RunSettings:
     resubmit_ambiguous: bool = True  #: resend a submit whose answer was lost (marked possible_duplicate)
 
     def __post_init__(self) -> None:
-        for name in ("rate", "rate_min", "poll_interval", "poll_interval_max", "timeout"):
-            _require(name, getattr(self, name), minimum=0.0, inclusive=False)
-        if self.poll_rate is not None:
-            _require("poll_rate", self.poll_rate, minimum=0.0, inclusive=False)
-        for name in ("poll_after", "grace"):
+        for name, allowed in SETTING_RANGES.items():
             value = getattr(self, name)
-            if value is not None:
-                _require(name, value, minimum=0.0, inclusive=True)
-        if self.max_in_flight < 1:
-            raise UsageError(f"max_in_flight must be at least 1, got {self.max_in_flight}")
-        if self.max_submits is not None and self.max_submits < 0:
-            raise UsageError(f"max_submits must be 0 or more, got {self.max_submits}")
+            if value is not None and value not in allowed:
+                raise UsageError(f"{name} must be {allowed.describe()}, got {shown(value)}")
+        for name in _FLAGS:
+            if not isinstance(getattr(self, name), bool):
+                raise UsageError(f"{name} must be true or false, got {shown(getattr(self, name))}")
         if self.rate_min > self.rate:
             raise UsageError(f"rate_min ({self.rate_min}) must not exceed rate ({self.rate})")
         if self.poll_interval_max < self.poll_interval:
@@ -79,11 +118,21 @@ class RunSettings:
             raise UsageError(str(exc)) from exc
 
 
-def _require(name: str, value: float, *, minimum: float, inclusive: bool) -> None:
-    ok = value >= minimum if inclusive else value > minimum
-    if not ok or math.isnan(value) or math.isinf(value):
-        bound = f">= {minimum}" if inclusive else f"> {minimum}"
-        raise UsageError(f"{name} must be a finite number {bound}, got {value}")
+def bound_text(bound: float) -> str:
+    """A range's end as a person reads it: ``604,800``, ``0.001``."""
+    return f"{int(bound):,}" if float(bound).is_integer() else f"{bound:g}"
+
+
+def shown(value: object) -> str:
+    """A value as a message quotes it: a whole number too long to print (Python refuses past 4,300
+    digits) is described by its length instead."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        return f"a whole number of about {int(value.bit_length() * 0.30103) + 1:,} digits"
+    if isinstance(value, str):
+        return repr(value if len(value) <= 40 else value[:40] + "…")
+    if isinstance(value, int | float | bool) or value is None:
+        return repr(value)
+    return f"a {type(value).__name__}"
 
 
 #: The two routes a local input file can take to the API.

@@ -12,7 +12,7 @@ import anyio
 
 from batch_engine.api.client import ClientConfig
 from batch_engine.engine import RunOptions, RunResult, run_manifest
-from batch_engine.settings import RunSettings
+from batch_engine.settings import SETTING_RANGES, RunSettings
 from batch_engine.ui.progress import QuietView
 from batch_engine.values import Manifest
 
@@ -21,7 +21,8 @@ SIZE = "1024x1024"
 TINY_SCALE = 1 / 16  #: simulator image_scale: 1024x1024 outputs are rendered at 64x64
 API_KEY = "bench-key"  #: the simulator accepts any non-empty key
 DISTINCT_INPUTS = 8  #: input images shared by the items (index.html copies each distinct one at the end)
-UNLIMITED = 1e6  #: a rate (per second) no run comes near: "no limit" where a limit must be finite
+#: a rate (per second) no run comes near: "no limit" where a limit must be finite (the most a setting takes)
+UNLIMITED = SETTING_RANGES["rate"].high
 
 
 @dataclass(frozen=True)

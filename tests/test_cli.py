@@ -156,7 +156,7 @@ def test_a_bad_setting_exits_2_naming_it(tmp_path: Path, capsys: pytest.CaptureF
     code, _, err = cli(capsys, "run", str(manifest), "--out", str(tmp_path / "out"), "--rate", "-1")
 
     assert code == EXIT_USAGE
-    assert "rate must be a finite number > 0.0, got -1.0" in err
+    assert "rate must be a number from 0.001 to 10,000, got -1.0" in err
     assert not (tmp_path / "out").exists()
 
 

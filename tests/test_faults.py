@@ -291,7 +291,8 @@ async def test_failed_downloads_are_retried_not_the_edit(harness: Harness, knobs
 
 
 async def test_an_output_hosts_retry_after_is_bounded(harness: Harness, scripted: Scripted) -> None:
-    """A download answered 429 "Retry-After: 86400" is retried after at most a minute, not a day."""
+    """A download answered 429 "Retry-After: 86400" is retried after at most a minute, not a day (within
+    an item timeout longer than that minute)."""
     slept: list[float] = []
 
     async def sleep(seconds: float) -> None:
@@ -304,7 +305,9 @@ async def test_an_output_hosts_retry_after_is_bounded(harness: Harness, scripted
     busy = Reply.text("come back tomorrow", 429, "text/plain", **{"Retry-After": "86400"})
     server.reply("/o.png", busy, Reply(200, png, {"Content-Type": "image/png"}))
     items = [{"id": "a", "prompt": "edit a", "images": ["https://example.com/a.png"]}]
-    outcome = await harness.run(harness.manifest(items), server, sleep=sleep)
+    outcome = await harness.run(
+        harness.manifest(items), server, sleep=sleep, settings=fast_settings(timeout=120.0)
+    )
 
     check_settled(outcome, ["a"], {"a": (64, 64)})
     assert [s.path for s in server.seen].count("/o.png") == 2

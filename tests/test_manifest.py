@@ -601,14 +601,14 @@ def test_transparent_background_on_gpt_image_2_warns(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("setting", "words"),
     [
-        ("rate: 0", "greater than 0"),
+        ("rate: 0", "from 0.001 to 10,000"),
         ("rate: fast", "must be a number"),
         ("rate: .nan", "finite"),
-        ("max_in_flight: 0", "at least 1"),
+        ("max_in_flight: 0", "from 1 to 10,000"),
         ("max_in_flight: 2.5", "whole number"),
         ("max_in_flight: true", "whole number"),
         ("timeout: -1", "greater than 0"),
-        ("max_submits: -1", "at least 0"),
+        ("max_submits: -1", "from 0 to 1,000,000,000"),
         ("adapt: 1", "true or false"),
         ("resubmit_ambiguous: 'no'", "true or false"),
         ("grace: null", "null"),

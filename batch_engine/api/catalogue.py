@@ -29,7 +29,8 @@ FREE_MAX_RATIO = 3.0
 FREE_MIN_PIXELS = 655_360
 FREE_MAX_PIXELS = 8_294_400
 
-_SIZE = re.compile(r"^([0-9]+)x([0-9]+)$")
+#: Five digits an edge at most: int() of thousands of digits is slow, and past 4,300 refused.
+_SIZE = re.compile(r"^([0-9]{1,5})x([0-9]{1,5})$")
 
 
 @dataclass(frozen=True)

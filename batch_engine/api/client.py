@@ -1,22 +1,28 @@
 """The one boundary with the HTTP API: send one request, return a `Prediction` or bytes, or raise an ApiError.
 
 Every aiohttp exception and every HTTP status is mapped to the project's own errors here, in
-`ApiClient._exchange`, and nowhere else (see `batch_engine.errors` for the tree).
+`ApiClient._exchange` and `read_prediction`, and nowhere else (see `batch_engine.errors` for the tree).
+Foreign input is made safe here too, once: bodies are capped as they stream in (after decompression),
+JSON is parsed defensively (`envelope`), every string is scrubbed of the key before anything else sees it,
+and downloads reach only the hosts `targets.OutputTargets` allows.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import quote, urljoin, urlsplit, urlunsplit
 
 import aiohttp
+import anyio.to_thread
 
-from batch_engine.api.envelope import body_code, error_message, parse_prediction
+from batch_engine.api import envelope
+from batch_engine.api.envelope import NOT_JSON, Scrub
+from batch_engine.api.targets import CheckedResolver, OutputTargets, RefusedTarget
 from batch_engine.errors import (
     ApiError,
     ItemRejected,
@@ -39,6 +45,15 @@ DEFAULT_POLL_TIMEOUT = 30.0
 DEFAULT_DOWNLOAD_TIMEOUT = 300.0
 DEFAULT_CONNECTIONS = 100
 MAX_DOWNLOAD_BYTES = 200 * 1024 * 1024
+#: A url-format answer is a few hundred bytes, but a b64_json one carries the pictures themselves: n up
+#: to 10, each a PNG of 2-15 MB, a third more in base64. The cap admits ten 1536x1024 outputs (~7 MB each in
+#: base64) several times over, and bounds what one hostile answer can take (a gzip body inflating to 1 GB).
+MAX_ANSWER_BYTES = 128 * 1024 * 1024
+#: Of an answer that is not 2xx only the start is read: the message is in it, and the rest may be endless.
+MAX_ERROR_BODY_BYTES = 64 * 1024
+MAX_REDIRECTS = 5
+#: Answers larger than this are parsed in a worker thread: a b64 answer's JSON takes milliseconds per MB.
+THREAD_PARSE_BYTES = 1024 * 1024
 
 _POLICY_WORDS = ("content policy", "content_policy", "safety", "moderation", "nsfw", "violat")
 
@@ -54,6 +69,10 @@ class ClientConfig:
     poll_timeout: float = DEFAULT_POLL_TIMEOUT
     download_timeout: float = DEFAULT_DOWNLOAD_TIMEOUT
     connections: int = DEFAULT_CONNECTIONS
+    max_answer_bytes: int = MAX_ANSWER_BYTES  #: a 2xx submit or poll answer, decompressed
+    max_download_bytes: int = MAX_DOWNLOAD_BYTES  #: one output or input image, decompressed
+    #: fetch outputs from private, loopback and link-local addresses; None: only when the API's host is one
+    allow_private_outputs: bool | None = None
 
     def __post_init__(self) -> None:
         parts = urlsplit(self.base_url)
@@ -68,6 +87,9 @@ class ClientConfig:
             )
         if not self.api_key:
             raise UsageError("the API key is empty: set GPTPROTO_API_KEY (or use --simulate)")
+        for name in ("max_answer_bytes", "max_download_bytes"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"{name} must be at least 1, got {getattr(self, name)}")
 
     @property
     def api_root(self) -> str:
@@ -78,26 +100,47 @@ class ClientConfig:
 
 def public_url(url: str) -> str:
     """A URL fit for logs and reports: no user-info, query or fragment (where secrets hide)."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    netloc = host + (f":{parts.port}" if parts.port else "")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:  # a foreign URL with a bad port or bracket
+        return "(an unreadable URL)"
+    netloc = (parts.hostname or "") + (f":{port}" if port else "")
     return urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """One HTTP answer as read: its status, its body (capped) and the headers the engine acts on."""
+
+    status: int
+    body: bytes
+    retry_after: str | None = None
+    location: str | None = None
+
+
+class _TooLarge(Exception):
+    """A 2xx body went past its cap (internal: `_exchange` maps it)."""
 
 
 class ApiClient:
     """Submits, polls and downloads. Only `submit` and `poll` carry the key, and only to ``base_url``."""
 
-    __slots__ = ("_config", "_session")
+    __slots__ = ("_config", "_scrub", "_session", "_targets")
 
     def __init__(self, config: ClientConfig) -> None:
         self._config = config
         self._session: aiohttp.ClientSession | None = None
+        self._scrub: Scrub = envelope.scrubber(config.api_key)
+        self._targets = OutputTargets(config.base_url, allow_private=config.allow_private_outputs)
 
     def __repr__(self) -> str:
         return f"ApiClient(base_url={public_url(self._config.base_url)!r})"
 
     async def __aenter__(self) -> ApiClient:
-        connector = aiohttp.TCPConnector(limit=self._config.connections, limit_per_host=0)
+        connector = aiohttp.TCPConnector(
+            limit=self._config.connections, limit_per_host=0, resolver=CheckedResolver(self._targets)
+        )
         self._session = aiohttp.ClientSession(connector=connector, trust_env=False)
         return self
 
@@ -111,19 +154,61 @@ class ApiClient:
     async def submit(self, path: str, body: Mapping[str, Any]) -> Prediction:
         """POST one edit. The server may have accepted it unless this raises NotAccepted/SlowDown."""
         url = self._config.api_root + path
-        payload = await self._exchange("POST", url, body=body, submit=True)
-        return _prediction(payload, submit=True)
+        with self._scrubbed():
+            answer = await self._exchange("POST", url, body=body, submit=True)
+            return await self._prediction(answer, submit=True, url=url)
 
     async def poll(self, prediction_id: str) -> Prediction:
         """GET a prediction's result; the URL is always built on the configured base URL."""
+        if not envelope.usable_id(prediction_id):  # e.g. from a journal an older version wrote
+            message = f"the prediction id {envelope.shown_id(prediction_id)} cannot be polled"
+            raise ItemRejected(self._scrub(message), kind=ErrorKind.SERVER_ERROR)
         url = f"{self._config.api_root}/api/v3/predictions/{quote(prediction_id, safe='')}/result"
-        payload = await self._exchange("GET", url, body=None, submit=False)
-        return _prediction(payload, submit=False)
+        with self._scrubbed():
+            answer = await self._exchange("GET", url, body=None, submit=False)
+            return await self._prediction(answer, submit=False, url=url)
 
-    async def download(self, url: str) -> bytes:
-        """Fetch an output or input image. Never sends the key: output URLs may be on any host."""
-        data: bytes = await self._exchange("GET", url, body=None, submit=False, auth=False)
-        return data
+    async def download(self, url: str, *, time_left: float | None = None) -> bytes:
+        """Fetch an output or input image, following redirects to allowed hosts only; never sends the key.
+
+        ``time_left`` (seconds, for every redirect together) shortens the configured download timeout.
+        """
+        total = self._config.download_timeout
+        if time_left is not None:
+            total = min(total, time_left)
+        deadline = anyio.current_time() + total
+        with self._scrubbed():
+            for _ in range(MAX_REDIRECTS + 1):
+                self._check_target(url)
+                left = max(deadline - anyio.current_time(), 0.001)
+                answer = await self._exchange("GET", url, body=None, submit=False, auth=False, seconds=left)
+                if not (300 <= answer.status < 400 and answer.location):
+                    return _download_body(answer, where=_Shown(url))
+                url = urljoin(url, answer.location)
+            message = f"more than {MAX_REDIRECTS} redirects, the last to {_Shown(url)}"
+            raise ItemRejected(message, kind=ErrorKind.DOWNLOAD)
+
+    def _check_target(self, url: str) -> None:
+        refusal = self._targets.refusal(url)
+        if refusal is not None:
+            raise ItemRejected(f"refused to fetch {_Shown(url)}: {refusal}", kind=ErrorKind.DOWNLOAD)
+
+    async def _prediction(self, answer: Answer, *, submit: bool, url: str) -> Prediction:
+        if len(answer.body) <= THREAD_PARSE_BYTES:
+            return read_prediction(answer, submit=submit, where=_Shown(url), scrub=self._scrub)
+        return await anyio.to_thread.run_sync(
+            lambda: read_prediction(answer, submit=submit, where=_Shown(url), scrub=self._scrub)
+        )
+
+    @contextmanager
+    def _scrubbed(self) -> Iterator[None]:
+        """Error messages quote bodies and URLs, which end up in reports: scrub the key, then bound them."""
+        try:
+            yield
+        except ApiError as exc:
+            exc.message = envelope.bounded(self._scrub(exc.message))
+            exc.args = (exc.message,)
+            raise
 
     def _headers(self, auth: bool) -> dict[str, str]:
         if not auth:
@@ -131,36 +216,30 @@ class ApiClient:
         key = self._config.api_key
         return {"Authorization": f"Bearer {key}" if self._config.bearer else key}
 
-    def _timeout(self, method: str, auth: bool) -> aiohttp.ClientTimeout:
-        if not auth:
+    def _timeout(self, method: str, auth: bool, seconds: float | None) -> aiohttp.ClientTimeout:
+        if seconds is not None:
+            total = seconds
+        elif not auth:
             total = self._config.download_timeout
         else:
             total = self._config.submit_timeout if method == "POST" else self._config.poll_timeout
         return aiohttp.ClientTimeout(total=total, sock_connect=min(total, 30.0))
 
     async def _exchange(
-        self, method: str, url: str, *, body: Mapping[str, Any] | None, submit: bool, auth: bool = True
-    ) -> Any:
-        """Send one request; return the JSON (API) or bytes (download); map every failure to an ApiError.
-
-        Error messages quote response bodies, which end up in reports: a server or gateway that echoes
-        the key back must not put it there, so every message is scrubbed of it here.
-        """
-        try:
-            return await self._send(method, url, body=body, submit=submit, auth=auth)
-        except ApiError as exc:
-            key = self._config.api_key
-            if key in exc.message:
-                exc.message = exc.message.replace(key, "***")
-                exc.args = (exc.message,)
-            raise
-
-    async def _send(
-        self, method: str, url: str, *, body: Mapping[str, Any] | None, submit: bool, auth: bool
-    ) -> Any:
+        self,
+        method: str,
+        url: str,
+        *,
+        body: Mapping[str, Any] | None,
+        submit: bool,
+        auth: bool = True,
+        seconds: float | None = None,
+    ) -> Answer:
+        """Send one request and read its answer (redirects are never followed here); map every failure."""
         session = self._session
         assert session is not None, "use ApiClient as an async context manager"
         where = _Shown(url)
+        limit = self._config.max_answer_bytes if auth else self._config.max_download_bytes
         log.debug("%s %s", method, where)
         try:
             async with session.request(
@@ -168,26 +247,25 @@ class ApiClient:
                 url,
                 json=body,
                 headers=self._headers(auth),
-                timeout=self._timeout(method, auth),
-                allow_redirects=not auth,  # a redirect must never carry the key elsewhere
+                timeout=self._timeout(method, auth, seconds),
+                allow_redirects=False,  # an API redirect must never carry the key elsewhere
             ) as resp:
-                raw = await _read(resp)
-                status = resp.status
-                retry_after = resp.headers.get("Retry-After")
+                raw = await _read_body(resp, limit)
+                headers = resp.headers
+                answer = Answer(resp.status, raw, headers.get("Retry-After"), headers.get("Location"))
+        except _TooLarge as exc:
+            raise _too_large(auth=auth, submit=submit, message=f"{where} sent {exc}") from exc
         except aiohttp.ClientConnectorError as exc:  # never connected: nothing was sent
+            if isinstance(exc.os_error, RefusedTarget):
+                message = f"refused to fetch {where}: {exc.os_error}"
+                raise ItemRejected(message, kind=ErrorKind.DOWNLOAD) from exc
             raise _unsent(submit, f"cannot connect to {where}: {exc.strerror or exc}") from exc
         except aiohttp.ConnectionTimeoutError as exc:
             raise _unsent(submit, f"timed out connecting to {where}") from exc
-        except (TimeoutError, aiohttp.ClientError) as exc:
+        except (TimeoutError, aiohttp.ClientError, ValueError) as exc:  # ValueError: a URL aiohttp refuses
             raise _lost(submit, f"{type(exc).__name__} from {where}: {exc}") from exc
-        log.debug("%s %s -> %s", method, where, status)
-        success = 200 <= status < 300
-        if success and not (auth and body_code(raw) not in (None, 200)):
-            return raw if not auth else _json(raw, submit=submit, where=where)
-        if not auth:
-            raise _download_error(status, raw, retry_after=retry_after, where=where)
-        code = status if not success else (body_code(raw) or status)
-        raise _classify(code, raw, retry_after=retry_after, submit=submit, where=where)
+        log.debug("%s %s -> %s", method, where, answer.status)
+        return answer
 
 
 class _Shown:
@@ -202,11 +280,41 @@ class _Shown:
         return public_url(self.url)
 
 
-async def _read(resp: aiohttp.ClientResponse) -> bytes:
+async def _read_body(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The body, decompressed; past ``limit`` bytes a 2xx body raises _TooLarge, others are cut short.
+
+    Counted as the bytes stream in, so the cap holds without a Content-Length and for a gzip body,
+    whose Content-Length says nothing of what it inflates to.
+    """
+    if not 200 <= resp.status < 300:
+        return await _read_start(resp, MAX_ERROR_BODY_BYTES)
     declared = resp.content_length
-    if declared is not None and declared > MAX_DOWNLOAD_BYTES:
-        raise aiohttp.ClientPayloadError(f"answer too large ({declared} bytes)")
-    return await resp.read()
+    if declared is not None and declared > limit:
+        raise _TooLarge(f"a body of {declared:,} bytes (more than the {limit:,} allowed)")
+    if declared is not None and "Content-Encoding" not in resp.headers:
+        return await resp.read()  # exactly the declared length: no more can come (the hot path)
+    body = bytearray()
+    async for chunk in resp.content.iter_any():
+        body += chunk
+        if len(body) > limit:
+            raise _TooLarge(f"more than the {limit:,} bytes allowed")
+    return bytes(body)
+
+
+async def _read_start(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    start = bytearray()
+    while len(start) < limit:
+        chunk = await resp.content.read(limit - len(start))
+        if not chunk:
+            break
+        start += chunk
+    return bytes(start)
+
+
+def _too_large(*, auth: bool, submit: bool, message: str) -> ApiError:
+    if not auth:  # the host will send the same again: the output fails, unfetched
+        return ItemRejected(message, kind=ErrorKind.DOWNLOAD)
+    return _lost(submit, message)
 
 
 def _unsent(submit: bool, message: str) -> ApiError:
@@ -221,39 +329,59 @@ def _lost(submit: bool, message: str) -> ApiError:
     return RetryLater(message, kind=ErrorKind.NETWORK)
 
 
-def _json(raw: bytes, *, submit: bool, where: _Shown) -> Any:
-    try:
-        return json.loads(raw)
-    except ValueError as exc:
-        message = f"{where} answered 200 with a body that is not JSON: {error_message(raw)}"
-        if submit:
-            raise SubmitOutcomeUnknown(message, status=200) from exc
-        raise RetryLater(message, status=200) from exc
+def read_prediction(answer: Answer, *, submit: bool, where: object, scrub: Scrub) -> Prediction:
+    """An API answer as a Prediction, or the ApiError it means: classified by status, then by the body.
+
+    Pure, and total over its input: whatever the body holds, this returns or raises an ApiError.
+    """
+    payload = envelope.loads(answer.body)
+    success = 200 <= answer.status < 300
+    code = envelope.body_code(payload) if success else None
+    if success and code in (None, 200):
+        if payload is NOT_JSON:
+            message = f"{where} answered 200 with a body that is not JSON: {_message(payload, answer, scrub)}"
+            raise SubmitOutcomeUnknown(message, status=200) if submit else RetryLater(message, status=200)
+        return _parsed(payload, submit=submit, scrub=scrub)
+    status = code if code is not None else answer.status
+    message = _message(payload, answer, scrub)
+    raise _classify(status, message, retry_after=answer.retry_after, submit=submit, where=where)
 
 
-def _prediction(payload: Any, *, submit: bool) -> Prediction:
+def _message(payload: Any, answer: Answer, scrub: Scrub) -> str:
+    return envelope.error_message(payload, answer.body, scrub=scrub)
+
+
+def _parsed(payload: Any, *, submit: bool, scrub: Scrub) -> Prediction:
     try:
-        return parse_prediction(payload)
+        return envelope.parse_prediction(payload, scrub=scrub)
     except ValueError as exc:
         message = f"unexpected answer: {exc}"
-        if submit:  # a 200 without an id: accepted or not, we cannot tell
+        if submit:  # a 200 without a usable id: accepted or not, we cannot tell
             raise SubmitOutcomeUnknown(message, status=200) from exc
         raise RetryLater(message, status=200) from exc
 
 
-def _download_error(status: int, raw: bytes, *, retry_after: str | None, where: _Shown) -> ApiError:
+def _download_body(answer: Answer, *, where: _Shown) -> bytes:
+    """A 2xx download's bytes, else the error it means."""
+    if 200 <= answer.status < 300:
+        return answer.body
+    raise _download_error(answer, where=where)
+
+
+def _download_error(answer: Answer, *, where: _Shown) -> ApiError:
     """Output hosts are not the API: a 403 there is an expired link, not an empty balance."""
-    message = f"download of {where} answered {status}: {error_message(raw)}"
+    status = answer.status
+    detail = envelope.error_message(envelope.loads(answer.body), answer.body)
+    message = f"download of {where} answered {status}: {detail}"
     if status == 429:
-        return SlowDown(message, retry_after=parse_retry_after(retry_after))
+        return SlowDown(message, retry_after=parse_retry_after(answer.retry_after))
     if status >= 500 or status in (408, 425):
         return RetryLater(message, status=status)
     return ItemRejected(message, status=status, kind=ErrorKind.DOWNLOAD)
 
 
-def _classify(status: int, raw: bytes, *, retry_after: str | None, submit: bool, where: _Shown) -> ApiError:
+def _classify(status: int, message: str, *, retry_after: str | None, submit: bool, where: object) -> ApiError:
     """HTTP status → error class, as the API facts' error table says; the body only adds detail."""
-    message = error_message(raw)
     if status == 429:
         return SlowDown(message, retry_after=parse_retry_after(retry_after))
     if status == 401:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from batch_engine.api import catalogue
-from batch_engine.settings import RunSettings
+from batch_engine.settings import SETTING_RANGES, Range, RunSettings, bound_text, shown
 from batch_engine.store.files import DEFAULT_OUTPUT
 
 MAX_MANIFEST_BYTES = 256 * 1024 * 1024
@@ -33,7 +33,8 @@ MAX_N = 10
 #: ``http(s)://`` and a host, or a ``data:`` URI (accepted with a warning). Schemes are case-insensitive; the
 #: character classes spell that out because JSON Schema patterns (ECMA 262) have no inline flags.
 IMAGE_URL_PATTERN = r"^([hH][tT][tT][pP][sS]?://[^\s/]|[dD][aA][tT][aA]:)"
-SIZE_PATTERN = r"^(auto|[0-9]+x[0-9]+)$"
+#: Five digits an edge: far past any model's largest (3840), short enough to read as numbers.
+SIZE_PATTERN = r"^(auto|[0-9]{1,5}x[0-9]{1,5})$"
 NOT_BLANK_PATTERN = r"\S"
 
 CONTAINER_KEYS = ("defaults", "settings", "items", "items_from")
@@ -108,7 +109,7 @@ _REQUEST_FIELDS = (
         "most 3840, ratio at most 3:1, 655,360 to 8,294,400 pixels. gpt-image-1: 1024x1024, 1536x1024 or "
         "1024x1536. API default 1024x1024.",
         pattern=SIZE_PATTERN,
-        pattern_hint="is not 'auto' or WIDTHxHEIGHT (a lower-case x between two whole numbers)",
+        pattern_hint="is not 'auto' or WIDTHxHEIGHT (a lower-case x between two whole numbers of 1-5 digits)",
         example="1024x1024",
     ),
     FieldDef(
@@ -259,18 +260,14 @@ _TOP_LEVEL_FIELDS = (
     ),
 )
 
-#: How far each run setting may go; the types come from ``RunSettings``' annotations.
+def _bounds(allowed: Range) -> dict[str, float]:
+    low = "exclusive_minimum" if allowed.open_low else "minimum"
+    return {low: allowed.low, "maximum": allowed.high}
+
+
+#: How far each run setting may go (``settings.SETTING_RANGES``); the types come from ``RunSettings``.
 _SETTING_BOUNDS: Mapping[str, Mapping[str, float]] = {
-    "rate": {"exclusive_minimum": 0},
-    "rate_min": {"exclusive_minimum": 0},
-    "max_in_flight": {"minimum": 1},
-    "timeout": {"exclusive_minimum": 0},
-    "poll_after": {"minimum": 0},
-    "poll_interval": {"exclusive_minimum": 0},
-    "poll_interval_max": {"exclusive_minimum": 0},
-    "poll_rate": {"exclusive_minimum": 0},
-    "max_submits": {"minimum": 0},
-    "grace": {"minimum": 0},
+    name: _bounds(allowed) for name, allowed in SETTING_RANGES.items()
 }
 
 _JSON_TYPES: Mapping[Any, str] = {bool: "boolean", int: "integer", float: "number", str: "string"}
@@ -384,8 +381,9 @@ def _type_hint(spec: FieldDef, value: Any) -> str:
     if spec.type == "string" and isinstance(value, bool):
         return "; quote it (YAML reads yes, no, on, off, true and false as booleans)"
     if spec.type == "string" and (isinstance(value, int | float) or _is_date(value)):
-        return f'; quote it to make it a string: {spec.name}: "{value}"'
-    if spec.type in ("integer", "number") and isinstance(value, str) and _is_number(value):
+        text = shown(value)
+        return f'; quote it to make it a string: {spec.name}: "{text}"' if len(text) <= 40 else ""
+    if spec.type in ("integer", "number") and isinstance(value, str) and _is_short_number(value):
         return f"; write it without quotes: {spec.name}: {value}"
     if spec.type == "array" and isinstance(value, str):
         return f"; write a list, e.g. {spec.name}: {spec.example}"
@@ -396,7 +394,10 @@ def _is_date(value: Any) -> bool:
     return type(value).__name__ in ("date", "datetime")
 
 
-def _is_number(text: str) -> bool:
+def _is_short_number(text: str) -> bool:
+    """A number written as a string, short enough to quote back in a hint."""
+    if len(text) > 40:
+        return False
     try:
         float(text)
     except ValueError:
@@ -410,7 +411,7 @@ def describe(value: Any) -> str:
     if isinstance(value, bool):
         return f"{str(value).lower()} (a boolean)"
     if isinstance(value, int | float):
-        return f"{value!r} (a number)"
+        return f"{shown(value)} (a number)"
     if isinstance(value, str):
         return repr(value if len(value) <= 60 else value[:57] + "...") + " (a string)"
     if isinstance(value, list):
@@ -429,29 +430,32 @@ def _scalar_problems(spec: FieldDef, value: Any) -> list[str]:
         spec.exclusive_minimum is None or value > spec.exclusive_minimum
     )
     high_ok = spec.maximum is None or value <= spec.maximum
-    return [] if low_ok and high_ok else [f"must be {_range_text(spec)}, got {value}"]
+    return [] if low_ok and high_ok else [f"must be {_range_text(spec)}, got {shown(value)}"]
 
 
 def _range_text(spec: FieldDef) -> str:
     kind = "a whole number" if spec.type == "integer" else "a number"
-    low = spec.minimum if spec.minimum is not None else spec.exclusive_minimum
-    if low is not None and spec.maximum is not None:
-        return f"{kind} from {_num(low)} to {_num(spec.maximum)}"
+    if spec.minimum is not None and spec.maximum is not None:
+        return f"{kind} from {_num(spec.minimum)} to {_num(spec.maximum)}"
+    parts = []
     if spec.exclusive_minimum is not None:
-        return f"{kind} greater than {_num(spec.exclusive_minimum)}"
+        parts.append(f"greater than {_num(spec.exclusive_minimum)}")
     if spec.minimum is not None:
-        return f"{kind} of at least {_num(spec.minimum)}"
-    return f"{kind} of at most {_num(spec.maximum or 0)}"
+        parts.append(f"at least {_num(spec.minimum)}")
+    if spec.maximum is not None:
+        parts.append(f"at most {_num(spec.maximum)}")
+    return f"{kind} {' and '.join(parts)}"
 
 
 def _num(bound: float) -> str:
-    return f"{bound:g}"
+    return bound_text(bound)
 
 
 def _enum_message(spec: FieldDef, value: Any) -> str:
     choices = [str(choice) for choice in spec.enum]
     which = choices[0] if len(choices) == 1 else "one of " + ", ".join(choices)
-    return f"must be {which}, got {value!r}" + suggestion(str(value), choices)
+    word = value if isinstance(value, str) and len(value) <= 100 else ""
+    return f"must be {which}, got {shown(value)}" + suggestion(word, choices)
 
 
 def suggestion(word: str, choices: Sequence[str]) -> str:

@@ -20,6 +20,7 @@ from batch_engine.api import catalogue
 from batch_engine.manifest import local_files
 from batch_engine.manifest.fields import (
     ABSENT,
+    MAX_N,
     ITEM_ID,
     ITEM_META,
     describe,
@@ -126,7 +127,12 @@ class ItemRules:
             return None
         if images:
             request[IMAGES] = [str(image) for image in images]
-        item = Item(raw.position, item_id, fields, request, self._fingerprint(request, images))
+        try:
+            item = Item(raw.position, item_id, fields, request, self._fingerprint(request, images))
+        except ValueError as exc:  # e.g. a 5,000-digit number from the defaults, which their check named
+            if not self.report.problem_count:
+                self.report.complain(place, None, f"holds a value that cannot be written as JSON: {exc}")
+            return None
         if keys is not None and not self._claim_outputs(item, raw, place, keys):
             return None
         if keys is not None:
@@ -221,7 +227,10 @@ class ItemRules:
     def _item_id(self, own: Mapping[str, Any]) -> tuple[str | None, bool]:
         given = own.get(ID, ABSENT)
         if given is ABSENT:
-            return generated_id(own), True
+            try:
+                return generated_id(own), True
+            except ValueError:  # a value JSON cannot spell (a 5,000-digit number): the field check says so
+                return None, False
         if not isinstance(given, str) or value_problems(ITEM_ID, given):
             return None, False  # the field check reports it
         return given, False
@@ -234,7 +243,8 @@ class ItemRules:
 
     def _claim_outputs(self, item: Item, raw: RawItem, place: Place, keys: UniqueKeys) -> bool:
         where = self._where(raw)
-        for k in range(int(item.request.get("n", 1))):
+        n = item.request.get("n", 1)
+        for k in range(n if isinstance(n, int) and 1 <= n <= MAX_N else 1):  # a bad n is a problem already
             path = self.output.path(item.id, _meta(item), k, "*").casefold()
             owner = keys.claim("output", path, position=item.index, item_id=item.id, where=where)
             if owner is not None and owner.item_id != item.id:

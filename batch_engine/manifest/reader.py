@@ -160,8 +160,10 @@ class _Builder:
         node = yaml.ScalarNode(tag, event.value, None, None, event.style)
         try:  # the constructor's own function: construct_object() would remember every node it saw
             return self.constructor.yaml_constructors[tag](self.constructor, node)
-        except (yaml.YAMLError, ValueError) as exc:
-            self.complain(f"{event.value!r} cannot be read as {tag.rpartition(':')[2]}: {exc}", _line(event))
+        except (yaml.YAMLError, ValueError, LookupError, ArithmeticError) as exc:  # !!bool maybe: KeyError
+            shown = event.value if len(event.value) <= 40 else event.value[:40] + "…"
+            why = "" if isinstance(exc, LookupError) else f": {exc!s:.100}"
+            self.complain(f"{shown!r} cannot be read as {tag.rpartition(':')[2]}{why}", _line(event))
             return event.value
 
     def _expecting_key(self) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
@@ -28,6 +28,49 @@ from batch_engine.values import ErrorKind, ItemError, ItemRecord, Prediction, Re
 
 log = logging.getLogger(__name__)
 
+#: 429s one item may get before it fails as rate_limited. Generous: the pacer slows every submitter down
+#: after a 429, so an item meets a few at most while the key's limit is learnt.
+RATE_LIMITED_ATTEMPTS = 50
+#: A run stops submitting (resumable, StopReason.THROTTLED) once this many 429s came in a row ...
+RUN_REFUSALS = 20
+#: ... over at least this many seconds (or half the item timeout, if shorter) with nothing accepted, or
+#: once an item runs out of attempts or time with nothing accepted since its first 429.
+REFUSAL_WINDOW = 300.0
+
+
+class RefusalWatch:
+    """Whether the server refuses (429) every submit: then the run stops submitting, every item resumable.
+
+    A 429 now and then is pacing at work, and an item refused while others get through fails on its own
+    (its attempt budget or its timeout). But when nothing at all was accepted since an item's first 429,
+    or for the refusal window across many 429s in a row, the key is throttled or over its concurrency
+    limit: waiting on would only fail every item as rate_limited, one by one, where stopping leaves them
+    all pending for the next run.
+    """
+
+    __slots__ = ("_count", "_since")
+
+    def __init__(self) -> None:
+        self._count = 0  #: 429s since the last submit answered otherwise
+        self._since: float | None = None  #: clock time of the first of them
+
+    def __repr__(self) -> str:
+        return f"RefusalWatch(count={self._count}, since={self._since})"
+
+    def answered(self) -> None:
+        """A submit was accepted or refused for a reason of its own (400): the server is not throttling."""
+        self._count, self._since = 0, None
+
+    def refused(self, now: float, *, window: float) -> bool:
+        """Count one 429; True when the 429s in a row span the window: the run should stop submitting."""
+        self._since = now if self._since is None else self._since
+        self._count += 1
+        return self._count >= RUN_REFUSALS and now - self._since >= window
+
+    def nothing_accepted_since(self, when: float) -> bool:
+        """True when every submit answered since ``when`` was a 429."""
+        return self._since is not None and self._since <= when
+
 
 class _Next(enum.Enum):
     DONE = "done"  #: the item left the submit stage (submitted, failed, or the run stops)
@@ -40,8 +83,14 @@ class SubmitPlan:
 
     path: str  #: e.g. ``/api/v3/openai/gpt-image-2-plus/image-edit``
     body: Callable[[ItemRecord], dict[str, Any]]  #: the wire body of an item
-    timeout: float  #: seconds a prediction may take
+    timeout: float  #: seconds a prediction may take; also how long one item may keep trying to be accepted
     resubmit_ambiguous: bool
+    #: shared, like the plan itself, by every submitter of the run
+    refusals: RefusalWatch = field(default_factory=RefusalWatch, compare=False)
+
+    @property
+    def refusal_window(self) -> float:
+        return min(REFUSAL_WINDOW, self.timeout / 2)
 
 
 class Submitter:
@@ -78,7 +127,7 @@ class Submitter:
 
     async def _submit(self, record: ItemRecord, done: ObjectSendStream[Resolved]) -> None:
         control = self._ctx.control
-        state = _Attempts(possible_duplicate=record.possible_duplicate)
+        state = _Attempts(possible_duplicate=record.possible_duplicate, started=self._ctx.clock())
         while True:
             slot = await control.take_slot()
             try:
@@ -113,6 +162,7 @@ class Submitter:
         except SubmitOutcomeUnknown as exc:
             return None, await self._lost(item_id, state, exc)
         except ItemRejected as exc:
+            self._plan.refusals.answered()
             self._ctx.control.refund_submit()
             await ledger.fail(item_id, ItemError(exc.kind, exc.message, exc.status))
             return None, _Next.DONE
@@ -127,6 +177,7 @@ class Submitter:
             log.error("%s", exc.message)
             return None, _Next.DONE
         self._pacer.on_success()
+        self._plan.refusals.answered()
         try:
             state.submitted_at = await ledger.submitted(item_id, prediction.id)
         except JournalError:
@@ -148,15 +199,35 @@ class Submitter:
         await self._unpaid(item_id, state)
         self._ctx.ledger.saw_rate_limit()
         pause = self._pacer.on_rate_limited(exc.retry_after)
-        log.debug("submit of %s rate limited; all submitters pause %.2fs", item_id, pause)
-        state.delay = 0.0  # the pacer's shared pause already holds every submitter back
-        return _Next.AGAIN
+        if self._run_throttled(state):
+            self._ctx.control.stop_submitting(StopReason.THROTTLED)  # the item stays pending
+            return _Next.DONE
+        spent = self._spent(state)
+        if state.rate_limited < RATE_LIMITED_ATTEMPTS and spent is None:
+            log.debug("submit of %s rate limited; all submitters pause %.2fs", item_id, pause)
+            state.delay = 0.0  # the pacer's shared pause already holds every submitter back
+            return _Next.AGAIN
+        message = f"rate limited (429) {state.rate_limited} times{spent or ''}: {exc.message}"
+        await self._ctx.ledger.fail(item_id, ItemError(ErrorKind.RATE_LIMITED, message, exc.status))
+        return _Next.DONE
+
+    def _run_throttled(self, state: _Attempts) -> bool:
+        """Count a 429 against the item and the run; True when it shows the key is refused, not the item."""
+        now, watch = self._ctx.clock(), self._plan.refusals
+        state.rate_limited += 1
+        state.first_refused = now if state.first_refused is None else state.first_refused
+        if watch.refused(now, window=self._plan.refusal_window):
+            return True
+        out = state.rate_limited >= RATE_LIMITED_ATTEMPTS or self._spent(state) is not None
+        return out and watch.nothing_accepted_since(state.first_refused)
 
     async def _refused(self, item_id: str, state: _Attempts, exc: NotAccepted) -> _Next:
         await self._unpaid(item_id, state)
         state.refused += 1
-        if state.refused >= self._ctx.retry.attempts:
-            await self._ctx.ledger.fail(item_id, ItemError(ErrorKind.NETWORK, exc.message))
+        spent = self._spent(state)
+        if state.refused >= self._ctx.retry.attempts or spent is not None:
+            message = f"{exc.message} (refused {state.refused} times{spent or ''})"
+            await self._ctx.ledger.fail(item_id, ItemError(ErrorKind.NETWORK, message))
             return _Next.DONE
         state.delay = self._ctx.backoff(state.refused)
         return _Next.AGAIN
@@ -168,8 +239,10 @@ class Submitter:
             message = f"{exc.message}; not resent because of --no-resubmit-ambiguous"
             await ledger.fail(item_id, ItemError(ErrorKind.AMBIGUOUS_SUBMIT, message, exc.status))
             return _Next.DONE
-        if state.lost >= self._ctx.retry.attempts:
-            message = f"{exc.message}; the answer was lost {state.lost} times, each may have been billed"
+        spent = self._spent(state)
+        if state.lost >= self._ctx.retry.attempts or spent is not None:
+            lost = f"the answer was lost {state.lost} times{spent or ''}"
+            message = f"{exc.message}; {lost}, each may have been billed"
             await ledger.fail(item_id, ItemError(exc.kind, message, exc.status))
             return _Next.DONE
         state.possible_duplicate = True
@@ -177,6 +250,13 @@ class Submitter:
         log.warning("submit of %s: %s; sending it again (marked possible_duplicate)", item_id, exc.message)
         state.delay = self._ctx.backoff(state.lost)
         return _Next.AGAIN
+
+    def _spent(self, state: _Attempts) -> str | None:
+        """Past the item's deadline (its timeout, from its first submit): how that reads in a message."""
+        elapsed = self._ctx.clock() - state.started
+        if elapsed < self._plan.timeout:
+            return None
+        return f" over {elapsed:.1f} s, past the item's {self._plan.timeout:g} s timeout"
 
     async def _route(
         self,
@@ -205,11 +285,23 @@ class Submitter:
 class _Attempts:
     """How one item's submits went so far (mutable, private to one `Submitter._submit` call)."""
 
-    __slots__ = ("delay", "lost", "possible_duplicate", "refused", "submitted_at")
+    __slots__ = (
+        "delay",
+        "first_refused",
+        "lost",
+        "possible_duplicate",
+        "rate_limited",
+        "refused",
+        "started",
+        "submitted_at",
+    )
 
-    def __init__(self, *, possible_duplicate: bool) -> None:
+    def __init__(self, *, possible_duplicate: bool, started: float) -> None:
         self.possible_duplicate = possible_duplicate
+        self.started = started  #: clock time of the first submit attempt: the item's deadline counts from it
         self.lost = 0
         self.refused = 0
+        self.rate_limited = 0
+        self.first_refused: float | None = None  #: clock time of the first 429
         self.delay = 0.0
         self.submitted_at = 0.0
