@@ -69,6 +69,7 @@ class RunOptions:
     submit_workers: int = 64
     poll_workers: int = 32
     download_workers: int = 16
+    started_at: float | None = None  #: unix seconds the process started (the CLI's); None: now
 
 
 @dataclass(frozen=True)
@@ -151,7 +152,7 @@ class Engine:
         )
         self._queue = PollQueue(self._planner, DueQueue())
         self._retry = options.retry
-        self._started = time.time()
+        self._started = options.started_at or time.time()
         self._ledger: Ledger | None = None
         self._done_before = 0
         self._plan = self._submit_plan()  #: shared by every submitter
@@ -375,6 +376,7 @@ class Engine:
             rate_ceiling=self._pacer.ceiling,
             possible_duplicates=journal.possible_duplicate_count(),
             stopped_reason=None if self._control.reason is None else self._control.reason.value,
+            stop_detail=self._control.detail,
             timeline=ledger.timeline,
         )
 

@@ -185,6 +185,7 @@ class RunStats:
     rate_ceiling: float
     possible_duplicates: int
     stopped_reason: str | None = None
+    stop_detail: str | None = None  #: what is known of the stop, e.g. the refusal quoted (``refused``)
     #: per-minute counts since the start: ``{"submitted": [...], "finished": [...], "rate_limited": [...]}``
     timeline: Mapping[str, list[int]] = field(default_factory=dict)
 
@@ -214,6 +215,7 @@ class RunStats:
             "rate_ceiling": self.rate_ceiling,
             "possible_duplicates": self.possible_duplicates,
             "stopped_reason": self.stopped_reason,
+            "stop_detail": self.stop_detail,
             "timeline": {k: list(v) for k, v in self.timeline.items()},
         }
 

@@ -19,6 +19,7 @@ from typing import IO, Any
 
 import yaml
 
+from batch_engine.api import catalogue
 from batch_engine.report.block_yaml import block_yaml
 from batch_engine.report.entries import (
     SUMMARY_KEYS,
@@ -127,11 +128,17 @@ def write_failures_manifest(out_dir: Path, meta: RunMeta, records: Records) -> P
 
 
 def failures_header(meta: RunMeta) -> dict[str, Any]:
-    """failures.yaml's keys above ``items:``: the original manifest's, under a new name."""
+    """failures.yaml's keys above ``items:``: the original manifest's, under a new name.
+
+    A model the catalogue does not list ran because its manifest said ``model_unlisted: true``; so does
+    this one, or it would not run as it is.
+    """
+    unlisted = {"model_unlisted": True} if catalogue.model_spec(meta.model) is None else {}
     return {
         "version": 1,
         "name": f"{meta.name}-failures",
         "model": meta.model,
+        **unlisted,
         "task": meta.task,
         "defaults": _plain(meta.defaults),
         "settings": _plain(meta.settings),

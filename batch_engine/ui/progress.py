@@ -120,9 +120,17 @@ def progress_line(s: Snapshot) -> str:
 
 
 def failure_text(item_id: str, error: ItemError) -> str:
-    """``sku-12 content_policy (400): the message``, on one line whatever the server sent."""
+    """``sku-12 content_policy (400): the message``, on one line whatever the server sent.
+
+    A message that opens with its own kind (``inference failed: ...`` of kind ``inference_failed``) is
+    not made to say it twice.
+    """
     status = f" ({error.status})" if error.status is not None else ""
-    return f"{item_id} {error.kind}{status}: {_one_line(error.message)}"
+    message = _one_line(error.message)
+    said = error.kind.replace("_", " ") + ":"
+    if message.lower().startswith(said):
+        message = message[len(said) :].lstrip()
+    return f"{item_id} {error.kind}{status}: {message}"
 
 
 def _one_line(text: str) -> str:

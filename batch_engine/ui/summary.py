@@ -5,16 +5,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-from batch_engine.control import STOP_MESSAGES
+from batch_engine.control import stop_message
 from batch_engine.ui.progress import event_line, format_duration
 from batch_engine.values import ItemState, RunStats
 
 
-def stop_sentence(reason: str | None) -> str | None:
-    """What a ``stopped_reason`` code means for the person, or None when the run finished."""
-    if reason is None:
-        return None
-    return STOP_MESSAGES.get(reason, f"stopped early: {reason}")
+def stop_sentence(stats: RunStats) -> str | None:
+    """Why the run stopped, for the person, or None when it finished."""
+    return stop_message(stats.stopped_reason, stats.stop_detail)
 
 
 def format_summary(stats: RunStats, *, report_paths: Mapping[str, Path], out_dir: Path) -> str:
@@ -30,7 +28,7 @@ def summary_json(stats: RunStats, *, report_paths: Mapping[str, Path]) -> str:
     """The summary as one JSON line ``{"ts", "event": "summary", ...}``, without the per-minute timeline."""
     fields = stats.as_dict()
     fields.pop("timeline", None)
-    fields["stopped"] = stop_sentence(stats.stopped_reason)
+    fields["stopped"] = stop_sentence(stats)
     fields["reports"] = {name: str(path) for name, path in report_paths.items()}
     return event_line("summary", **fields)
 
@@ -72,7 +70,7 @@ def _warning_lines(stats: RunStats) -> list[str]:
         count = stats.possible_duplicates
         lines.append(f"  warning: {count} possible duplicate(s) may have been billed twice")
         lines.append("    (resubmitted after an answer was lost; see possible_duplicate in results.jsonl)")
-    stopped = stop_sentence(stats.stopped_reason)
+    stopped = stop_sentence(stats)
     if stopped:
         lines.append("  " + stopped)
     return lines
