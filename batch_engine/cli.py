@@ -161,9 +161,9 @@ def _unwrap(exc: BaseException) -> BaseException:
 
 def _reason(exc: OSError) -> str:
     """``Permission denied``: the system's words for an error, without the errno and file name."""
-    if exc.errno is not None:
+    if exc.errno is not None and exc.errno > 0:
         return os.strerror(exc.errno)
-    return str(exc)
+    return exc.strerror or str(exc)  # a name lookup's error (socket.gaierror) has its own words
 
 
 def _unknown_arguments(extras: Sequence[str], parser: argparse.ArgumentParser) -> str:

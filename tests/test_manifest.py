@@ -541,7 +541,7 @@ def test_model_unlisted_must_be_a_boolean(tmp_path: Path) -> None:
 
 
 def test_a_tab_indented_manifest_is_told_about_tabs(tmp_path: Path) -> None:
-    """A manifest indented with tabs gets a problem that says so, not the parser's 'cannot start any token'."""
+    """A tab-indented manifest gets a problem that says so, not the parser's 'cannot start any token'."""
     problem = one(tmp_path, "version: 1\nitems:\n\t- id: a\n")
     assert problem.line == 3
     assert "indented with a tab" in problem.message
