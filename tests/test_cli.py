@@ -158,7 +158,7 @@ def test_simulate_help_describes_itself_and_each_option(capsys: pytest.CaptureFi
     assert "simulator of GPTProto's prediction API" in out
     assert "--base-url http://127.0.0.1:PORT" in out
     options = {line.split()[0]: line for line in out.splitlines() if line.startswith("  --")}
-    explained = {"--host": "address to listen on", "--port": "port to listen on", "--seed": "same failures"}
+    explained = {"--host": "address to listen on", "--port": "port to listen on", "--seed": "the same seed"}
     for flag, says in explained.items():
         assert says in options[flag], options[flag]
 
