@@ -37,7 +37,13 @@ from batch_engine.engine import RunOptions, RunResult, plan_counts, run_manifest
 from batch_engine.errors import BatchEngineError, ManifestError, UsageError
 from batch_engine.manifest import load_manifest
 from batch_engine.manifest.schema import manifest_schema
-from batch_engine.report.input_copies import distinct_inputs, local_inputs
+from batch_engine.report.gallery_files import (
+    distinct_inputs,
+    local_inputs,
+    make_thumbs,
+    page_files,
+    thumb_jobs,
+)
 from batch_engine.report.write import write_reports
 from batch_engine.settings import DEFAULT_BASE_URL, RunSettings
 from batch_engine.sim import SimConfig, Simulator, serve
@@ -48,7 +54,7 @@ from batch_engine.ui.logs import setup_logging
 from batch_engine.ui.pipes import pipe_safe_std
 from batch_engine.ui.progress import ProgressView, make_view
 from batch_engine.ui.summary import format_summary, summary_json
-from batch_engine.values import Manifest, RunStats
+from batch_engine.values import ItemState, Manifest, RunStats
 
 log = logging.getLogger(__name__)
 
@@ -385,19 +391,25 @@ def cmd_report(args: argparse.Namespace) -> int:
     _journal_dir(args.out_dir, "nothing to report")
     _check_writable(args.out_dir, f"{args.out_dir}: the reports cannot be written there", copy_hint=True)
     with OutDirLock(args.out_dir):  # a running run rewrites these files itself: never race it
-        paths = anyio.run(_rebuild_reports, args.out_dir)
+        paths, thumbs = anyio.run(_rebuild_reports, args.out_dir)
     for name, path in paths.items():
         print(f"{name}: {path}")
+    if thumbs:
+        print(f"thumbnails made: {thumbs}")
     return EXIT_OK
 
 
-async def _rebuild_reports(out_dir: Path) -> dict[str, Path]:
+async def _rebuild_reports(out_dir: Path) -> tuple[dict[str, Path], int]:
+    """Write the reports from the journal, after the thumbnails the page lacks; and how many were made."""
     async with await open_journal(out_dir) as journal:
         meta = journal.meta()
         if meta is None:
             raise UsageError(f"{out_dir}'s journal has no run recorded yet")
-        inputs = local_inputs(out_dir, distinct_inputs(journal.records()))
-        return write_reports(out_dir, meta, journal.records, inputs=inputs)
+        copies = local_inputs(out_dir, distinct_inputs(journal.records())).values()
+        jobs = list(thumb_jobs(journal.records({ItemState.SUCCEEDED}), copies))
+        made = await anyio.to_thread.run_sync(make_thumbs, out_dir, jobs)
+        files = page_files(out_dir, journal.records(), dict(meta.inputs_not_copied))
+        return write_reports(out_dir, meta, journal.records, files=files), made
 
 
 def _journal_dir(out_dir: Path, none_yet: str) -> None:

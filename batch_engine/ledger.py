@@ -8,15 +8,24 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import Protocol, TextIO
 
 from batch_engine.report.entries import result_line
 from batch_engine.store.files import RESULTS_NAME
 from batch_engine.store.journal import Journal
+from batch_engine.timeline import Timeline
 from batch_engine.ui.progress import ProgressView
 from batch_engine.values import ItemError, ItemRecord, ItemState, OutputFile
 
 log = logging.getLogger(__name__)
+
+
+class Watcher(Protocol):
+    """Told of an item's progress once the journal holds it (the gallery's background files)."""
+
+    def submitted(self, item_id: str) -> None: ...
+
+    def succeeded(self, outputs: Sequence[OutputFile]) -> None: ...
 
 
 class Ledger:
@@ -32,8 +41,11 @@ class Ledger:
         "_results",
         "_started",
         "_view",
+        "_watcher",
         "failed",
+        "first_submit_at",
         "images",
+        "last_submit_at",
         "polls",
         "rate_limited",
         "submit_attempts",
@@ -43,10 +55,16 @@ class Ledger:
     )
 
     def __init__(
-        self, journal: Journal, *, view: ProgressView, clock: Callable[[], float] = time.time
+        self,
+        journal: Journal,
+        *,
+        view: ProgressView,
+        clock: Callable[[], float] = time.time,
+        watcher: Watcher | None = None,
     ) -> None:
         self._journal = journal
         self._view = view
+        self._watcher = watcher
         self._clock = clock
         self._started = clock()
         self._results: TextIO | None = None
@@ -58,7 +76,17 @@ class Ledger:
         self.images = 0  #: output files written in this run
         self.polls = 0  #: poll requests sent in this run
         self.rate_limited = 0  #: 429 answers in this run, submits and polls
-        self.timeline: dict[str, list[int]] = {"submitted": [], "finished": [], "rate_limited": []}
+        self.first_submit_at: float | None = None  #: unix seconds of this run's first accepted submit
+        self.last_submit_at: float | None = None  #: ... and of its latest
+        self.timeline = Timeline(self._started)
+
+    @property
+    def submit_rate(self) -> float | None:
+        """Accepted submits per second from this run's first to its latest; None before the second."""
+        first, last = self.first_submit_at, self.last_submit_at
+        if first is None or last is None or last <= first:
+            return None
+        return (self.submits - 1) / (last - first)
 
     def open_results(self, out_dir: Path) -> None:
         """Start ``results.jsonl`` afresh with the items already final, then append as items finish."""
@@ -73,11 +101,8 @@ class Ledger:
             self._results = None
 
     def tick(self, series: str) -> None:
-        """Count one event in the per-minute timeline (``submitted``, ``finished``, ``rate_limited``)."""
-        minute = int((self._clock() - self._started) // 60)
-        bucket = self.timeline[series]
-        bucket.extend([0] * (minute + 1 - len(bucket)))
-        bucket[minute] += 1
+        """Count one event in the timeline (``submitted``, ``finished``, ``rate_limited``)."""
+        self.timeline.count(series, self._clock())
 
     def saw_rate_limit(self) -> None:
         self.rate_limited += 1
@@ -94,8 +119,12 @@ class Ledger:
         at = self._clock()
         await self._journal.mark_submitted(item_id, prediction_id=prediction_id, submitted_at=at)
         self.submits += 1
-        self.tick("submitted")
+        self.first_submit_at = self.first_submit_at or at
+        self.last_submit_at = at
+        self.timeline.count("submitted", at)
         log.debug("item %s submitted as %s", item_id, prediction_id)
+        if self._watcher is not None:
+            self._watcher.submitted(item_id)
         return at
 
     async def succeed(
@@ -113,6 +142,8 @@ class Ledger:
         self.succeeded += 1
         self.images += len(outputs)
         self._finished(record)
+        if self._watcher is not None:
+            self._watcher.succeeded(outputs)
 
     async def fail(self, item_id: str, error: ItemError, *, prediction_id: str | None = None) -> None:
         record = await self._journal.mark_failed(

@@ -221,7 +221,7 @@ async def _last_completed(sim: Simulator, proc: EngineProcess, out: Path) -> Non
 
 
 async def _writing_reports(sim: Simulator, proc: EngineProcess, out: Path) -> None:
-    await proc.wait_for_line("/_sim/inputs/")  # copying inputs for index.html: the last step before reports
+    await proc.wait_for_line("writing the reports")
 
 
 MOMENTS = [

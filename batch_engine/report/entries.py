@@ -30,9 +30,11 @@ SUMMARY_KEYS = (
     "polls",
     "predictions_resolved",
     "polls_per_prediction",
-    "average_rate",
+    "submit_rate",
     "rate_final",
     "rate_ceiling",
+    "run_succeeded",
+    "run_failed",
 )
 UNFINISHED_STATES = tuple(state.value for state in ItemState if not state.is_final)
 

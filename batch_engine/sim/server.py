@@ -538,6 +538,8 @@ class Simulator:
 
     async def _input(self, request: web.Request) -> web.StreamResponse:
         name = request.match_info["name"]
+        self.stats.inputs[name] = self.stats.inputs.get(name, 0) + 1
+        self.stats.input_times.append(time.monotonic())
         png = await self._renders.get((f"input:{name}", 0), partial(render_input, name))
         return web.Response(body=png, content_type="image/png")
 
