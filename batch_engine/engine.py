@@ -303,7 +303,7 @@ class Engine:
         now = time.monotonic()
         for record in self._journal.records({ItemState.SUBMITTED}):
             self._gallery.expect(record)
-            self._gallery.submitted(record.item_id)
+            self._gallery.sending(record.item_id)
             slot = await self._control.take_slot()
             submitted_at = record.submitted_at or time.time()
             deadline = submitted_at + self._settings.timeout

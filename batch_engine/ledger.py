@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 class Watcher(Protocol):
     """Told of an item's progress once the journal holds it (the gallery's background files)."""
 
-    def submitted(self, item_id: str) -> None: ...
+    def sending(self, item_id: str) -> None: ...
 
     def succeeded(self, outputs: Sequence[OutputFile]) -> None: ...
 
@@ -111,6 +111,8 @@ class Ledger:
     async def submitting(self, item_id: str) -> None:
         await self._journal.mark_submitting(item_id)
         self.submit_attempts += 1
+        if self._watcher is not None:
+            self._watcher.sending(item_id)
 
     async def not_accepted(self, item_id: str, *, possible_duplicate: bool = False) -> None:
         await self._journal.mark_pending(item_id, possible_duplicate=possible_duplicate)
@@ -123,8 +125,6 @@ class Ledger:
         self.last_submit_at = at
         self.timeline.count("submitted", at)
         log.debug("item %s submitted as %s", item_id, prediction_id)
-        if self._watcher is not None:
-            self._watcher.submitted(item_id)
         return at
 
     async def succeed(

@@ -4,10 +4,10 @@ Two kinds: a local copy of each distinct input image (so the page works offline)
 in flight, and a small thumbnail of each output and input that is big (so a page of 100 cards of 1024 to
 3840 px pictures costs a few megabytes, not hundreds). Neither may ever delay a submit or the end of a run:
 
-- the submit stage's ledger says when an item was submitted (`GalleryFiles.submitted`), and only then are
-  its inputs offered; each distinct input once, at most ``MAX_INPUTS`` a run, to a bounded queue read by
-  ``COPIERS`` workers, and an offer that finds the queue full is dropped (a later item with the same input
-  may offer it again);
+- the submit stage's ledger says when an item's submit is sent (`GalleryFiles.sending`), and only then are
+  its inputs queued (so an item refused at its submit, for its content say, shows its input too); each
+  distinct input once, at most ``MAX_INPUTS`` a run, so the queue (of URLs) never fills and queueing
+  never waits; ``COPIERS`` workers copy them;
 - saved outputs are collected, and a worker thread makes their thumbnails in one batch, then pauses
   ``THUMB_PAUSE`` seconds: one thread hop a batch, however many outputs a second a run saves. An output of at
   most ``THUMB_MIN_BYTES`` is shown as it is, decided from its size alone, so small outputs cost a stat;
@@ -51,8 +51,7 @@ THUMB_QUALITY = 75
 THUMB_PAUSE = 0.5  #: seconds between two batches of thumbnails
 MAX_INPUTS = 1000  #: distinct inputs copied per run at most; the page links the rest by URL
 COPIERS = 4  #: input copies at once
-QUEUE = 64  #: input copies waiting; an offer beyond it is dropped
-WAITING = 1024  #: items remembered between being fed to the submit stage and being submitted
+WAITING = 1024  #: items remembered between being fed to the submit stage and being sent
 _EXTS = ("png", "jpg", "webp", "gif")
 
 
@@ -187,9 +186,10 @@ def thumb_jobs(records: Iterable[ItemRecord], inputs: Collection[str]) -> Iterab
 class GalleryFiles:
     """Copies inputs and makes thumbnails while a run goes on; told by the engine and the ledger.
 
-    ``expect`` (the feeder) and ``submitted`` (the ledger) never wait: they remember, offer or drop.
+    ``expect`` (the feeder) and ``sending`` (the ledger) never wait: they remember or queue.
     Invariant: a URL is in ``_claimed`` once it is queued for a copy; it leaves only if that copy fails,
-    so each distinct input is copied at most once a run.
+    so each distinct input is copied at most once a run, and the queue never holds more than
+    ``MAX_INPUTS`` URLs: its capacity, so ``send_nowait`` never finds it full.
     """
 
     def __init__(
@@ -208,46 +208,41 @@ class GalleryFiles:
         self._copy_inputs = copy_inputs
         self._copiers = copiers
         self._pause = pause
-        self._waiting: OrderedDict[str, list[str]] = OrderedDict()  #: item id → its inputs, until submitted
+        self._waiting: OrderedDict[str, list[str]] = OrderedDict()  #: item id → its inputs, until sent
         self._claimed: set[str] = set()
         self._send: MemoryObjectSendStream[str] | None = None  #: open while `run` runs
-        self._outputs: list[tuple[str, str]] = []  #: thumbnails to make, (source, target)
-        self._outputs_ready = anyio.Event()
+        self._thumbs_due: list[tuple[str, str]] = []  #: thumbnails to make, (source, target), inputs too
+        self._thumbs_ready = anyio.Event()
         self.not_copied: dict[str, str] = {}  #: input URL → why its copy failed in this run
         self._copied: set[str] = set()  #: input URLs copied in this run
         self.copied = 0
         self.thumbs = 0
-        self.dropped = 0  #: offers refused because the queue was full
 
     def __repr__(self) -> str:
         return (
             f"<GalleryFiles copied={self.copied} thumbs={self.thumbs} waiting={len(self._waiting)} "
-            f"dropped={self.dropped}>"
+            f"claimed={len(self._claimed)}>"
         )
 
     def expect(self, record: ItemRecord) -> None:
-        """``record`` is on its way to be submitted: remember its inputs not copied yet."""
+        """``record`` is on its way to the submit stage: remember its inputs not copied yet."""
         if not self._copy_inputs or len(self._claimed) >= MAX_INPUTS:
             return
         urls = [url for url in input_urls(record.request) if url not in self._claimed]
         if urls:
             self._waiting[record.item_id] = urls
-            if len(self._waiting) > WAITING:  # items that never got submitted (refused, or a stop)
+            if len(self._waiting) > WAITING:  # items that never got sent (a stop)
                 self._waiting.popitem(last=False)
 
-    def submitted(self, item_id: str) -> None:
-        """The item was submitted: offer its inputs for a copy, each distinct one once."""
+    def sending(self, item_id: str) -> None:
+        """The item's submit is on its way: queue its inputs for a copy, each distinct one once."""
         urls = self._waiting.pop(item_id, None)
         for url in urls or ():
             if url in self._claimed or not url.startswith(("http://", "https://")):
                 continue
             if len(self._claimed) >= MAX_INPUTS or self._send is None:
                 return
-            try:
-                self._send.send_nowait(url)
-            except anyio.WouldBlock:
-                self.dropped += 1
-                return
+            self._send.send_nowait(url)
             self._claimed.add(url)
 
     def not_copied_since(self, before: Mapping[str, str]) -> dict[str, str]:
@@ -258,12 +253,12 @@ class GalleryFiles:
 
     def succeeded(self, outputs: Sequence[OutputFile]) -> None:
         """Outputs were saved: their thumbnails go into the next batch."""
-        self._outputs.extend((output.path, output_thumb(output)) for output in outputs)
-        self._outputs_ready.set()
+        self._thumbs_due.extend((output.path, output_thumb(output)) for output in outputs)
+        self._thumbs_ready.set()
 
     async def run(self) -> None:
         """Copy and make thumbnails until cancelled (the engine cancels at a stop and at the end)."""
-        send, receive = anyio.create_memory_object_stream[str](QUEUE)
+        send, receive = anyio.create_memory_object_stream[str](MAX_INPUTS)
         self._send = send
         try:
             with send, receive:
@@ -288,7 +283,7 @@ class GalleryFiles:
         """Fetch, check and write one input copy, with its thumbnail; None, or why it failed."""
         try:
             data = await self._client.download(self._resolve(url))
-            await anyio.to_thread.run_sync(_store_input, self._out_dir, url, data)
+            copy = await anyio.to_thread.run_sync(_store_input, self._out_dir, url, data)
         except ApiError as exc:
             return exc.message
         except ValueError as exc:
@@ -296,13 +291,16 @@ class GalleryFiles:
         except OSError as exc:
             return f"cannot be written: {exc.strerror or exc}"
         self.copied += 1
+        if len(data) > THUMB_MIN_BYTES:  # its thumbnail comes with the outputs' next batch
+            self._thumbs_due.append((copy, input_thumb(copy)))
+            self._thumbs_ready.set()
         return None
 
     async def _thumbnailer(self) -> None:
         while True:
-            await self._outputs_ready.wait()
-            self._outputs_ready = anyio.Event()
-            batch, self._outputs = self._outputs, []
+            await self._thumbs_ready.wait()
+            self._thumbs_ready = anyio.Event()
+            batch, self._thumbs_due = self._thumbs_due, []
             stop = threading.Event()
             try:
                 self.thumbs += await anyio.to_thread.run_sync(
@@ -313,14 +311,9 @@ class GalleryFiles:
             await anyio.sleep(self._pause)
 
 
-def _store_input(out_dir: Path, url: str, data: bytes) -> None:
-    """Check a downloaded input is a whole picture, write its copy, and its thumbnail when it is big."""
+def _store_input(out_dir: Path, url: str, data: bytes) -> str:
+    """Check a downloaded input is a whole picture and write its copy; where the copy is."""
     verify_image(data)
     copy = f"{INPUTS_DIR}/{input_stem(url)}.{sniff_extension(data) or 'png'}"
     write_atomic(out_dir, copy, data)
-    if len(data) > THUMB_MIN_BYTES:
-        try:
-            _thumbnail(out_dir, data, input_thumb(copy))
-        except ValueError as exc:
-            log.debug("%s", exc)
-
+    return copy
