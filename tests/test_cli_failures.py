@@ -20,7 +20,15 @@ import pytest
 import yaml
 
 from batch_engine.sim import Simulator
-from tests.procs import ENGINE, WAIT_TIMEOUT, engine_env, items, run_args, run_engine, write_manifest
+from tests.procs import (
+    ENGINE,
+    WAIT_TIMEOUT,
+    engine_env,
+    items,
+    run_args,
+    run_engine,
+    write_manifest,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -166,14 +174,17 @@ async def test_a_run_whose_output_pipe_closes_keeps_going_to_the_end(tmp_path: P
         manifest = write_manifest(tmp_path / "job.yaml", items(30), sim=sim)
         out = tmp_path / "out"
         argv = [*ENGINE, *run_args(manifest, out, sim, "--rate", "20")]
-        process = await anyio.open_process(argv, stdin=subprocess.DEVNULL, env=engine_env())
+        read, write = os.pipe()
+        try:
+            process = await anyio.open_process(
+                argv, stdin=subprocess.DEVNULL, stdout=write, stderr=write, env=engine_env()
+            )
+        finally:
+            os.close(write)
         async with process:
-            assert process.stderr is not None
-            assert process.stdout is not None
             with anyio.fail_after(WAIT_TIMEOUT):
-                await process.stderr.receive()  # the first lines are out: now the reader goes away
-            await process.stderr.aclose()
-            await process.stdout.aclose()
+                await anyio.to_thread.run_sync(os.read, read, 100)  # the first lines are out
+            os.close(read)  # and the reader goes away, as `| head -3` does
             with anyio.fail_after(60):
                 code = await process.wait()
 
