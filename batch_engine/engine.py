@@ -21,7 +21,7 @@ from batch_engine.api.client import ApiClient, ClientConfig, public_url
 from batch_engine.control import RunControl, StopReason
 from batch_engine.errors import JournalError
 from batch_engine.ledger import Ledger
-from batch_engine.report.gallery_files import GalleryFiles, page_files
+from batch_engine.report.gallery_files import THUMBS_DIR, GalleryFiles, page_files
 from batch_engine.report.write import REPORT_FILES, write_reports
 from batch_engine.settings import RunSettings
 from batch_engine.stages.context import StageContext
@@ -126,12 +126,13 @@ def _interruptible(enabled: bool) -> Iterator[None]:
 
 def _remove_leftovers(out_dir: Path) -> None:
     """Delete the half-written temporary files of a run that was killed; holding the lock, no run writes."""
-    for folder in (out_dir, out_dir / IMAGES_DIR, out_dir / INPUTS_DIR):
+    for folder in (out_dir, out_dir / IMAGES_DIR, out_dir / INPUTS_DIR, out_dir / THUMBS_DIR):
         remove_temp_files(folder)
 
 
 def _forget_outputs(out_dir: Path) -> None:
-    shutil.rmtree(out_dir / IMAGES_DIR, ignore_errors=True)
+    for folder in (IMAGES_DIR, THUMBS_DIR):
+        shutil.rmtree(out_dir / folder, ignore_errors=True)
     for name in (*REPORT_FILES, RESULTS_NAME):
         (out_dir / name).unlink(missing_ok=True)
 

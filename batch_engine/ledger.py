@@ -121,7 +121,8 @@ class Ledger:
         at = self._clock()
         await self._journal.mark_submitted(item_id, prediction_id=prediction_id, submitted_at=at)
         self.submits += 1
-        self.first_submit_at = self.first_submit_at or at
+        if self.first_submit_at is None:
+            self.first_submit_at = at
         self.last_submit_at = at
         self.timeline.count("submitted", at)
         log.debug("item %s submitted as %s", item_id, prediction_id)

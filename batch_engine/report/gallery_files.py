@@ -49,6 +49,7 @@ THUMB_EDGE = 384  #: longest edge of a thumbnail, in pixels: a card shows output
 THUMB_MIN_BYTES = 16 * 1024  #: a picture of at most this many bytes is its own thumbnail
 THUMB_QUALITY = 75
 THUMB_PAUSE = 0.5  #: seconds between two batches of thumbnails
+THUMBS_WAITING = 10_000  #: thumbnails waiting for a batch at most; beyond, `batch-engine report` makes them
 MAX_INPUTS = 1000  #: distinct inputs copied per run at most; the page links the rest by URL
 COPIERS = 4  #: input copies at once
 WAITING = 1024  #: items remembered between being fed to the submit stage and being sent
@@ -131,9 +132,10 @@ def input_thumb(copy: str) -> str:
 
 def make_thumb(out_dir: Path, source: str, target: str) -> bool:
     """Write ``target``, a thumbnail of the picture at ``source`` (both relative to ``out_dir``), unless
-    the picture is small enough to be its own; True when one was written. OSError, ValueError: not done."""
+    the picture is small enough to be its own or the thumbnail exists; True when one was written.
+    OSError, ValueError: it could not be made."""
     path = out_dir / source
-    if path.stat().st_size <= THUMB_MIN_BYTES:
+    if path.stat().st_size <= THUMB_MIN_BYTES or (out_dir / target).exists():
         return False
     return _thumbnail(out_dir, path.read_bytes(), target)
 
@@ -161,8 +163,6 @@ def make_thumbs(out_dir: Path, jobs: Iterable[tuple[str, str]], stop: threading.
     for source, target in jobs:
         if stop is not None and stop.is_set():
             break
-        if (out_dir / target).exists():
-            continue
         try:
             made += make_thumb(out_dir, source, target)
         except (OSError, ValueError) as exc:
@@ -186,10 +186,10 @@ def thumb_jobs(records: Iterable[ItemRecord], inputs: Collection[str]) -> Iterab
 class GalleryFiles:
     """Copies inputs and makes thumbnails while a run goes on; told by the engine and the ledger.
 
-    ``expect`` (the feeder) and ``sending`` (the ledger) never wait: they remember or queue.
-    Invariant: a URL is in ``_claimed`` once it is queued for a copy; it leaves only if that copy fails,
-    so each distinct input is copied at most once a run, and the queue never holds more than
-    ``MAX_INPUTS`` URLs: its capacity, so ``send_nowait`` never finds it full.
+    ``expect`` (the feeder), ``sending`` and ``succeeded`` (the ledger) never wait: they remember or queue.
+    Invariant: a URL is in ``_claimed`` once it is queued for a copy and stays there, so each distinct input
+    is tried once a run, and the queue never holds more than ``MAX_INPUTS`` URLs: its capacity, so
+    ``send_nowait`` never finds it full.
     """
 
     def __init__(
@@ -215,12 +215,11 @@ class GalleryFiles:
         self._thumbs_ready = anyio.Event()
         self.not_copied: dict[str, str] = {}  #: input URL → why its copy failed in this run
         self._copied: set[str] = set()  #: input URLs copied in this run
-        self.copied = 0
-        self.thumbs = 0
+        self.thumbs = 0  #: thumbnails made in this run
 
     def __repr__(self) -> str:
         return (
-            f"<GalleryFiles copied={self.copied} thumbs={self.thumbs} waiting={len(self._waiting)} "
+            f"<GalleryFiles copied={len(self._copied)} thumbs={self.thumbs} waiting={len(self._waiting)} "
             f"claimed={len(self._claimed)}>"
         )
 
@@ -253,8 +252,13 @@ class GalleryFiles:
 
     def succeeded(self, outputs: Sequence[OutputFile]) -> None:
         """Outputs were saved: their thumbnails go into the next batch."""
-        self._thumbs_due.extend((output.path, output_thumb(output)) for output in outputs)
-        self._thumbs_ready.set()
+        for output in outputs:
+            self._thumb_due(output.path, output_thumb(output))
+
+    def _thumb_due(self, source: str, target: str) -> None:
+        if self._send is not None and len(self._thumbs_due) < THUMBS_WAITING:
+            self._thumbs_due.append((source, target))
+            self._thumbs_ready.set()
 
     async def run(self) -> None:
         """Copy and make thumbnails until cancelled (the engine cancels at a stop and at the end)."""
@@ -276,11 +280,10 @@ class GalleryFiles:
                 self._copied.add(url)
             else:
                 self.not_copied[url] = why
-                self._claimed.discard(url)
                 log.debug("input %s not copied: %s", url, why)
 
     async def _copy(self, url: str) -> str | None:
-        """Fetch, check and write one input copy, with its thumbnail; None, or why it failed."""
+        """Fetch, check and write one input copy (its thumbnail is due then); None, or why it failed."""
         try:
             data = await self._client.download(self._resolve(url))
             copy = await anyio.to_thread.run_sync(_store_input, self._out_dir, url, data)
@@ -290,10 +293,8 @@ class GalleryFiles:
             return str(exc)
         except OSError as exc:
             return f"cannot be written: {exc.strerror or exc}"
-        self.copied += 1
-        if len(data) > THUMB_MIN_BYTES:  # its thumbnail comes with the outputs' next batch
-            self._thumbs_due.append((copy, input_thumb(copy)))
-            self._thumbs_ready.set()
+        if len(data) > THUMB_MIN_BYTES:
+            self._thumb_due(copy, input_thumb(copy))
         return None
 
     async def _thumbnailer(self) -> None:
