@@ -210,6 +210,9 @@ async def _polling(sim: Simulator, proc: EngineProcess, out: Path) -> None:
 
 
 async def _downloading(sim: Simulator, proc: EngineProcess, out: Path) -> None:
+    # The refused item's answer recorded first: killed while its submit is out, it would be an ambiguous
+    # submit, which this moment is not about.
+    await proc.wait_for_line("content_policy")
     await wait_until(lambda: sim.stats.downloads >= 3, what="3 failed downloads", proc=proc)
 
 
