@@ -22,7 +22,7 @@ from urllib.parse import quote
 
 from batch_engine.control import stop_message
 from batch_engine.report.entries import Counts, Records, count_items, iso_utc
-from batch_engine.report.gallery_files import PageFiles, input_thumb, input_urls, output_thumb
+from batch_engine.report.gallery_files import MAX_INPUTS, PageFiles, input_thumb, input_urls, output_thumb
 from batch_engine.store.files import replace_atomically
 from batch_engine.timeline import LEGACY_STEP
 from batch_engine.values import ItemRecord, ItemState, RunMeta
@@ -128,7 +128,7 @@ def _why_not_copied(url: str, record: ItemRecord, files: PageFiles) -> str:
         return f"not copied: {files.not_copied[url]}"
     if record.attempts == 0:
         return "not copied: its item was not submitted yet"
-    return "not copied (the run stopped first, or over 1,000 inputs): shown from its URL"
+    return f"not copied (the run stopped first, or over {MAX_INPUTS:,} inputs): shown from its URL"
 
 
 def _thumb(relpath: str, files: PageFiles) -> str:
