@@ -34,7 +34,7 @@ import anyio
 from batch_engine import __version__
 from batch_engine.api.client import ClientConfig
 from batch_engine.engine import RunOptions, RunResult, plan_counts, run_manifest
-from batch_engine.errors import BatchEngineError, ManifestError, UsageError
+from batch_engine.errors import BatchEngineError, JournalError, ManifestError, UsageError
 from batch_engine.manifest import load_manifest
 from batch_engine.manifest.schema import manifest_schema
 from batch_engine.report.gallery_files import (
@@ -372,7 +372,11 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     _journal_dir(args.out_dir, "no run has used it yet")
-    counts, meta = anyio.run(_read_status, args.out_dir)
+    try:
+        counts, meta = anyio.run(_read_status, args.out_dir)
+    except JournalError:  # SQLite writes beside its file even to read it: a read-only out dir says why
+        _check_writable(args.out_dir, f"{args.out_dir}: the journal cannot be opened", copy_hint="status")
+        raise
     if args.json:
         print(json.dumps({"name": meta.name if meta else None, "counts": counts}))
     else:
@@ -389,7 +393,7 @@ async def _read_status(out_dir: Path) -> tuple[dict[str, int], Any]:
 
 def cmd_report(args: argparse.Namespace) -> int:
     _journal_dir(args.out_dir, "nothing to report")
-    _check_writable(args.out_dir, f"{args.out_dir}: the reports cannot be written there", copy_hint=True)
+    _check_writable(args.out_dir, f"{args.out_dir}: the reports cannot be written there", copy_hint="report")
     with OutDirLock(args.out_dir):  # a running run rewrites these files itself: never race it
         paths, thumbs = anyio.run(_rebuild_reports, args.out_dir)
     for name, path in paths.items():
@@ -435,15 +439,16 @@ def _usable_out_dir(out_dir: Path) -> None:
     _check_writable(out_dir, f"{flag}: nothing can be written there")
 
 
-def _check_writable(folder: Path, what: str, *, copy_hint: bool = False) -> None:
-    """UsageError(``what: reason``) unless a file can be made in ``folder`` (a nameless one, gone at once)."""
+def _check_writable(folder: Path, what: str, *, copy_hint: str = "") -> None:
+    """UsageError(``what: reason``) unless a file can be made in ``folder`` (a nameless one, gone at once);
+    ``copy_hint`` names the command to run on a writable copy when the folder is read-only."""
     try:
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as exc:
         hint = ""
         if copy_hint and exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-            hint = "; copy the out dir somewhere writable and run 'batch-engine report COPY'"
+            hint = f"; copy the out dir somewhere writable and run 'batch-engine {copy_hint} COPY'"
         raise UsageError(f"{what}: {_reason(exc)}{hint}") from exc
 
 

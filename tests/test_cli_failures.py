@@ -12,6 +12,7 @@ import os
 import re
 import socket
 import subprocess
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -194,3 +195,42 @@ async def test_a_run_whose_output_pipe_closes_keeps_going_to_the_end(tmp_path: P
     assert report["counts"]["succeeded"] == 30
     assert code == 0
     assert sim.stats.accepted == 30
+
+
+@pytest.fixture
+def read_only(place: Place, tmp_path: Path) -> Iterator[Path]:
+    """``place``'s journal out dir seen through a read-only bind mount (skipped where none can be made)."""
+    mount = tmp_path / "read-only"
+    mount.mkdir()
+    made = subprocess.run(
+        ["mount", "--bind", "-o", "ro", place["journal"], str(mount)], capture_output=True, check=False
+    )
+    if made.returncode != 0:
+        pytest.skip(f"no read-only bind mount here: {made.stderr.decode(errors='replace').strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("command", "says"),
+    [
+        (["status"], "the journal cannot be opened: Read-only file system; copy the out dir"),
+        (["report"], "the reports cannot be written there: Read-only file system; copy the out dir"),
+        (["run", "{ok.yaml}", "--simulate", "--out"], "nothing can be written there: Read-only file system"),
+    ],
+    ids=["status", "report", "run"],
+)
+async def test_an_out_dir_on_a_read_only_mount_is_one_line_and_exit_2(
+    place: Place, read_only: Path, command: list[str], says: str
+) -> None:
+    """`status`, `report` and `run` of an out dir on a read-only mount say so in one line, exit 2."""
+    argv = [expand(arg, place) for arg in command] + [str(read_only)]
+
+    done = await run_engine(argv, env=engine_env(key=None))
+
+    assert done.code == EXIT_USAGE
+    assert "Traceback" not in done.stderr
+    assert says in done.stderr
