@@ -32,7 +32,8 @@ async def test_a_second_ctrl_c_writes_the_reports_at_once_and_fetches_no_input_a
     """Ctrl-C twice: the summary and every report come at once, from the journal as it stands; the input
     of an item never submitted is never fetched, not even for the page."""
     specs = items(40)
-    config = SimConfig(api_key=TEST_KEY, image_scale=0.05, inference_median=2.0, inference_spread=0.0)
+    # Predictions take long, so the second signal surely lands while they are in flight, not after.
+    config = SimConfig(api_key=TEST_KEY, image_scale=0.05, inference_median=30.0, inference_spread=0.0)
     async with Simulator(config) as sim:
         manifest = write_manifest(tmp_path / "job.yaml", specs, sim=sim)
         out = tmp_path / "out"
