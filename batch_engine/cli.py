@@ -2,16 +2,26 @@
 
 Exit codes: 0 every item succeeded; 1 the run finished with failed items; 2 invalid manifest or usage;
 3 the run stopped early (401, 403, interrupted, budget, disk) and can be resumed.
+
+Every failure a person can cause or meet (a bad flag, a manifest, an out dir that is a file or cannot be
+written, a port in use, a closed pipe) ends in one line and an exit code, never a traceback; ``-v`` adds the
+traceback of an internal error, which is a bug.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import difflib
+import errno
 import json
 import logging
 import os
 import sys
+import tempfile
+import time
+import traceback
 from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack
 from functools import partial
@@ -24,10 +34,16 @@ import anyio
 from batch_engine import __version__
 from batch_engine.api.client import ClientConfig
 from batch_engine.engine import RunOptions, RunResult, plan_counts, run_manifest
-from batch_engine.errors import BatchEngineError, ManifestError, UsageError
+from batch_engine.errors import BatchEngineError, JournalError, ManifestError, UsageError
 from batch_engine.manifest import load_manifest
 from batch_engine.manifest.schema import manifest_schema
-from batch_engine.report.input_copies import distinct_inputs, local_inputs
+from batch_engine.report.gallery_files import (
+    distinct_inputs,
+    local_inputs,
+    make_thumbs,
+    page_files,
+    thumb_jobs,
+)
 from batch_engine.report.write import write_reports
 from batch_engine.settings import DEFAULT_BASE_URL, RunSettings
 from batch_engine.sim import SimConfig, Simulator, serve
@@ -35,6 +51,7 @@ from batch_engine.store import open_journal
 from batch_engine.store.files import JOURNAL_NAME
 from batch_engine.store.lock import OutDirLock
 from batch_engine.ui.logs import setup_logging
+from batch_engine.ui.pipes import pipe_safe_std
 from batch_engine.ui.progress import ProgressView, make_view
 from batch_engine.ui.summary import format_summary, summary_json
 from batch_engine.values import ItemState, Manifest, RunStats
@@ -49,7 +66,8 @@ SIMULATOR_KEY = "sim-key"  #: the key --simulate uses against its own in-process
 SIMULATE_POLL = {"poll_after": 0.3, "poll_interval": 0.2, "poll_interval_max": 1.0}
 
 RUN_HELP = "Run a manifest (or resume it: the journal in the out dir remembers every item)."
-#: Every help text ends with how a run is configured, as the engine issue asks of each of them.
+#: The top-level help and `run --help` end with how a run is configured; the other commands say only
+#: what their own exit codes mean.
 CONFIG_HELP = """\
 Configuring a run (every flag in 'batch-engine run --help'):
   GPTPROTO_API_KEY   the API key (required unless --simulate); never printed or written anywhere
@@ -57,25 +75,112 @@ Configuring a run (every flag in 'batch-engine run --help'):
   --out DIR, --base-url URL, --rate N, --max-in-flight N, --timeout S, --poll-after S,
   --poll-interval S, -v/--verbose, --simulate (the built-in simulator: no key, no network)
 
-Exit codes: 0 all items succeeded, 1 some failed, 2 invalid manifest or usage,
-3 stopped early (resumable).
+Exit codes: 0 all items succeeded, 1 some failed, 2 invalid manifest or usage (nothing sent),
+3 stopped early (resumable: run the same command again).
 """
+VALIDATE_EXITS = "Exit codes: 0 the manifest is valid (warnings may be printed), 2 it is not (all listed)."
+STATUS_EXITS = "Exit codes: 0 the counts were printed, 2 OUT_DIR holds no journal or cannot be read."
+REPORT_EXITS = (
+    "Exit codes: 0 the reports were written, 2 OUT_DIR holds no journal, is in use by a run, or cannot be "
+    "written to."
+)
+SIMULATE_HELP = (
+    "Serve the built-in simulator of GPTProto's prediction API on HOST:PORT, to rehearse a manifest "
+    "without a key or a bill: it accepts any key unless --key is given, answers like the real API (its "
+    "prediction states, errors and envelopes), and draws each output with its prompt written on it."
+)
+SIMULATE_EPILOG = """\
+Rehearse a manifest against it from another terminal:
+  GPTPROTO_API_KEY=any batch-engine run MANIFEST --base-url http://127.0.0.1:PORT
+Its counters are at http://HOST:PORT/_sim/stats. Ctrl-C stops it.
+
+Exit codes: 0 stopped with Ctrl-C, 2 it cannot listen on HOST:PORT.
+"""
+PORT_MAX = 65535
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; a closed output pipe never changes its exit code, a failed write says so."""
+    started = time.time()  #: "finished in" counts from here: the process's real time, start-up included
+    with pipe_safe_std() as (out, err):
+        args = _parse(argv)
+        code = _run_command(args, started)
+    failed = out.error or err.error
+    if failed is not None:
+        with contextlib.suppress(OSError):
+            print(f"batch-engine: could not write the output: {_reason(failed)}", file=sys.__stderr__)
+        if code == EXIT_OK and args.func is not cmd_run:  # the output was the command's whole job
+            code = EXIT_USAGE
+    return code
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = _parser()
-    args = parser.parse_args(argv)
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        command: argparse.ArgumentParser = args.parser
+        command.error(_unknown_arguments(extras, command))
+    return args
+
+
+def _run_command(args: argparse.Namespace, started: float) -> int:
+    args.started = started
     try:
         code: int = args.func(args)
         return code
-    except ManifestError as exc:
+    except BaseException as exc:  # every way out becomes one line and an exit code
+        return _failure(args, _unwrap(exc))
+
+
+def _failure(args: argparse.Namespace, exc: BaseException) -> int:
+    if isinstance(exc, SystemExit):
+        raise exc
+    if isinstance(exc, ManifestError):
         print(str(exc), file=sys.stderr)
         return EXIT_USAGE
-    except BatchEngineError as exc:
+    if isinstance(exc, BatchEngineError):
         print(f"batch-engine: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
+    if isinstance(exc, KeyboardInterrupt):
+        print("batch-engine: interrupted", file=sys.stderr)
         return EXIT_STOPPED
+    if isinstance(exc, OSError):
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"batch-engine: {where}{_reason(exc)}", file=sys.stderr)
+        return EXIT_USAGE
+    if getattr(args, "verbose", False):
+        traceback.print_exception(exc, file=sys.stderr)
+    hint = "" if getattr(args, "verbose", False) else "; run with -v to see where"
+    print(
+        f"batch-engine: internal error (a bug: please report it): {type(exc).__name__}: {exc}{hint}",
+        file=sys.stderr,
+    )
+    return EXIT_STOPPED if args.func is cmd_run else EXIT_USAGE
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    """The one error inside task-group wrappers, so it gets the message of its own kind."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
+def _reason(exc: OSError) -> str:
+    """``Permission denied``: the system's words for an error, without the errno and file name."""
+    if exc.errno is not None and exc.errno > 0:
+        return os.strerror(exc.errno)
+    return exc.strerror or str(exc)  # a name lookup's error (socket.gaierror) has its own words
+
+
+def _unknown_arguments(extras: Sequence[str], parser: argparse.ArgumentParser) -> str:
+    """``unrecognized arguments: --dry_run (did you mean --dry-run?)``."""
+    options = [name for action in parser._actions for name in action.option_strings]
+    words = []
+    for extra in extras:
+        flag = extra.split("=", 1)[0]
+        close = difflib.get_close_matches(flag.replace("_", "-"), options, n=1) if flag[:1] == "-" else []
+        words.append(f"{extra} (did you mean {close[0]}?)" if close else extra)
+    return "unrecognized arguments: " + " ".join(words)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -90,31 +195,55 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"batch-engine {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = _command(sub, "validate", help="check a manifest and list every problem; sends nothing")
+    p = _command(
+        sub, "validate", help="check a manifest and list every problem; sends nothing", epilog=VALIDATE_EXITS
+    )
     p.add_argument("manifest", help="path to the YAML manifest")
     p.set_defaults(func=cmd_validate)
 
-    p = _command(sub, "run", help="run or resume a manifest", description=RUN_HELP)
+    p = _command(sub, "run", help="run or resume a manifest", description=RUN_HELP, epilog=CONFIG_HELP)
     p.add_argument("manifest", help="path to the YAML manifest")
     _run_arguments(p)
     p.set_defaults(func=cmd_run)
 
-    p = _command(sub, "status", help="counts by state from an out dir's journal; no network")
+    p = _command(
+        sub, "status", help="counts by state from an out dir's journal; no network", epilog=STATUS_EXITS
+    )
     p.add_argument("out_dir", type=Path)
     p.add_argument("--json", action="store_true", help="print the counts as JSON")
     p.set_defaults(func=cmd_status)
 
-    p = _command(sub, "report", help="rebuild report.yaml, results.jsonl, failures.yaml, index.html")
+    p = _command(
+        sub,
+        "report",
+        help="rebuild report.yaml, results.jsonl, failures.yaml, index.html (and missing thumbnails)",
+        epilog=REPORT_EXITS,
+    )
     p.add_argument("out_dir", type=Path)
     p.set_defaults(func=cmd_report)
 
     p = _command(sub, "schema", help="print the manifest's JSON Schema")
     p.set_defaults(func=cmd_schema)
 
-    p = _command(sub, "simulate", help="serve the built-in API simulator for rehearsals")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8080)
-    p.add_argument("--seed", type=int, default=0)
+    p = _command(
+        sub,
+        "simulate",
+        help="serve the built-in API simulator for rehearsals",
+        description=SIMULATE_HELP,
+        epilog=SIMULATE_EPILOG,
+    )
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)"
+    )
+    p.add_argument(
+        "--port", type=_port, default=8080, help="port to listen on, 0 to 65535 (default 8080; 0: any free)"
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the simulator's choices: the same seed gives the same failures and timings (default 0)",
+    )
     p.add_argument("--key", help="the key the simulator accepts (default: any non-empty key)")
     p.add_argument("--inference", type=float, default=2.0, metavar="S", help="median inference seconds")
     p.add_argument("--submit-rate", type=float, metavar="R", help="submits/s the simulated key allows")
@@ -123,28 +252,56 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _command(
-    sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, **kwargs: Any
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, *, epilog: str = "", **kwargs: Any
 ) -> argparse.ArgumentParser:
-    """A subcommand whose help ends, like every help text here, with how a run is configured."""
-    return sub.add_parser(
-        name, epilog=CONFIG_HELP, formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs
+    """A subcommand; ``args.parser`` is it, so an unknown flag is answered with its own options."""
+    parser = sub.add_parser(
+        name, epilog=epilog or None, formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs
     )
+    parser.set_defaults(parser=parser)
+    return parser
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= PORT_MAX:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 0 to {PORT_MAX}, got {text!r}")
+    return port
 
 
 def _run_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("where")
-    g.add_argument("--out", type=Path, help="out dir (default out/<manifest name>)")
+    g = p.add_argument_group("the API")
     g.add_argument("--base-url", help=f"API origin (default ${BASE_URL_ENV} or {DEFAULT_BASE_URL})")
+    g.add_argument(
+        "--raw-auth",
+        action="store_true",
+        help="send the key as the raw Authorization value instead of 'Bearer <key>'",
+    )
     g.add_argument(
         "--simulate",
         action="store_true",
         help="run against the built-in simulator in this process: no key, no network",
     )
     g.add_argument("--sim-seed", type=int, default=0, help="seed of the --simulate simulator (default 0)")
+
+    g = p.add_argument_group("the out dir: results, and what to do again")
+    g.add_argument("--out", type=Path, help="out dir (default out/<manifest name>); made when missing")
+    g.add_argument("--fresh", action="store_true", help="forget the out dir's journal and outputs first")
+    g.add_argument("--yes", action="store_true", help="do not ask before --fresh")
+    g.add_argument("--retry-failed", action="store_true", help="send items that failed before again")
     g.add_argument(
-        "--raw-auth",
+        "--take-over",
         action="store_true",
-        help="send the key as the raw Authorization value instead of 'Bearer <key>'",
+        help="let this manifest use an out dir that holds another manifest's run (its items are retired "
+        "to the journal's archive, not forgotten)",
+    )
+    g.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print what a run would do (done, to poll, to submit, images billed); send nothing",
     )
 
     g = p.add_argument_group("pacing and polling (override the manifest's settings)")
@@ -174,7 +331,7 @@ def _run_arguments(p: argparse.ArgumentParser) -> None:
         help="polls per second, a budget apart from submits (default 10, or 2 x --rate when higher)",
     )
 
-    g = p.add_argument_group("safety and resume")
+    g = p.add_argument_group("safety (override the manifest's settings)")
     g.add_argument("--max-submits", type=int, help="stop submitting after N paid submits in this run")
     g.add_argument(
         "--no-resubmit-ambiguous",
@@ -184,22 +341,8 @@ def _run_arguments(p: argparse.ArgumentParser) -> None:
         help="fail (kind ambiguous_submit) a submit whose answer was lost instead of resending it",
     )
     g.add_argument("--grace", type=float, help="seconds to keep polling after Ctrl-C/SIGTERM (default 30)")
-    g.add_argument("--fresh", action="store_true", help="forget the out dir's journal and outputs first")
-    g.add_argument("--yes", action="store_true", help="do not ask before --fresh")
-    g.add_argument("--retry-failed", action="store_true", help="send items that failed before again")
-    g.add_argument(
-        "--take-over",
-        action="store_true",
-        help="let this manifest use an out dir that holds another manifest's run (its items are retired "
-        "to the journal's archive, not forgotten)",
-    )
-    g.add_argument(
-        "--dry-run",
-        action="store_true",
-        help="print what a run would do (done, to poll, to submit, images billed); send nothing",
-    )
 
-    g = p.add_argument_group("output")
+    g = p.add_argument_group("what it prints")
     g.add_argument("-v", "--verbose", action="store_true", help="debug logging of requests and state changes")
     g.add_argument("-q", "--quiet", action="store_true", help="print only the final summary")
     g.add_argument("--json-logs", action="store_true", help="every line a JSON object, for log collectors")
@@ -236,10 +379,12 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    journal_path = args.out_dir / JOURNAL_NAME
-    if not journal_path.exists():
-        raise UsageError(f"{args.out_dir} has no journal ({JOURNAL_NAME}): no run has used it yet")
-    counts, meta = anyio.run(_read_status, args.out_dir)
+    _journal_dir(args.out_dir, "no run has used it yet")
+    try:
+        counts, meta = anyio.run(_read_status, args.out_dir)
+    except JournalError:  # SQLite writes beside its file even to read it: a read-only out dir says why
+        _check_writable(args.out_dir, f"{args.out_dir}: the journal cannot be opened", copy_hint="status")
+        raise
     if args.json:
         print(json.dumps({"name": meta.name if meta else None, "counts": counts}))
     else:
@@ -256,22 +401,64 @@ async def _read_status(out_dir: Path) -> tuple[dict[str, int], Any]:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    if not (args.out_dir / JOURNAL_NAME).exists():
-        raise UsageError(f"{args.out_dir} has no journal ({JOURNAL_NAME}): nothing to report")
+    _journal_dir(args.out_dir, "nothing to report")
+    _check_writable(args.out_dir, f"{args.out_dir}: the reports cannot be written there", copy_hint="report")
     with OutDirLock(args.out_dir):  # a running run rewrites these files itself: never race it
-        paths = anyio.run(_rebuild_reports, args.out_dir)
+        paths, thumbs = anyio.run(_rebuild_reports, args.out_dir)
     for name, path in paths.items():
         print(f"{name}: {path}")
+    if thumbs:
+        print(f"thumbnails made: {thumbs}")
     return EXIT_OK
 
 
-async def _rebuild_reports(out_dir: Path) -> dict[str, Path]:
+async def _rebuild_reports(out_dir: Path) -> tuple[dict[str, Path], int]:
+    """Write the reports from the journal, after the thumbnails the page lacks; and how many were made."""
     async with await open_journal(out_dir) as journal:
         meta = journal.meta()
         if meta is None:
             raise UsageError(f"{out_dir}'s journal has no run recorded yet")
-        inputs = local_inputs(out_dir, distinct_inputs(journal.records()))
-        return write_reports(out_dir, meta, journal.records, inputs=inputs)
+        copies = local_inputs(out_dir, distinct_inputs(journal.records())).values()
+        jobs = list(thumb_jobs(journal.records({ItemState.SUCCEEDED}), copies))
+        made = await anyio.to_thread.run_sync(make_thumbs, out_dir, jobs)
+        files = page_files(out_dir, journal.records(), dict(meta.inputs_not_copied))
+        return write_reports(out_dir, meta, journal.records, files=files), made
+
+
+def _journal_dir(out_dir: Path, none_yet: str) -> None:
+    """UsageError unless ``out_dir`` is a folder holding a journal."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"{out_dir} is a file, not an out dir (the folder a run writes into)")
+    if not (out_dir / JOURNAL_NAME).is_file():
+        raise UsageError(f"{out_dir} has no journal ({JOURNAL_NAME}): {none_yet}")
+
+
+def _usable_out_dir(out_dir: Path) -> None:
+    """Make the out dir when it is missing and check it takes files; UsageError saying why it cannot."""
+    flag = f"--out {out_dir}"
+    blocker = next((p for p in (out_dir, *out_dir.parents) if p.exists() and not p.is_dir()), None)
+    if blocker == out_dir:
+        raise UsageError(f"{flag}: is a file, not a folder; name a folder (it is made when missing)")
+    if blocker is not None:
+        raise UsageError(f"{flag}: {blocker} is a file, so no folder can be made under it")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"{flag}: the folder cannot be made: {_reason(exc)}") from exc
+    _check_writable(out_dir, f"{flag}: nothing can be written there")
+
+
+def _check_writable(folder: Path, what: str, *, copy_hint: str = "") -> None:
+    """UsageError(``what: reason``) unless a file can be made in ``folder`` (a nameless one, gone at once);
+    ``copy_hint`` names the command to run on a writable copy when the folder is read-only."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        hint = ""
+        if copy_hint and exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            hint = f"; copy the out dir somewhere writable and run 'batch-engine {copy_hint} COPY'"
+        raise UsageError(f"{what}: {_reason(exc)}{hint}") from exc
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -279,8 +466,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     config = SimConfig(
         seed=args.seed, api_key=args.key, inference_median=args.inference, submit_rate=args.submit_rate
     )
-    with contextlib.suppress(KeyboardInterrupt):
-        anyio.run(serve, config, args.host, args.port)
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            anyio.run(serve, config, args.host, args.port)
+    except OSError as exc:  # the address is taken, not this machine's, or not an address at all
+        raise UsageError(f"cannot listen on {args.host}:{args.port}: {_reason(exc)}") from exc
     return EXIT_OK
 
 
@@ -300,14 +490,24 @@ def cmd_run(args: argparse.Namespace) -> int:
         log.warning("%s", warning)
     if args.dry_run:
         return _dry_run(manifest, out_dir, settings, args)
+    _usable_out_dir(out_dir)
     if args.fresh and not _confirm_fresh(out_dir, args.yes):
         print("not starting over; nothing changed", file=sys.stderr)
         return EXIT_USAGE
     stream = sys.stderr
     mode = "quiet" if args.quiet else "json" if args.json_logs else args.progress
     view = make_view(mode=mode, stream=stream, log_every=args.log_every)
-    result: RunResult = anyio.run(_run, manifest, out_dir, settings, args, secret, view)
-    _print_summary(result.stats, result.report_paths, out_dir, json_lines=args.json_logs)
+    try:
+        result: RunResult = anyio.run(_run, manifest, out_dir, settings, args, secret, view)
+    except KeyboardInterrupt:  # Ctrl-C once more while the reports were being written
+        print(
+            f"batch-engine: stopped before the reports were written; the journal holds every result: "
+            f"'batch-engine report {out_dir}' writes them",
+            file=sys.stderr,
+        )
+        return EXIT_STOPPED
+    stats = dataclasses.replace(result.stats, elapsed=time.time() - args.started)  # the process's time
+    _print_summary(stats, result.report_paths, out_dir, json_lines=args.json_logs)
     return result.exit_code
 
 
@@ -342,6 +542,7 @@ async def _run(
             take_over=args.take_over,
             handle_signals=True,
             input_source=input_source,
+            started_at=args.started,
         )
         return await run_manifest(manifest, options, view=view)
 

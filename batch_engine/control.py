@@ -9,6 +9,8 @@ from contextlib import contextmanager
 
 import anyio
 
+from batch_engine.stages.breaker import Breaker
+
 log = logging.getLogger(__name__)
 
 
@@ -22,9 +24,11 @@ class StopReason(enum.StrEnum):
     DISK = "disk"
     INTERNAL = "internal"
     THROTTLED = "throttled"
+    REFUSED = "refused"  #: submit after submit refused alike, for a reason no item can fix (`Breaker`)
 
 
-#: What each stop means, as the log, the summary and the report say it.
+#: What each stop means, as the log, the summary and the report say it; ``{detail}`` is what the run
+#: knows of it (for ``refused``, the refusal quoted).
 STOP_MESSAGES: dict[str, str] = {
     StopReason.AUTH: (
         "stopped early: API key refused (401) — nothing else can succeed; fix the key and run again"
@@ -47,7 +51,20 @@ STOP_MESSAGES: dict[str, str] = {
         "stopped early: an internal error (a bug in batch-engine; the log line above names it); the journal "
         "is intact, so run again to resume, and please report it"
     ),
+    StopReason.REFUSED: (
+        "stopped submitting: the API refused submit after submit with the same error, which no item can "
+        "fix ({detail}); check the model, the fields every item shares and the account, then run again to "
+        "resume (the items refused before the stop failed: add --retry-failed to send them again)"
+    ),
 }
+
+
+def stop_message(reason: str | None, detail: str | None = None) -> str | None:
+    """What a ``stopped_reason`` code means for a person, or None when the run finished."""
+    if reason is None:
+        return None
+    template = STOP_MESSAGES.get(reason, f"stopped early: {reason}")
+    return template.replace("{detail}", detail or "no detail recorded")
 
 
 class Slot:
@@ -101,6 +118,8 @@ class RunControl:
         "_hard_scopes",
         "_max_submits",
         "_slots",
+        "breaker",
+        "detail",
         "in_flight",
         "pacing",
         "reason",
@@ -119,6 +138,8 @@ class RunControl:
         self.resolved = 0  #: predictions whose final status this run saw
         self.submits_reserved = 0  #: submits that were (or may have been) paid for in this run
         self.reason: StopReason | None = None  #: why the run stops early
+        self.detail: str | None = None  #: what is known of the reason, e.g. the refusal that tripped
+        self.breaker = Breaker()  #: submits refused alike, in a row: see `refused_alike`
         self.submitting_closed = anyio.Event()  #: set when no new submit may start
         self.submitters_done = anyio.Event()  #: set when the submit stage has ended
         self.settled = anyio.Event()  #: set when submitters are done and nothing is in flight
@@ -190,11 +211,19 @@ class RunControl:
             finally:
                 self._critical.discard(scope)
 
-    def stop_submitting(self, reason: StopReason) -> None:
+    def refused_alike(self, kind: str, status: int | None, message: str, *, accepted: int) -> bool:
+        """A submit was refused; True when it is the run's fault, not its item's (see `Breaker`): the
+        item is left pending, and submitting stops the first time."""
+        if not self.breaker.refused(kind, status, message, accepted=accepted):
+            return False
+        self.stop_submitting(StopReason.REFUSED, detail=self.breaker.detail)
+        return True
+
+    def stop_submitting(self, reason: StopReason, *, detail: str | None = None) -> None:
         """No new submits; what is in flight is still polled and downloaded."""
         if self.reason is None:
-            self.reason = reason
-            log.warning("%s", STOP_MESSAGES[reason])
+            self.reason, self.detail = reason, detail
+            log.warning("%s", stop_message(reason, detail))
         self.submitting_closed.set()
 
     def watch(self, scope: anyio.CancelScope) -> None:

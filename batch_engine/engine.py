@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import shutil
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from batch_engine.api.client import ApiClient, ClientConfig, public_url
 from batch_engine.control import RunControl, StopReason
 from batch_engine.errors import JournalError
 from batch_engine.ledger import Ledger
-from batch_engine.report.input_copies import cache_inputs, distinct_inputs, local_inputs
+from batch_engine.report.gallery_files import THUMBS_DIR, GalleryFiles, page_files
 from batch_engine.report.write import REPORT_FILES, write_reports
 from batch_engine.settings import RunSettings
 from batch_engine.stages.context import StageContext
@@ -35,8 +36,9 @@ from batch_engine.timing.backoff import DEFAULT_POLICY, RetryPolicy
 from batch_engine.timing.due_queue import DueQueue
 from batch_engine.timing.pacing import DEFAULT_PAUSE_INITIAL, PollBudget, SubmitPacer
 from batch_engine.timing.poll_plan import PollPlanner
-from batch_engine.ui.progress import ProgressView
+from batch_engine.ui.progress import ProgressView, RecentRate
 from batch_engine.values import (
+    MAX_RUNS,
     Item,
     ItemRecord,
     ItemState,
@@ -46,11 +48,13 @@ from batch_engine.values import (
     RunStats,
     Snapshot,
     Tracked,
+    run_entry,
 )
 
 log = logging.getLogger(__name__)
 
 TICK_SECONDS = 0.25
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -72,6 +76,7 @@ class RunOptions:
     submit_workers: int = 64
     poll_workers: int = 32
     download_workers: int = 16
+    started_at: float | None = None  #: unix seconds the process started (the CLI's); None: now
 
 
 @dataclass(frozen=True)
@@ -108,14 +113,30 @@ async def run_manifest(manifest: Manifest, options: RunOptions, *, view: Progres
             return await Engine(manifest, options, journal=journal, client=client, view=view).run()
 
 
+@contextlib.contextmanager
+def _interruptible(enabled: bool) -> Iterator[None]:
+    """While the reports are written, SIGINT and SIGTERM raise KeyboardInterrupt (the CLI then names
+    `batch-engine report`) instead of a SIGTERM killing the process without a word."""
+    if not enabled:
+        yield
+        return
+    saved = {signum: signal.signal(signum, signal.default_int_handler) for signum in _STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+
+
 def _remove_leftovers(out_dir: Path) -> None:
     """Delete the half-written temporary files of a run that was killed; holding the lock, no run writes."""
-    for folder in (out_dir, out_dir / IMAGES_DIR, out_dir / INPUTS_DIR):
+    for folder in (out_dir, out_dir / IMAGES_DIR, out_dir / INPUTS_DIR, out_dir / THUMBS_DIR):
         remove_temp_files(folder)
 
 
 def _forget_outputs(out_dir: Path) -> None:
-    shutil.rmtree(out_dir / IMAGES_DIR, ignore_errors=True)
+    for folder in (IMAGES_DIR, THUMBS_DIR):
+        shutil.rmtree(out_dir / folder, ignore_errors=True)
     for name in (*REPORT_FILES, RESULTS_NAME):
         (out_dir / name).unlink(missing_ok=True)
 
@@ -156,16 +177,20 @@ class Engine:
         )
         self._queue = PollQueue(self._planner, DueQueue())
         self._retry = options.retry
-        self._started = time.time()
+        self._started = options.started_at or time.time()
         self._ledger: Ledger | None = None
-        self._done_before = 0
+        self._gallery = GalleryFiles(
+            client, options.out_dir, resolve=options.input_source, copy_inputs=options.copy_inputs
+        )
+        self._before = (0, 0)  #: items succeeded and failed when this run began
+        self._finish_rate = RecentRate()
         self._plan = self._submit_plan()  #: shared by every submitter
         self._outputs = OutputTemplate(manifest.output)
 
     async def run(self) -> RunResult:
         meta = await self._prepare()
-        ledger = self._ledger = Ledger(self._journal, view=self._view)
-        self._done_before = ledger.succeeded + ledger.failed
+        ledger = self._ledger = Ledger(self._journal, view=self._view, watcher=self._gallery)
+        self._before = (ledger.succeeded, ledger.failed)
         ledger.open_results(self._options.out_dir)
         self._view.start()
         try:
@@ -174,16 +199,23 @@ class Engine:
             self._view.update(self._snapshot())
             self._view.stop()
             ledger.close_results()
-            with anyio.CancelScope(shield=True):
+            with anyio.CancelScope(shield=True), _interruptible(self._options.handle_signals):
                 stats, paths = await self._finish(meta)
         return RunResult(stats=stats, exit_code=exit_code(stats), report_paths=paths)
 
     async def _finish(self, meta: RunMeta) -> tuple[RunStats, dict[str, Path]]:
         """Record the run's figures and write the reports; a full disk here is a "disk" stop, not a crash."""
         stats = self._stats()
+        log.debug("writing the reports from the journal")
         try:
+            now, done = time.time(), stats.as_dict()
             finished = dataclasses.replace(
-                meta, finished_at=time.time(), stopped_reason=stats.stopped_reason, stats=stats.as_dict()
+                meta,
+                finished_at=now,
+                stopped_reason=stats.stopped_reason,
+                stats=done,
+                inputs_not_copied=self._gallery.not_copied_since(meta.inputs_not_copied),
+                runs=[*meta.runs[:-1], run_entry(self._started, now, done)],
             )
             await self._journal.set_meta(finished)
             return stats, await self._write_reports(finished)
@@ -193,8 +225,8 @@ class Engine:
             return self._stats(), {}
 
     async def _prepare(self) -> RunMeta:
-        journal, manifest_path = self._journal, self._manifest_path
-        check_owner(journal.meta(), manifest_path, take_over=self._options.take_over)
+        journal = self._journal
+        check_owner(journal.meta(), self._manifest_path, take_over=self._options.take_over)
         await recover_lost_journal(journal, self._options.out_dir)
         sync = await journal.sync_manifest(self._manifest)
         log.info(
@@ -224,9 +256,10 @@ class Engine:
                 else "failing them"
             )
             log.warning("%d submit(s) were in flight when the last run died; %s", len(ambiguous), action)
+        previous = journal.meta()
         meta = RunMeta(
             name=self._manifest.name,
-            manifest_path=manifest_path,
+            manifest_path=self._manifest_path,
             model=self._manifest.model,
             task=self._manifest.task,
             base_url=public_url(self._options.client.base_url),
@@ -234,6 +267,8 @@ class Engine:
             settings=dict(self._manifest.settings),
             started_at=self._started,
             output=self._manifest.output,
+            inputs_not_copied=previous.inputs_not_copied if previous else {},
+            runs=[*(previous.history() if previous else []), run_entry(self._started)][-MAX_RUNS:],
         )
         await journal.set_meta(meta)
         return meta
@@ -242,6 +277,7 @@ class Engine:
         opts = self._options
         async with anyio.create_task_group() as outer:
             outer.start_soon(self._tick)
+            outer.start_soon(self._gallery_files)
             if opts.handle_signals:
                 outer.start_soon(self._signals, outer)
             async with anyio.create_task_group() as tg:
@@ -275,9 +311,18 @@ class Engine:
                     scope.cancel()
         self._control.finish_submitting()
 
+    async def _gallery_files(self) -> None:
+        """Input copies and thumbnails while the run goes on; never after a stop (nor after the end)."""
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._gallery.run)
+            await self._control.submitting_closed.wait()
+            tg.cancel_scope.cancel()
+
     async def _resume_submitted(self) -> None:
         now = time.monotonic()
         for record in self._journal.records({ItemState.SUBMITTED}):
+            self._gallery.expect(record)
+            self._gallery.sending(record.item_id)
             slot = await self._control.take_slot()
             submitted_at = record.submitted_at or time.time()
             deadline = submitted_at + self._settings.timeout
@@ -287,6 +332,7 @@ class Engine:
     async def _feed(self, send: MemoryObjectSendStream[ItemRecord]) -> None:
         async with send:
             for record in self._journal.records({ItemState.PENDING}):
+                self._gallery.expect(record)
                 await send.send(record)
 
     async def _cancel_when_closed(self, scope: anyio.CancelScope) -> None:
@@ -305,18 +351,24 @@ class Engine:
             await anyio.sleep(TICK_SECONDS)
 
     async def _signals(self, outer: anyio.abc.TaskGroup) -> None:
-        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        with anyio.open_signal_receiver(*_STOP_SIGNALS) as signals:
             count = 0
             async for signum in signals:
                 count += 1
+                name = signal.Signals(signum).name
                 if count == 1:
+                    grace = self._settings.grace
                     self._view.message(
-                        f"{signal.Signals(signum).name}: no new submits; waiting up to "
-                        f"{self._settings.grace:.0f} s for predictions in flight (again to stop at once)"
+                        f"{name}: no new submits; waiting up to {grace:.0f} s for predictions in flight "
+                        "(again to stop at once)"
                     )
                     self._control.stop_submitting(StopReason.INTERRUPTED)
                     outer.start_soon(self._grace_then_stop)
-                else:
+                elif count == 2:
+                    self._view.message(
+                        f"{name} again: stopping now and writing the reports from the journal as it stands "
+                        f"(once more skips them; 'batch-engine report {self._options.out_dir}' writes them)"
+                    )
                     self._control.stop_now(StopReason.INTERRUPTED)
 
     async def _grace_then_stop(self) -> None:
@@ -369,19 +421,21 @@ class Engine:
     def _snapshot(self) -> Snapshot:
         ledger = self._ledger
         assert ledger is not None
+        succeeded, failed = ledger.succeeded - self._before[0], ledger.failed - self._before[1]
         return Snapshot(
             total=self._manifest.count,
-            done_before=self._done_before,
+            done_before=sum(self._before),
             submitted=ledger.submits,
             in_flight=self._control.predictions,
-            succeeded=ledger.succeeded,
-            failed=ledger.failed,
+            succeeded=succeeded,
+            failed=failed,
             rate=self._pacer.rate,
             rate_ceiling=self._pacer.ceiling,
             rate_limited=ledger.rate_limited,
             polls=ledger.polls,
             elapsed=time.time() - self._started,
             images=ledger.images,
+            finish_rate=self._finish_rate.update(time.monotonic(), succeeded + failed),
         )
 
     def _stats(self) -> RunStats:
@@ -403,17 +457,17 @@ class Engine:
             rate_ceiling=self._pacer.ceiling,
             possible_duplicates=journal.possible_duplicate_count(),
             stopped_reason=None if self._control.reason is None else self._control.reason.value,
-            timeline=ledger.timeline,
+            stop_detail=self._control.detail,
+            timeline=ledger.timeline.series,
+            timeline_step=ledger.timeline.step,
+            run_succeeded=ledger.succeeded - self._before[0],
+            run_failed=ledger.failed - self._before[1],
+            submit_rate=ledger.submit_rate,
         )
 
     async def _write_reports(self, meta: RunMeta) -> dict[str, Path]:
-        out_dir = self._options.out_dir
-        urls = distinct_inputs(self._journal.records())
-        if self._options.copy_inputs and self._control.reason is not StopReason.DISK:
-            inputs = await cache_inputs(self._client, out_dir, urls, resolve=self._options.input_source)
-        else:
-            inputs = local_inputs(out_dir, urls)
-        return write_reports(out_dir, meta, self._journal.records, inputs=inputs)
+        files = page_files(self._options.out_dir, self._journal.records(), dict(meta.inputs_not_copied))
+        return write_reports(self._options.out_dir, meta, self._journal.records, files=files)
 
 
 def plan_counts(

@@ -9,15 +9,24 @@ import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO
 
 from batch_engine.report.entries import result_line
 from batch_engine.store.files import RESULTS_NAME
 from batch_engine.store.journal import Journal
+from batch_engine.timeline import Timeline
 from batch_engine.ui.progress import ProgressView
 from batch_engine.values import ItemError, ItemRecord, ItemState, OutputFile
 
 log = logging.getLogger(__name__)
+
+
+class Watcher(Protocol):
+    """Told of an item's progress once the journal holds it (the gallery's background files)."""
+
+    def sending(self, item_id: str) -> None: ...
+
+    def succeeded(self, outputs: Sequence[OutputFile]) -> None: ...
 
 
 class Ledger:
@@ -33,8 +42,11 @@ class Ledger:
         "_results",
         "_started",
         "_view",
+        "_watcher",
         "failed",
+        "first_submit_at",
         "images",
+        "last_submit_at",
         "polls",
         "rate_limited",
         "submit_attempts",
@@ -44,10 +56,16 @@ class Ledger:
     )
 
     def __init__(
-        self, journal: Journal, *, view: ProgressView, clock: Callable[[], float] = time.time
+        self,
+        journal: Journal,
+        *,
+        view: ProgressView,
+        clock: Callable[[], float] = time.time,
+        watcher: Watcher | None = None,
     ) -> None:
         self._journal = journal
         self._view = view
+        self._watcher = watcher
         self._clock = clock
         self._started = clock()
         self._results: TextIO | None = None
@@ -59,7 +77,17 @@ class Ledger:
         self.images = 0  #: output files written in this run
         self.polls = 0  #: poll requests sent in this run
         self.rate_limited = 0  #: 429 answers in this run, submits and polls
-        self.timeline: dict[str, list[int]] = {"submitted": [], "finished": [], "rate_limited": []}
+        self.first_submit_at: float | None = None  #: unix seconds of this run's first accepted submit
+        self.last_submit_at: float | None = None  #: ... and of its latest
+        self.timeline = Timeline(self._started)
+
+    @property
+    def submit_rate(self) -> float | None:
+        """Accepted submits per second from this run's first to its latest; None before the second."""
+        first, last = self.first_submit_at, self.last_submit_at
+        if first is None or last is None or last <= first:
+            return None
+        return (self.submits - 1) / (last - first)
 
     def open_results(self, out_dir: Path) -> None:
         """Append a line to ``results.jsonl`` as each item finishes.
@@ -84,11 +112,8 @@ class Ledger:
         return meta if isinstance(meta, Mapping) else {}
 
     def tick(self, series: str) -> None:
-        """Count one event in the per-minute timeline (``submitted``, ``finished``, ``rate_limited``)."""
-        minute = int((self._clock() - self._started) // 60)
-        bucket = self.timeline[series]
-        bucket.extend([0] * (minute + 1 - len(bucket)))
-        bucket[minute] += 1
+        """Count one event in the timeline (``submitted``, ``finished``, ``rate_limited``)."""
+        self.timeline.count(series, self._clock())
 
     def saw_rate_limit(self) -> None:
         self.rate_limited += 1
@@ -97,6 +122,8 @@ class Ledger:
     async def submitting(self, item_id: str) -> None:
         await self._journal.mark_submitting(item_id)
         self.submit_attempts += 1
+        if self._watcher is not None:
+            self._watcher.sending(item_id)
 
     async def not_accepted(self, item_id: str, *, possible_duplicate: bool = False) -> None:
         await self._journal.mark_pending(item_id, possible_duplicate=possible_duplicate)
@@ -105,7 +132,10 @@ class Ledger:
         at = self._clock()
         await self._journal.mark_submitted(item_id, prediction_id=prediction_id, submitted_at=at)
         self.submits += 1
-        self.tick("submitted")
+        if self.first_submit_at is None:
+            self.first_submit_at = at
+        self.last_submit_at = at
+        self.timeline.count("submitted", at)
         log.debug("item %s submitted as %s", item_id, prediction_id)
         return at
 
@@ -124,6 +154,8 @@ class Ledger:
         self.succeeded += 1
         self.images += len(outputs)
         self._finished(record)
+        if self._watcher is not None:
+            self._watcher.succeeded(outputs)
 
     async def fail(self, item_id: str, error: ItemError, *, prediction_id: str | None = None) -> None:
         record = await self._journal.mark_failed(

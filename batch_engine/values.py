@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -107,6 +107,36 @@ class RunMeta:
     stopped_reason: str | None = None  #: None when the run finished; else e.g. "interrupted", "auth"
     stats: Mapping[str, Any] = field(default_factory=dict)  #: ``RunStats.as_dict()`` of the last run
     output: str | None = None  #: the manifest's output path template, when it set one
+    #: input URL → why no copy of it could be made (for the page), over every run of the out dir
+    inputs_not_copied: Mapping[str, str] = field(default_factory=dict)
+    #: the out dir's runs, oldest first, the latest last (`run_entry` each); at most ``MAX_RUNS``
+    runs: Sequence[Mapping[str, Any]] = field(default_factory=list)
+
+    def history(self) -> list[Mapping[str, Any]]:
+        """The runs recorded; for a journal written before runs were listed, its last run alone."""
+        if self.runs or self.started_at is None:
+            return list(self.runs)
+        return [run_entry(self.started_at, self.finished_at, self.stats)]
+
+
+MAX_RUNS = 100  #: runs an out dir's history keeps; older ones are dropped
+
+
+def run_entry(
+    started_at: float, finished_at: float | None = None, stats: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """One run of the out dir as its history lists it; ``stats`` is its ``RunStats.as_dict()`` once done."""
+    done = stats or {}
+    return {
+        "started_at": started_at,
+        "finished_at": finished_at,
+        "elapsed": done.get("elapsed"),
+        "submits": done.get("submits", 0),
+        "succeeded": done.get("run_succeeded"),
+        "failed": done.get("run_failed"),
+        "images": done.get("images", 0),
+        "stopped_reason": done.get("stopped_reason"),
+    }
 
 
 @dataclass(frozen=True)
@@ -168,24 +198,30 @@ class Manifest:
 
 @dataclass(frozen=True)
 class Snapshot:
-    """Live counts of a run, for the progress display and the periodic log line."""
+    """Live counts of a run, for the progress display and the periodic log line.
+
+    Counts are this run's, but for ``total``, ``done_before`` and ``finished``, which take the out dir's
+    items as they stand (a resumed run shows how far the whole job is).
+    """
 
     total: int  #: items in the manifest
     done_before: int  #: items already final when this run started (resume)
     submitted: int  #: accepted submits in this run
     in_flight: int  #: predictions submitted and not yet finished
-    succeeded: int  #: items succeeded, this run and before
-    failed: int  #: items failed, this run and before
+    succeeded: int  #: items that succeeded in this run
+    failed: int  #: items that failed in this run
     rate: float  #: current submit rate, per second
     rate_ceiling: float
     rate_limited: int  #: 429 answers so far (submits and polls)
     polls: int
     elapsed: float  #: seconds since the run started
     images: int  #: output files written in this run
+    finish_rate: float | None = None  #: items finished per second over the last minute; None until known
 
     @property
     def finished(self) -> int:
-        return self.succeeded + self.failed
+        """Items final in the out dir: before this run and in it."""
+        return self.done_before + self.succeeded + self.failed
 
 
 @dataclass(frozen=True)
@@ -206,12 +242,18 @@ class RunStats:
     rate_ceiling: float
     possible_duplicates: int
     stopped_reason: str | None = None
-    #: per-minute counts since the start: ``{"submitted": [...], "finished": [...], "rate_limited": [...]}``
+    stop_detail: str | None = None  #: what is known of the stop, e.g. the refusal quoted (``refused``)
+    #: counts per ``timeline_step`` seconds since the start: ``{"submitted": [...], "finished": [...],
+    #: "rate_limited": [...]}``
     timeline: Mapping[str, list[int]] = field(default_factory=dict)
+    timeline_step: float = 60.0
+    run_succeeded: int = 0  #: items that succeeded in this run (``by_state`` counts every run)
+    run_failed: int = 0  #: items that failed in this run
+    submit_rate: float | None = None  #: accepted submits per second while submitting; None below two
 
     @property
-    def average_rate(self) -> float:
-        return self.submits / self.elapsed if self.elapsed > 0 else 0.0
+    def run_finished(self) -> int:
+        return self.run_succeeded + self.run_failed
 
     @property
     def polls_per_prediction(self) -> float:
@@ -230,12 +272,16 @@ class RunStats:
             "polls": self.polls,
             "predictions_resolved": self.predictions_resolved,
             "polls_per_prediction": round(self.polls_per_prediction, 2),
-            "average_rate": round(self.average_rate, 3),
+            "submit_rate": None if self.submit_rate is None else round(self.submit_rate, 3),
+            "run_succeeded": self.run_succeeded,
+            "run_failed": self.run_failed,
             "rate_final": round(self.rate_final, 3),
             "rate_ceiling": self.rate_ceiling,
             "possible_duplicates": self.possible_duplicates,
             "stopped_reason": self.stopped_reason,
+            "stop_detail": self.stop_detail,
             "timeline": {k: list(v) for k, v in self.timeline.items()},
+            "timeline_step": self.timeline_step,
         }
 
 

@@ -171,10 +171,13 @@ class Harness:
         model: str = EDIT_MODEL,
         task: str = "image-edit",
         defaults: Mapping[str, Any] | None = None,
+        model_unlisted: bool = False,
     ) -> Path:
         """Write a manifest file of ``items`` and return its path."""
         self._manifests += 1
         doc: dict[str, Any] = {"version": 1, "name": "job", "model": model, "task": task}
+        if model_unlisted:
+            doc["model_unlisted"] = True
         if defaults:
             doc["defaults"] = dict(defaults)
         doc["items"] = [dict(item) for item in items]

@@ -123,17 +123,65 @@ def test_schema_prints_json_that_parses(capsys: pytest.CaptureFixture[str]) -> N
     assert {"required": ["items"]} in schema["oneOf"]
 
 
-@pytest.mark.parametrize("command", [None, *COMMANDS])
-def test_every_help_text_names_the_whole_configuration(
+@pytest.mark.parametrize("command", [None, "run"])
+def test_the_top_help_and_run_help_name_the_whole_configuration(
     command: str | None, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """`batch-engine --help` and each subcommand's help mention every setting of the issue's Configuration."""
+    """`batch-engine --help` and `run --help` mention every setting of the Configuration, and exit codes."""
     code, out, _ = cli(capsys, *([command] if command else []), "--help")
 
     assert code == EXIT_OK
     missing = [name for name in CONFIGURATION if name not in out]
     assert not missing, f"{command or 'batch-engine'} --help does not mention {missing}"
     assert "Exit codes" in out
+
+
+@pytest.mark.parametrize("command", [c for c in COMMANDS if c != "run"])
+def test_other_commands_help_says_their_own_exit_codes_not_the_run_settings(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`validate`, `status`, `report`, `schema` and `simulate` help do not repeat the run's settings; each
+    that can fail says what its exit codes mean."""
+    code, out, _ = cli(capsys, command, "--help")
+
+    assert code == EXIT_OK
+    assert "--max-in-flight" not in out
+    assert "GPTPROTO_BASE_URL" not in out
+    if command != "schema":
+        assert "Exit codes: 0 " in out
+
+
+def test_simulate_help_describes_itself_and_each_option(capsys: pytest.CaptureFixture[str]) -> None:
+    """`simulate --help` says what the simulator is for and what --host, --port and --seed do."""
+    _, out, _ = cli(capsys, "simulate", "--help")
+
+    assert "simulator of GPTProto's prediction API" in out
+    assert "--base-url http://127.0.0.1:PORT" in out
+    options = {line.split()[0]: line for line in out.splitlines() if line.startswith("  --")}
+    explained = {"--host": "address to listen on", "--port": "port to listen on", "--seed": "the same seed"}
+    for flag, says in explained.items():
+        assert says in options[flag], options[flag]
+
+
+def test_run_help_files_out_dir_and_api_under_plain_titles(capsys: pytest.CaptureFixture[str]) -> None:
+    """`run --help` files --out under the out dir and --base-url under the API, and has no 'where:' group."""
+    _, out, _ = cli(capsys, "run", "--help")
+
+    assert "where:" not in out
+    api = out.index("\nthe API:")
+    out_dir = out.index("\nthe out dir")
+    assert api < out.index("  --base-url", api) < out_dir < out.index("  --out ", out_dir)
+    assert out.index("  --out ", out_dir) < out.index("\npacing and polling")
+
+
+def test_a_misspelt_flag_gets_a_suggestion(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`run M --dry_run` exits 2 and suggests --dry-run."""
+    manifest = write_manifest(tmp_path / "job.yaml", items(1))
+
+    code, _, err = cli(capsys, "run", str(manifest), "--dry_run")
+
+    assert code == EXIT_USAGE
+    assert "unrecognized arguments: --dry_run (did you mean --dry-run?)" in err
 
 
 def test_run_help_documents_every_configuration_flag_as_an_option(capsys: pytest.CaptureFixture[str]) -> None:

@@ -553,14 +553,55 @@ def test_unknown_task_is_refused(tmp_path: Path) -> None:
     assert "one of image-edit, text-to-image" in problem.message
 
 
-def test_unknown_but_well_formed_model_is_a_warning(tmp_path: Path) -> None:
-    """A provider/model with no row is a sibling by configuration: a warning naming the known models."""
-    manifest = load(tmp_path, with_items(f"- prompt: a\n  images: [{URL}]\n", head="model: acme/painter-3\n"))
+def test_a_typo_in_the_model_is_an_error_with_a_suggestion(tmp_path: Path) -> None:
+    """A model the catalogue does not know is an error (every submit would get 404) naming the closest
+    known model and the opt-in for one the catalogue does not list yet."""
+    head = "model: openai/gpt-image-2-pluss\n"
+    problem = one(tmp_path, with_items(f"- prompt: a\n  images: [{URL}]\n", head=head))
+    assert (problem.field, problem.line) == ("model", 2)
+    assert "did you mean 'openai/gpt-image-2-plus'?" in problem.message
+    assert "model_unlisted: true" in problem.message
+
+
+def test_an_unknown_model_without_a_close_name_lists_the_known_ones(tmp_path: Path) -> None:
+    """An unknown model nothing in the catalogue resembles is an error listing every known model."""
+    problem = one(tmp_path, with_items(f"- prompt: a\n  images: [{URL}]\n", head="model: acme/painter-3\n"))
+    assert "openai/gpt-image-1" in problem.message
+    assert "did you mean" not in problem.message
+
+
+def test_model_unlisted_sends_an_unknown_model_with_a_warning(tmp_path: Path) -> None:
+    """With model_unlisted: true an unknown provider/model loads, under the gpt-image-2 rules, warned."""
+    head = "model: acme/painter-3\nmodel_unlisted: true\n"
+    manifest = load(tmp_path, with_items(f"- prompt: a\n  images: [{URL}]\n", head=head))
     assert manifest.model == "acme/painter-3"
     [warning] = manifest.warnings
-    assert "model" in warning
+    assert "model_unlisted" in warning
     assert "gpt-image-2 family" in warning
-    assert "openai/gpt-image-1" in warning
+
+
+def test_model_unlisted_on_a_known_model_is_a_warning(tmp_path: Path) -> None:
+    """model_unlisted on a catalogued model changes nothing, and a warning says so."""
+    head = "model: openai/gpt-image-2\nmodel_unlisted: true\n"
+    manifest = load(tmp_path, with_items(f"- prompt: a\n  images: [{URL}]\n", head=head))
+    [warning] = manifest.warnings
+    assert "model_unlisted: has no effect" in warning
+
+
+def test_model_unlisted_must_be_a_boolean(tmp_path: Path) -> None:
+    """model_unlisted takes true or false, nothing else."""
+    head = "model: acme/painter-3\nmodel_unlisted: yes please\n"
+    found = problems(tmp_path, with_items(f"- prompt: a\n  images: [{URL}]\n", head=head))
+    assert [p.field for p in found] == ["model", "model_unlisted"]
+
+
+def test_a_tab_indented_manifest_is_told_about_tabs(tmp_path: Path) -> None:
+    """A tab-indented manifest gets a problem that says so, not the parser's 'cannot start any token'."""
+    problem = one(tmp_path, "version: 1\nitems:\n\t- id: a\n")
+    assert problem.line == 3
+    assert "indented with a tab" in problem.message
+    assert "spaces" in problem.message
+    assert "cannot start any token" not in problem.message
 
 
 @pytest.mark.parametrize("model", ["gpt-image-2", "openai/", "a/b/c", "open ai/x"])

@@ -21,6 +21,7 @@ from batch_engine.ui.progress import (
     JsonView,
     PlainView,
     ProgressView,
+    RecentRate,
     RichView,
     eta_seconds,
     format_duration,
@@ -45,6 +46,7 @@ SNAP = Snapshot(
     polls=311,
     elapsed=60.0,
     images=117,
+    finish_rate=2.0,
 )
 POLICY = ItemError("content_policy", "the prompt was\nflagged", 400)
 STATS = RunStats(
@@ -63,6 +65,9 @@ STATS = RunStats(
     possible_duplicates=2,
     stopped_reason="balance",
     timeline={"submitted": [120, 120]},
+    run_succeeded=900,
+    run_failed=6,
+    submit_rate=2.03,
 )
 REPORTS = {
     "report.yaml": Path("out/demo/report.yaml"),
@@ -122,18 +127,41 @@ def _no_logging() -> Iterator[None]:
 # --- numbers ---------------------------------------------------------------------------------------
 
 
-def test_eta_unknown_until_an_item_finishes_in_this_run() -> None:
-    """Items done before a resume give no throughput, so the ETA is unknown until this run finishes one."""
-    resumed = replace(SNAP, done_before=120, succeeded=117, failed=3, elapsed=30.0)
+def test_eta_unknown_until_a_finish_rate_is_known() -> None:
+    """Without a recent finish rate (nothing finished lately, or a resume that just began) the ETA is
+    unknown; once every item is final it is 0."""
+    resumed = replace(SNAP, done_before=120, succeeded=0, failed=0, finish_rate=None)
     assert eta_seconds(resumed) is None
     assert format_duration(eta_seconds(resumed)) == "—"
+    assert eta_seconds(replace(SNAP, done_before=880)) == 0.0
 
 
-def test_eta_from_this_runs_throughput() -> None:
-    """120 items in 60 s leaves 880 items for 440 s."""
+def test_eta_from_the_recent_finish_rate() -> None:
+    """880 items left at 2 finished a second is 440 s, however long the run took to get there."""
     assert eta_seconds(SNAP) == pytest.approx(440.0)
-    assert eta_seconds(replace(SNAP, done_before=60)) == pytest.approx(880.0)
-    assert eta_seconds(replace(SNAP, succeeded=997)) == 0.0
+    assert eta_seconds(replace(SNAP, elapsed=6000.0)) == pytest.approx(440.0)
+    assert eta_seconds(replace(SNAP, finish_rate=4.0)) == pytest.approx(220.0)
+
+
+def test_the_finish_rate_looks_at_the_last_minute_only() -> None:
+    """A run that waited 5 minutes for its first finishes, then finished 2 a second, has a rate of 2/s
+    (not 120 items over 6 minutes): the ETA does not climb as the end nears."""
+    rate = RecentRate(window=60.0)
+    assert rate.update(0.0, 0) is None
+    assert rate.update(300.0, 0) is None  # nothing finished yet
+    finished = 0
+    for second in range(301, 361):
+        finished += 2
+        last = rate.update(float(second), finished)
+    assert last == pytest.approx(2.0, rel=0.05)
+
+
+def test_the_finish_rate_needs_a_few_seconds_of_samples() -> None:
+    """A rate from samples a moment apart would swing wildly: none is given under two seconds."""
+    rate = RecentRate()
+    assert rate.update(10.0, 0) is None
+    assert rate.update(10.5, 3) is None
+    assert rate.update(12.5, 5) == pytest.approx(2.0)
 
 
 @pytest.mark.parametrize(("seconds", "text"), [(4.25, "4.2s"), (45, "45s"), (440, "7m20s"), (7500, "2h05m")])
@@ -168,8 +196,19 @@ def test_plain_line_has_the_counts(clock: FakeClock) -> None:
     clock.now += 30.0
     view.update(SNAP)
     assert stream.getvalue() == (
-        "progress: 120/1000 finished (117 ok, 3 failed), 160 submitted, 40 in flight, "
+        "progress: 120/1000 finished; this run: 117 ok, 3 failed, 160 submitted, 40 in flight, "
         "rate 2.00/s (ceiling 2.00), 429s 0, polls 311, images 117, elapsed 1m00s, eta 7m20s\n"
+    )
+
+
+def test_a_resumed_runs_line_keeps_the_two_scopes_apart(clock: FakeClock) -> None:
+    """On a resume the line says how many were final before, and every other count is this run's alone."""
+    stream, view = _plain(clock)
+    view.start()
+    clock.now += 30.0
+    view.update(replace(SNAP, done_before=30, submitted=17, succeeded=13, failed=1))
+    assert stream.getvalue().startswith(
+        "progress: 44/1000 finished (30 before this run); this run: 13 ok, 1 failed, 17 submitted,"
     )
 
 
@@ -255,7 +294,7 @@ def test_rich_view_shows_the_counts_and_restores_the_cursor(clock: FakeClock) ->
     view.stop()
     text = _text(out)
     assert "120/1000 finished" in text
-    assert "submitted 160 · in flight 40 · ok 117 · failed 3" in text
+    assert "this run: submitted 160 · in flight 40 · ok 117 · failed 3" in text
     assert "rate 2.00/s (ceiling 2.00) · 429s 0 · polls 311 · images 117" in text
     assert "eta 7m20s" in text
     assert "✗ sku-12 content_policy (400): the prompt was flagged" in text
@@ -325,14 +364,15 @@ def test_log_lines_print_above_the_live_region(clock: FakeClock) -> None:
 
 
 def test_summary_names_every_count_and_report() -> None:
-    """The summary gives states, error kinds, images, time, rates, 429s, polls, duplicates, stop, reports."""
+    """The summary gives this run's counts and the out dir's apart, each labelled, then error kinds,
+    images, time, the submit rate while submitting, 429s, polls, duplicates, stop, reports."""
     text = format_summary(STATS, report_paths=REPORTS, out_dir=Path("out/demo"))
     for expected in (
         "Run stopped after 8m12s: 1000 items",
-        "990 succeeded, 8 failed, 2 pending",
-        "failures by kind: content_policy 5, timeout 3",
-        "images written: 990",
-        "submits: 1000 (average 2.03/s; final rate 1.50/s, ceiling 2.00)",
+        "this run: 1000 submitted, 900 succeeded, 6 failed, 990 images written",
+        "in this out dir (all runs): 990 succeeded, 8 failed, 2 pending",
+        "failures by kind (all runs): content_policy 5, timeout 3",
+        "submits: 1000, 2.03/s while submitting (final rate 1.50/s, ceiling 2.00)",
         "429s: 4",
         "polls: 3110 (3.1 per prediction)",
         "2 possible duplicate(s) may have been billed twice",
@@ -341,7 +381,17 @@ def test_summary_names_every_count_and_report() -> None:
         *(str(path) for path in REPORTS.values()),
     ):
         assert expected in text
-    assert "0 submitted" not in text
+    assert "pending, 0 submitted" not in text  # a state with no items is left out
+    assert "average" not in text
+
+
+def test_summary_of_one_item_and_one_submit_reads_right() -> None:
+    """One item is '1 item', and a single submit gives no rate rather than one divided by waiting time."""
+    one = replace(STATS, total=1, submits=1, images=1, submit_rate=None)
+    text = format_summary(one, report_paths={}, out_dir=Path("out"))
+    assert ": 1 item\n" in text
+    assert "1 image written" in text
+    assert "submits: 1 (final rate" in text
 
 
 def test_summary_of_a_clean_run_has_no_warnings() -> None:

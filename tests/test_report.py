@@ -40,12 +40,15 @@ STATS: dict[str, Any] = {
     "polls": 40,
     "predictions_resolved": 4,
     "polls_per_prediction": 10.0,
-    "average_rate": 0.04,
+    "submit_rate": 0.04,
+    "run_succeeded": 1,
+    "run_failed": 2,
     "rate_final": 1.2,
     "rate_ceiling": 1.5,
     "possible_duplicates": 1,
     "stopped_reason": None,
     "timeline": {"submitted": [3, 2], "finished": [1, 3], "rate_limited": [2, 0]},
+    "timeline_step": 60.0,
 }
 
 
@@ -239,7 +242,8 @@ def test_report_yaml_header_counts_and_summary(tmp_path: Path) -> None:
     assert report["run"]["submits"] == 5
     assert report["run"]["rate_limited"] == 2
     assert report["run"]["polls_per_prediction"] == 10.0
-    assert report["run"]["average_rate"] == 0.04
+    assert report["run"]["submit_rate"] == 0.04
+    assert (report["run"]["run_succeeded"], report["run"]["run_failed"]) == (1, 2)
     assert report["run"]["rate_final"] == 1.2
     assert report["run"]["elapsed"] == 125.5
     assert list(report)[-1] == "items"

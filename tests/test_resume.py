@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import sqlite3
 import time
@@ -212,6 +213,9 @@ async def _polling(sim: Simulator, proc: EngineProcess, out: Path) -> None:
 
 
 async def _downloading(sim: Simulator, proc: EngineProcess, out: Path) -> None:
+    # The refused item's answer recorded first: killed while its submit is out, it would be an ambiguous
+    # submit, which this moment is not about.
+    await proc.wait_for_line("content_policy")
     await wait_until(lambda: sim.stats.downloads >= 3, what="3 failed downloads", proc=proc)
 
 
@@ -224,7 +228,7 @@ async def _last_completed(sim: Simulator, proc: EngineProcess, out: Path) -> Non
 
 
 async def _writing_reports(sim: Simulator, proc: EngineProcess, out: Path) -> None:
-    await proc.wait_for_line("/_sim/inputs/")  # copying inputs for index.html: the last step before reports
+    await proc.wait_for_line("writing the reports")
 
 
 MOMENTS = [
@@ -692,9 +696,14 @@ async def test_dry_run_and_status_read_the_journal_and_send_nothing(tmp_path: Pa
         assert "submitted 2" in plain.stdout
 
 
+def without_thumbnails(page: str) -> str:
+    """index.html with its thumbnail sources blanked: `report` may show thumbnails the run had no time for."""
+    return re.sub(r'"thumb":"[^"]*"', '"thumb":""', page)
+
+
 async def test_report_rebuilds_every_view_identical_to_the_runs(tmp_path: Path) -> None:
     """`report OUT_DIR` rebuilds report.yaml, results.jsonl, failures.yaml and index.html exactly as the run
-    wrote them."""
+    wrote them (the page may show thumbnails made since)."""
     specs = items(4, failing=1)
     async with Simulator(sim_config()) as sim:
         manifest = write_manifest(tmp_path / "job.yaml", specs, sim=sim)
@@ -710,7 +719,9 @@ async def test_report_rebuilds_every_view_identical_to_the_runs(tmp_path: Path) 
         rebuilt = await run_engine(["report", str(out)], env=engine_env(key=None))
 
         assert rebuilt.code == EXIT_OK, rebuilt.stderr
-        assert {name: (out / name).read_text(encoding="utf-8") for name in names} == written
+        again = {name: (out / name).read_text(encoding="utf-8") for name in names}
+        again["index.html"] = without_thumbnails(again["index.html"])
+        assert again == {**written, "index.html": without_thumbnails(written["index.html"])}
         assert all(name in rebuilt.stdout for name in names)
         assert (sim.stats.submit_requests, sim.stats.polls) == requests
 

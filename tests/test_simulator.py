@@ -148,7 +148,7 @@ async def test_failed_prediction_carries_an_error_string() -> None:
     assert answer.status == 200
     assert answer.data["status"] == "failed"
     assert answer.data["outputs"] == []
-    assert "failed" in answer.data["error"]
+    assert "could not process" in answer.data["error"]
 
 
 @pytest.mark.parametrize(("sync_early", "status"), [(True, "processing"), (False, "completed")])

@@ -232,12 +232,20 @@ _TOP_LEVEL_FIELDS = (
     FieldDef(
         "model",
         "string",
-        "provider/model to run, e.g. " + ", ".join(catalogue.MODELS) + ". Other well-formed names are sent "
-        "as given, with the gpt-image-2 family's rules assumed.",
+        "provider/model to run: one of " + ", ".join(catalogue.MODELS) + ". Another name is refused "
+        "unless model_unlisted is true.",
         pattern=catalogue.MODEL_NAME_PATTERN,
         pattern_hint="is not provider/model: write it like openai/gpt-image-2-plus",
         default=catalogue.DEFAULT_MODEL,
         example=catalogue.DEFAULT_MODEL,
+    ),
+    FieldDef(
+        "model_unlisted",
+        "boolean",
+        "true sends a model batch-engine's catalogue does not list yet, as given, under the gpt-image-2 "
+        "family's rules (sizes, fields); without it an unknown model is an error, as a typo would be.",
+        default=False,
+        example="true",
     ),
     FieldDef(
         "task",

@@ -20,9 +20,9 @@ from batch_engine.api import catalogue
 from batch_engine.manifest import local_files
 from batch_engine.manifest.fields import (
     ABSENT,
-    MAX_N,
     ITEM_ID,
     ITEM_META,
+    MAX_N,
     describe,
     request_fields,
     unknown_message,

@@ -312,7 +312,8 @@ def _parse(stream: Any, complain: Callable[[str, int | None], None]) -> Doc | No
     try:
         _Builder(doc, complain).build(loader)
     except yaml.MarkedYAMLError as exc:
-        complain(_yaml_error_message(exc), _mark_line(exc))
+        line = _mark_line(exc)
+        complain(_tab_message(stream, line) or _yaml_error_message(exc), line)
         return None
     except yaml.YAMLError as exc:  # a reader error: not text in a known encoding
         complain(f"the file is not readable as YAML text: {exc}", None)
@@ -330,6 +331,19 @@ def _yaml_error_message(exc: yaml.MarkedYAMLError) -> str:
     column = f" (column {mark.column + 1})" if mark is not None else ""
     what = " ".join(part for part in (exc.context, exc.problem) if part)
     return f"invalid YAML: {what}{column}"
+
+
+def _tab_message(stream: Any, line: int | None) -> str:
+    """The problem said plainly when the line the parser stopped at is indented with a tab ('' if not):
+    the parser's own words ("cannot start any token") do not mention tabs."""
+    if line is None:
+        return ""
+    stream.seek(0)
+    text = next((raw for number, raw in enumerate(stream, 1) if number == line), b"")
+    indent = text[: len(text) - len(text.lstrip(b" \t"))]
+    if b"\t" not in indent:
+        return ""
+    return "invalid YAML: this line is indented with a tab; YAML indents with spaces only: replace the tabs"
 
 
 def _mark_line(exc: yaml.MarkedYAMLError) -> int | None:

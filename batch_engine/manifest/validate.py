@@ -9,6 +9,7 @@ The manifest returned reads its items again from their source whenever they are 
 
 from __future__ import annotations
 
+import difflib
 import functools
 from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
@@ -140,23 +141,27 @@ class _Validator:
             self.complain(top, "version", "is missing: write 'version: 1' at the top of the manifest")
         model = root.get("model", catalogue.DEFAULT_MODEL)
         if isinstance(model, str) and catalogue.is_model_name(model):
-            self._use_model(model, top)
+            self._use_model(model, top, unlisted=root.get("model_unlisted") is True)
         task = root.get("task", catalogue.DEFAULT_TASK)
         self.takes_images = catalogue.TASK_TAKES_IMAGES.get(task) if isinstance(task, str) else None
         if isinstance(task, str) and task in catalogue.TASK_TAKES_IMAGES and task not in self.spec.tasks:
             tasks = ", ".join(sorted(self.spec.tasks))
             self.complain(top, "task", f"{self.spec.name} does not do {task}; it does: {tasks}")
 
-    def _use_model(self, model: str, top: Place) -> None:
+    def _use_model(self, model: str, top: Place, *, unlisted: bool) -> None:
         self.spec = catalogue.spec_for(model)
-        if catalogue.model_spec(model) is None:
-            known = ", ".join(catalogue.MODELS)
+        known = catalogue.model_spec(model) is not None
+        if known and unlisted:
+            self.warn(top, "model_unlisted", f"has no effect: {model} is in batch-engine's catalogue")
+        elif not known and unlisted:
             self.warn(
                 top,
                 "model",
-                f"{model!r} is not a model batch-engine knows ({known}); it is sent as given, "
-                "with the gpt-image-2 family's rules assumed (sizes, fields)",
+                f"{model!r} is not in batch-engine's catalogue; as model_unlisted asks, it is sent as "
+                "given, with the gpt-image-2 family's rules assumed (sizes, fields)",
             )
+        elif not known:
+            self.complain(top, "model", _unknown_model_message(model))
 
     def _mapping(self, root: dict[Any, Any], key: str, top: Place) -> dict[Any, Any]:
         value = root.get(key)
@@ -417,6 +422,17 @@ def _root_message(root: Any) -> str:
     if root is None:
         return "the manifest is empty: it needs at least 'version: 1' and 'items:'"
     return f"the manifest must be a mapping (version:, items:, ...), got {describe(root)}"
+
+
+def _unknown_model_message(model: str) -> str:
+    """Every item would be refused (404 model not found): an error, with the catalogue's closest name."""
+    known = list(catalogue.MODELS)
+    close = difflib.get_close_matches(model, known, n=1)
+    hint = f"did you mean {close[0]!r}?" if close else f"the models it knows are {', '.join(known)}."
+    return (
+        f"{model!r} is not a model batch-engine knows; {hint} To send a model its catalogue does not "
+        "list yet, add 'model_unlisted: true' at the top level"
+    )
 
 
 # ---------------------------------------------------------------------------------------------- public API

@@ -30,9 +30,11 @@ SUMMARY_KEYS = (
     "polls",
     "predictions_resolved",
     "polls_per_prediction",
-    "average_rate",
+    "submit_rate",
     "rate_final",
     "rate_ceiling",
+    "run_succeeded",
+    "run_failed",
 )
 #: Listed in report.yaml's header always; ``damaged`` too, but only when some row is.
 UNFINISHED_STATES = tuple(s.value for s in ItemState if not s.is_final and s is not ItemState.DAMAGED)

@@ -19,6 +19,7 @@ from typing import IO, Any
 
 import yaml
 
+from batch_engine.api import catalogue
 from batch_engine.manifest.local_files import is_local
 from batch_engine.report.block_yaml import block_yaml
 from batch_engine.report.entries import (
@@ -31,6 +32,7 @@ from batch_engine.report.entries import (
     report_entry,
     result_line,
 )
+from batch_engine.report.gallery_files import PageFiles
 from batch_engine.report.html import Gallery
 from batch_engine.store.files import DEFAULT_OUTPUT, replace_atomically
 from batch_engine.values import ItemRecord, ItemState, RunMeta
@@ -79,7 +81,12 @@ def write_report_yaml(
 
 
 def _write_report_head(stream: IO[str], meta: RunMeta, counts: Counts) -> None:
-    stream.write(f"# batch-engine report of {_one_line(meta.name)}; results.jsonl has the same items.\n")
+    finished = counts.succeeded + counts.failed
+    stream.write(
+        f"# batch-engine report of {_one_line(meta.name)}: every item of the manifest, in its order; "
+        f"results.jsonl has a line for each of the {finished:,} finished ones.\n"
+        "# counts, errors_by_kind and images are the out dir's (every run); run: is the latest run's.\n"
+    )
     stream.write(_dump(report_header(meta, counts)))
 
 
@@ -105,6 +112,7 @@ def report_header(meta: RunMeta, counts: Counts) -> dict[str, Any]:
         "possible_duplicates": counts.possible_duplicates,
         "images": counts.images,
         "run": {key: _plain(meta.stats.get(key)) for key in SUMMARY_KEYS},
+        "runs": [_run_row(run) for run in meta.history()],
     }
 
 
@@ -112,6 +120,10 @@ def _unfinished(counts: Counts) -> dict[str, int]:
     found = {state: counts.by_state.get(state, 0) for state in UNFINISHED_STATES}
     damaged = counts.by_state.get(ItemState.DAMAGED.value, 0)
     return {**found, ItemState.DAMAGED.value: damaged} if damaged else found
+def _run_row(run: Mapping[str, Any]) -> dict[str, Any]:
+    """One run of the out dir's history as report.yaml lists it: times in ISO 8601."""
+    times = {"started": iso_utc(run.get("started_at")), "finished": iso_utc(run.get("finished_at"))}
+    return times | {key: _plain(value) for key, value in run.items() if not key.endswith("_at")}
 
 
 def write_failures_manifest(out_dir: Path, meta: RunMeta, records: Records) -> Path | None:
@@ -134,11 +146,17 @@ def write_failures_manifest(out_dir: Path, meta: RunMeta, records: Records) -> P
 
 
 def failures_header(meta: RunMeta) -> dict[str, Any]:
-    """failures.yaml's keys above ``items:``: the original manifest's, under a new name."""
+    """failures.yaml's keys above ``items:``: the original manifest's, under a new name.
+
+    A model the catalogue does not list ran because its manifest said ``model_unlisted: true``; so does
+    this one, or it would not run as it is.
+    """
+    unlisted = {"model_unlisted": True} if catalogue.model_spec(meta.model) is None else {}
     return {
         "version": 1,
         "name": f"{meta.name}-failures",
         "model": meta.model,
+        **unlisted,
         "task": meta.task,
         "defaults": _plain(meta.defaults),
         "settings": _plain(meta.settings),
@@ -161,11 +179,11 @@ def failed_spec(record: ItemRecord) -> dict[str, Any]:
 
 
 def write_reports(
-    out_dir: Path, meta: RunMeta, records: Records, *, inputs: Mapping[str, str] | None = None
+    out_dir: Path, meta: RunMeta, records: Records, *, files: PageFiles | None = None
 ) -> dict[str, Path]:
     """Write every report into ``out_dir``; return file name → path of those written, in REPORT_FILES order.
 
-    failures.yaml is absent from the result when nothing failed. ``inputs`` goes to index.html.
+    failures.yaml is absent from the result when nothing failed. ``files`` goes to index.html.
     """
     counts = count_items(records())
     failures = write_failures_manifest(out_dir, meta, records)
@@ -178,7 +196,7 @@ def write_reports(
         replace_atomically(page) as html_out,
     ):
         _write_report_head(yaml_out, meta, counts)
-        gallery = Gallery(html_out, meta, counts, inputs or {})
+        gallery = Gallery(html_out, meta, counts, files or PageFiles())
         for record in records({ItemState.FAILED}):
             gallery.add(record)
 

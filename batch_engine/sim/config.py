@@ -134,6 +134,8 @@ class SimStats:
     body_counts: dict[str, int] = field(default_factory=dict)  #: sha256 of canonical body → accepted count
     polls: int = 0  #: every GET of a result route (both origins), answered or not
     downloads: int = 0  #: every GET of an output image
+    inputs: dict[str, int] = field(default_factory=dict)  #: sample input name → GETs of it
+    input_times: list[float] = field(default_factory=list)  #: monotonic time of each input GET
     rate_limited: int = 0  #: 429s sent, all endpoints
     rate_limited_submits: int = 0
     status_counts: dict[int, int] = field(default_factory=dict)  #: HTTP status → error answers sent

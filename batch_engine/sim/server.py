@@ -51,7 +51,7 @@ logger = logging.getLogger(__name__)
 _B64_PREFIX = "data:image/png;base64,"
 _RENDER_CACHE_SIZE = 256
 _SHUTDOWN_TIMEOUT = 0.5  #: seconds in-flight handlers (a slow answer) get when the simulator closes
-_FAILURE_MESSAGE = "inference failed: the model could not process the input image (simulated)"
+_FAILURE_MESSAGE = "the model could not process the input image (simulated)"
 _HTML_429 = (
     "<html>\r\n<head><title>429 Too Many Requests</title></head>\r\n<body>\r\n"
     "<center><h1>429 Too Many Requests</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n"
@@ -136,7 +136,9 @@ class Simulator:
             await web.TCPSite(runner, host, app_port).start()
             bound = runner.addresses[0]
             self._urls.append(f"http://{host}:{bound[1]}")
-        logger.info("simulator listening on %s (foreign origin %s)", self.base_url, self.foreign_url)
+        logger.info("simulator listening on %s", self.base_url)
+        # The second origin stands in for another company's host: a key sent there is counted as a leak.
+        logger.debug("simulator's stand-in for another host: %s", self.foreign_url)
 
     async def close(self) -> None:
         """Stop both origins, closing keep-alive connections; in-flight handlers get a moment to finish."""
@@ -536,6 +538,8 @@ class Simulator:
 
     async def _input(self, request: web.Request) -> web.StreamResponse:
         name = request.match_info["name"]
+        self.stats.inputs[name] = self.stats.inputs.get(name, 0) + 1
+        self.stats.input_times.append(time.monotonic())
         png = await self._renders.get((f"input:{name}", 0), partial(render_input, name))
         return web.Response(body=png, content_type="image/png")
 

@@ -163,6 +163,9 @@ class Submitter:
             return None, await self._lost(item_id, state, exc)
         except ItemRejected as exc:
             self._plan.refusals.answered()
+            if self._ctx.control.refused_alike(exc.kind, exc.status, exc.message, accepted=ledger.submits):
+                await self._unpaid(item_id, state)  # the run is at fault, not the item: it stays pending
+                return None, _Next.DONE
             self._ctx.control.refund_submit()
             await ledger.fail(item_id, ItemError(exc.kind, exc.message, exc.status))
             return None, _Next.DONE

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TextIO
 
@@ -85,15 +86,48 @@ def _is_terminal(stream: TextIO) -> bool:
 # --- the numbers every view shows ---------------------------------------------------------------
 
 
+RATE_WINDOW = 60.0  #: seconds of finishes the ETA's rate looks back on
+RATE_MIN_SPAN = 2.0  #: seconds of samples needed before a rate is given
+
+
+class RecentRate:
+    """Events per second over the last ``window`` seconds, from a running count sampled now and then.
+
+    Invariant: ``_samples`` holds (time, count) in time order, the oldest at most one sample older than
+    ``window``, so the rate spans the whole window once the run is that old.
+    """
+
+    __slots__ = ("_samples", "window")
+
+    def __init__(self, window: float = RATE_WINDOW) -> None:
+        self.window = window
+        self._samples: deque[tuple[float, int]] = deque()
+
+    def __repr__(self) -> str:
+        return f"<RecentRate {len(self._samples)} samples over {self.window:g}s>"
+
+    def update(self, now: float, count: int) -> float | None:
+        """Record ``count`` at ``now`` (a monotonic clock); the rate since the window's start, or None
+        while the samples span less than ``RATE_MIN_SPAN`` seconds or nothing was counted yet."""
+        samples = self._samples
+        samples.append((now, count))
+        while len(samples) > 2 and samples[1][0] <= now - self.window:
+            samples.popleft()
+        then, before = samples[0]
+        if count == 0 or now - then < RATE_MIN_SPAN:
+            return None
+        return (count - before) / (now - then)
+
+
 def eta_seconds(snapshot: Snapshot) -> float | None:
-    """Seconds left at this run's throughput (items finished in this run per second); None until known."""
+    """Seconds left at the recent finish rate (the last minute's); None until known, 0 when done."""
     remaining = snapshot.total - snapshot.finished
     if remaining <= 0:
         return 0.0
-    finished_here = snapshot.finished - snapshot.done_before
-    if finished_here <= 0 or snapshot.elapsed <= 0:
+    rate = snapshot.finish_rate
+    if not rate:
         return None
-    return remaining * snapshot.elapsed / finished_here
+    return remaining / rate
 
 
 def format_duration(seconds: float | None, *, unknown: str = "—") -> str:
@@ -109,20 +143,33 @@ def format_duration(seconds: float | None, *, unknown: str = "—") -> str:
 
 
 def progress_line(s: Snapshot) -> str:
-    """The plain progress line, e.g. ``progress: 120/1000 finished (117 ok, 3 failed), ...``."""
+    """The plain progress line: the job's position, then this run's counts, pace and clock, e.g.
+    ``progress: 120/1000 finished; this run: 117 ok, 3 failed, 160 submitted, 40 in flight, ...``."""
     eta = format_duration(eta_seconds(s), unknown="unknown")
     return (
-        f"progress: {s.finished}/{s.total} finished ({s.succeeded} ok, {s.failed} failed), "
-        f"{s.submitted} submitted, {s.in_flight} in flight, "
+        f"progress: {s.finished}/{s.total} finished{_before(s)}; "
+        f"this run: {s.succeeded} ok, {s.failed} failed, {s.submitted} submitted, {s.in_flight} in flight, "
         f"rate {s.rate:.2f}/s (ceiling {s.rate_ceiling:.2f}), 429s {s.rate_limited}, polls {s.polls}, "
         f"images {s.images}, elapsed {format_duration(s.elapsed)}, eta {eta}"
     )
 
 
+def _before(s: Snapshot) -> str:
+    return f" ({s.done_before} before this run)" if s.done_before else ""
+
+
 def failure_text(item_id: str, error: ItemError) -> str:
-    """``sku-12 content_policy (400): the message``, on one line whatever the server sent."""
+    """``sku-12 content_policy (400): the message``, on one line whatever the server sent.
+
+    A message that opens with its own kind (``inference failed: ...`` of kind ``inference_failed``) is
+    not made to say it twice.
+    """
     status = f" ({error.status})" if error.status is not None else ""
-    return f"{item_id} {error.kind}{status}: {_one_line(error.message)}"
+    message = _one_line(error.message)
+    said = error.kind.replace("_", " ") + ":"
+    if message.lower().startswith(said):
+        message = message[len(said) :].lstrip()
+    return f"{item_id} {error.kind}{status}: {message}"
 
 
 def _one_line(text: str) -> str:
@@ -289,15 +336,14 @@ class RichView:
 
 
 def render_snapshot(s: Snapshot) -> RenderableType:
-    """The live region: a bar of finished/total, the counts, then the pace and the clock."""
+    """The live region: a bar of the job's finished/total, this run's counts, then the pace and the clock."""
     head = Table.grid(padding=(0, 1))
-    before = f" ({s.done_before} before this run)" if s.done_before else ""
     head.add_row(
         ProgressBar(total=max(s.total, 1), completed=s.finished, width=BAR_WIDTH),
-        Text(f"{s.finished}/{s.total} finished{before}", style="bold"),
+        Text(f"{s.finished}/{s.total} finished{_before(s)}", style="bold"),
     )
     counts = Text.assemble(
-        f"submitted {s.submitted} · in flight {s.in_flight} · ",
+        f"this run: submitted {s.submitted} · in flight {s.in_flight} · ",
         (f"ok {s.succeeded}", "green"),
         " · ",
         (f"failed {s.failed}", "red" if s.failed else ""),

@@ -5,16 +5,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-from batch_engine.control import STOP_MESSAGES
+from batch_engine.control import stop_message
 from batch_engine.ui.progress import event_line, format_duration
 from batch_engine.values import ItemState, RunStats
 
 
-def stop_sentence(reason: str | None) -> str | None:
-    """What a ``stopped_reason`` code means for the person, or None when the run finished."""
-    if reason is None:
-        return None
-    return STOP_MESSAGES.get(reason, f"stopped early: {reason}")
+def stop_sentence(stats: RunStats) -> str | None:
+    """Why the run stopped, for the person, or None when it finished."""
+    return stop_message(stats.stopped_reason, stats.stop_detail)
 
 
 def format_summary(stats: RunStats, *, report_paths: Mapping[str, Path], out_dir: Path) -> str:
@@ -27,26 +25,36 @@ def format_summary(stats: RunStats, *, report_paths: Mapping[str, Path], out_dir
 
 
 def summary_json(stats: RunStats, *, report_paths: Mapping[str, Path]) -> str:
-    """The summary as one JSON line ``{"ts", "event": "summary", ...}``, without the per-minute timeline."""
+    """The summary as one JSON line ``{"ts", "event": "summary", ...}``, without the timeline."""
     fields = stats.as_dict()
     fields.pop("timeline", None)
-    fields["stopped"] = stop_sentence(stats.stopped_reason)
+    fields.pop("timeline_step", None)
+    fields["stopped"] = stop_sentence(stats)
     fields["reports"] = {name: str(path) for name, path in report_paths.items()}
     return event_line("summary", **fields)
 
 
 def _headline(stats: RunStats) -> str:
     verb = "finished in" if stats.stopped_reason is None else "stopped after"
-    return f"Run {verb} {format_duration(stats.elapsed)}: {stats.total} items"
+    return f"Run {verb} {format_duration(stats.elapsed)}: {plural(stats.total, 'item')}"
+
+
+def plural(count: int, noun: str) -> str:
+    """``1 item``, ``2 items``."""
+    return f"{count} {noun}" + ("" if count == 1 else "s")
 
 
 def _count_lines(stats: RunStats) -> list[str]:
+    """This run's counts, then the out dir's (every run's, as the journal holds them): each says which."""
+    here = (
+        f"  this run: {stats.submits} submitted, {stats.run_succeeded} succeeded, {stats.run_failed} failed,"
+        f" {plural(stats.images, 'image')} written"
+    )
     counts = ", ".join(f"{stats.by_state.get(state, 0)} {state}" for state in _states_to_show(stats.by_state))
-    lines = ["  " + counts]
+    lines = [here, f"  in this out dir (all runs): {counts}"]
     kinds = sorted(stats.by_error_kind.items(), key=lambda kv: (-kv[1], kv[0]))
     if kinds:
-        lines.append("  failures by kind: " + ", ".join(f"{kind} {n}" for kind, n in kinds))
-    lines.append(f"  images written: {stats.images}")
+        lines.append("  failures by kind (all runs): " + ", ".join(f"{kind} {n}" for kind, n in kinds))
     return lines
 
 
@@ -58,9 +66,10 @@ def _states_to_show(by_state: Mapping[str, int]) -> list[str]:
 
 
 def _pace_lines(stats: RunStats) -> list[str]:
+    rate = "" if stats.submit_rate is None else f", {stats.submit_rate:.2f}/s while submitting"
     return [
-        f"  submits: {stats.submits} (average {stats.average_rate:.2f}/s; "
-        f"final rate {stats.rate_final:.2f}/s, ceiling {stats.rate_ceiling:.2f})",
+        f"  submits: {stats.submits}{rate} (final rate {stats.rate_final:.2f}/s, "
+        f"ceiling {stats.rate_ceiling:.2f})",
         f"  429s: {stats.rate_limited}",
         f"  polls: {stats.polls} ({stats.polls_per_prediction:.1f} per prediction)",
     ]
@@ -72,7 +81,7 @@ def _warning_lines(stats: RunStats) -> list[str]:
         count = stats.possible_duplicates
         lines.append(f"  warning: {count} possible duplicate(s) may have been billed twice")
         lines.append("    (resubmitted after an answer was lost; see possible_duplicate in results.jsonl)")
-    stopped = stop_sentence(stats.stopped_reason)
+    stopped = stop_sentence(stats)
     if stopped:
         lines.append("  " + stopped)
     return lines

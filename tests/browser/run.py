@@ -4,7 +4,9 @@
 runs anywhere. It writes two reports with ``batch-engine run --simulate``: the demo job (the page people look
 at, screenshotted to ``tests/browser/screenshot.png``) and a generated job of 250 items (more than one page).
 Each out dir is copied elsewhere and the original deleted, then the page is checked as a person would use it:
-images load, failures come first, the filters and the pager work, and nothing is fetched from a network.
+images load (thumbnails in the cards, the full picture behind each), failures come first, the filters and the
+pager work, the chart has buckets that fit the run's length, the page fits a phone 390 px wide without
+scrolling sideways, and nothing is fetched from a network.
 Exit code 0 when every check passes, 1 otherwise (or when Chromium is missing).
 """
 
@@ -33,6 +35,9 @@ CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 REPO = Path(__file__).resolve().parents[2]
 SCREENSHOT = Path(__file__).with_name("screenshot.png")
 VIEWPORT = {"width": 1280, "height": 1400, "deviceScaleFactor": 1, "mobile": False}
+PHONE = {"width": 390, "height": 844, "deviceScaleFactor": 1, "mobile": True}  #: an iPhone 12-14's CSS size
+PHONE_SCREENSHOT = Path(__file__).with_name("screenshot-phone.png")
+THUMB_EDGE = 384  #: batch_engine.report.gallery_files.THUMB_EDGE: the longest edge of a thumbnail
 RUN_TIMEOUT = 120.0  #: seconds one simulated run may take
 IMAGE_WAIT_MS = 20_000  #: how long one page's images may take to load, all together
 PAGING_ITEMS = 250  #: more than two pages of the report's 100 cards
@@ -54,6 +59,7 @@ class Report:
     images: int
     duplicates: int
     by_kind: dict[str, int]
+    elapsed: float  #: seconds the run took, as report.yaml's run: block says
 
     @property
     def url(self) -> str:
@@ -187,6 +193,7 @@ def read_report(name: str, directory: Path) -> Report:
         images=data["images"],
         duplicates=data["possible_duplicates"],
         by_kind=dict(data["errors_by_kind"] or {}),
+        elapsed=float(data["run"]["elapsed"]),
     )
 
 
@@ -199,12 +206,68 @@ async def browse(demo: Report, paging: Report, checks: Checks, *, profile: Path)
         await page.send("Emulation.setDeviceMetricsOverride", VIEWPORT)
         await open_report(page, demo, checks)
         await check_gallery(page, demo, checks)
+        await check_thumbnails(page, demo, checks)
+        await check_chart(page, demo, checks)
         shot = await page.send("Page.captureScreenshot", {"format": "png"})
         await check_filters(page, demo, checks)
+        await check_phone(page, demo, checks)
+        await page.send("Emulation.setDeviceMetricsOverride", VIEWPORT)
         await open_report(page, paging, checks)
         await check_paging(page, paging, checks)
         check_quiet(page, [demo, paging], checks)
     return base64.b64decode(shot["data"])
+
+
+async def check_thumbnails(page: Page, report: Report, checks: Checks) -> None:
+    """Cards show thumbnails (at most THUMB_EDGE px) of the run's big outputs; each links its full image."""
+    state = await page.evaluate(THUMBNAILS_JS)
+    thumbs = state["thumbs"]
+    checks.expect(bool(thumbs), f"{report.name}: no output is shown by a thumbnail")
+    too_big = [t["src"] for t in thumbs if max(t["width"], t["height"]) > THUMB_EDGE]
+    checks.expect(not too_big, f"{report.name}: thumbnails over {THUMB_EDGE} px: {too_big[:3]}")
+    unlinked = [t["src"] for t in thumbs if not t["href"].startswith("images/")]
+    checks.expect(not unlinked, f"{report.name}: thumbnails not linking their full image: {unlinked[:3]}")
+
+
+async def check_chart(page: Page, report: Report, checks: Checks) -> None:
+    """The chart's buckets fit the run: several of them, together spanning the run's time, one point each."""
+    chart = await page.evaluate(CHART_JS)
+    buckets, step = chart["buckets"], chart["step"]
+    checks.expect(buckets >= 3, f"{report.name}: a {report.elapsed:.0f} s run drawn from {buckets} bucket(s)")
+    checks.expect(
+        buckets * step >= report.elapsed - 2 * step,
+        f"{report.name}: {buckets} buckets of {step} s do not span the run's {report.elapsed:.1f} s",
+    )
+    checks.expect(
+        all(points == buckets for points in chart["points"]),
+        f"{report.name}: polylines of {chart['points']} points for {buckets} buckets",
+    )
+
+
+async def check_phone(page: Page, report: Report, checks: Checks) -> None:
+    """At 390 px wide the page does not scroll sideways, the chart fits the screen, and it is on the first
+    screen (not below a screenful of stat cards)."""
+    await page.send("Emulation.setDeviceMetricsOverride", PHONE)
+    await page.navigate(report.url)
+    state = await page.evaluate(PHONE_JS)
+    where = f"{report.name} at {PHONE['width']} px"
+    checks.expect(
+        state["pageWidth"] <= state["viewWidth"],
+        f"{where}: the page is {state['pageWidth']} px wide and scrolls sideways",
+    )
+    checks.expect(
+        state["chartRight"] <= state["viewWidth"] and state["chartScrolls"] is False,
+        f"{where}: the chart does not fit ({state['chartRight']} px, scrolls: {state['chartScrolls']})",
+    )
+    checks.expect(
+        state["chartTop"] < state["viewHeight"],
+        f"{where}: the chart starts at {state['chartTop']} px, below the first screen",
+    )
+    checks.expect(
+        state["cardRight"] <= state["viewWidth"], f"{where}: a card is {state['cardRight']} px wide"
+    )
+    shot = await page.send("Page.captureScreenshot", {"format": "png"})
+    PHONE_SCREENSHOT.write_bytes(base64.b64decode(shot["data"]))
 
 
 async def open_report(page: Page, report: Report, checks: Checks) -> None:
@@ -429,6 +492,42 @@ GALLERY_STATE_JS = """(() => {
     prevDisabled: $("page-prev").disabled,
     nextDisabled: $("page-next").disabled,
     emptyShown: !$("empty").hidden,
+  };
+})()"""
+
+THUMBNAILS_JS = """(() => {
+  const thumbs = [...document.querySelectorAll("#gallery img.output")]
+    .filter((img) => (img.getAttribute("src") || "").startsWith("thumbs/"))
+    .map((img) => ({
+      src: img.getAttribute("src"),
+      href: img.parentElement.getAttribute("href") || "",
+      width: img.naturalWidth,
+      height: img.naturalHeight,
+    }));
+  return { thumbs };
+})()"""
+
+CHART_JS = """(() => {
+  const svg = document.getElementById("timeline");
+  return {
+    buckets: Number(svg.dataset.buckets),
+    step: Number(svg.dataset.step),
+    points: [...svg.querySelectorAll("polyline")].map((line) => line.points.numberOfItems),
+  };
+})()"""
+
+PHONE_JS = """(() => {
+  const chart = document.getElementById("timeline").getBoundingClientRect();
+  const progress = document.querySelector("section.progress");
+  const cards = [...document.querySelectorAll("#gallery article.card")];
+  return {
+    viewWidth: window.innerWidth,
+    viewHeight: window.innerHeight,
+    pageWidth: document.documentElement.scrollWidth,
+    chartRight: Math.ceil(chart.right),
+    chartTop: Math.round(chart.top + window.scrollY),
+    chartScrolls: progress.scrollWidth > progress.clientWidth,
+    cardRight: Math.ceil(Math.max(0, ...cards.map((card) => card.getBoundingClientRect().right))),
   };
 })()"""
 

@@ -19,15 +19,21 @@
     return /^(https?:|data:image\/)/i.test(src) || !/^[a-z][a-z0-9+.-]*:/i.test(src) ? src : "";
   }
 
-  function thumb(src, cls, alt) {
+  // A card shows a picture's thumbnail when there is one and links the full image; a thumbnail that does
+  // not load gives way to the full image, and a picture that does not load at all says why.
+  function picture(pic, cls, alt) {
     var link = el("a");
     var img = el("img", cls);
+    var src = safe(pic.src || ""), small = safe(pic.thumb || "");
+    link.dataset.reason = pic.note || "not available";
     img.loading = "lazy";
     img.decoding = "async";
     img.alt = alt;
-    img.addEventListener("error", function () { link.classList.add("broken"); });
-    src = safe(src || "");
-    if (src) { link.href = src; link.target = "_blank"; link.rel = "noopener"; img.src = src; }
+    img.addEventListener("error", function () {
+      if (small && img.getAttribute("src") === small && src) img.src = src;
+      else link.classList.add("broken");
+    });
+    if (src) { link.href = src; link.target = "_blank"; link.rel = "noopener"; img.src = small || src; }
     else link.classList.add("broken");
     link.appendChild(img);
     return link;
@@ -55,11 +61,11 @@
       badge.title = "Resubmitted after an answer was lost: may have been billed twice";
     }
     var pair = node.appendChild(el("div", "pair"));
-    pair.appendChild(column("Input", "inputs", it.inputs.map(function (src, i) {
-      return thumb(src, "input", "input " + (i + 1) + " of " + it.id);
+    pair.appendChild(column("Input", "inputs", it.inputs.map(function (pic, i) {
+      return picture(pic, "input", "input " + (i + 1) + " of " + it.id);
     })));
     pair.appendChild(column("Output", "outputs", it.outputs.map(function (out, i) {
-      var link = thumb(out.src, "output", "output " + (i + 1) + " of " + it.id);
+      var link = picture(out, "output", "output " + (i + 1) + " of " + it.id);
       if (out.nsfw) link.appendChild(el("span", "badge nsfw", "nsfw"));
       return link;
     })));
