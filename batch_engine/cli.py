@@ -475,7 +475,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    started = time.monotonic()
     manifest = load_manifest(args.manifest)
+    checked = time.monotonic() - started
     out_dir: Path = args.out or Path("out") / manifest.name
     settings = _settings(manifest, args)
     secret = "" if args.simulate or args.dry_run else _api_key()  # a dry run sends nothing
@@ -486,6 +488,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         secrets=[secret] if secret else [],
         quiet=args.quiet,
     )
+    log.info("manifest %s: %d item(s), checked in %.1f s", manifest.path, manifest.count, checked)
     for warning in manifest.warnings:
         log.warning("%s", warning)
     if args.dry_run:

@@ -14,11 +14,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bench import overhead, pacing, polling, scale
+from bench import overhead, pacing, polling, scale, sources
 from bench.common import Figure, Row
 
 RESULTS = Path(__file__).parent / "results.json"
-FIGURES = ("overhead", "pacing", "polling", "scale")
+FIGURES = ("overhead", "pacing", "polling", "scale", "sources")
 
 
 @dataclass(frozen=True)
@@ -32,10 +32,11 @@ class Sizes:
     poll_items: int  #: polling
     scale_sizes: tuple[int, ...]  #: scale: manifest sizes
     scale_submits: int  #: scale: predictions submitted per size
+    source_sizes: tuple[int, ...]  #: sources: items in the CSV and JSONL files
 
 
-FULL = Sizes(2000, 3, 300, 400, 300, (10_000, 100_000), 10_000)
-QUICK = Sizes(500, 1, 100, 300, 100, (2_000, 20_000), 2_000)
+FULL = Sizes(2000, 3, 300, 400, 300, (10_000, 100_000), 10_000, (100_000, 1_000_000))
+QUICK = Sizes(500, 1, 100, 300, 100, (2_000, 20_000), 2_000, (10_000, 50_000))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -67,6 +68,9 @@ def _parser() -> argparse.ArgumentParser:
         "--scale-sizes", type=_int_list, help="scale: comma list of item counts (default 10000,100000)"
     )
     p.add_argument("--scale-submits", type=int, help="scale: predictions per size (default 10000)")
+    p.add_argument(
+        "--source-sizes", type=_int_list, help="sources: CSV/JSONL item counts (default 100000,1000000)"
+    )
     p.add_argument("--out", type=Path, default=RESULTS, help=f"results file (default {_shown(RESULTS)})")
     p.add_argument("--strict", action="store_true", help="exit 1 when any figure misses its target")
     return p
@@ -94,6 +98,7 @@ def _sizes(args: argparse.Namespace) -> Sizes:
         poll_items=args.poll_items or base.poll_items,
         scale_sizes=args.scale_sizes or base.scale_sizes,
         scale_submits=args.scale_submits or base.scale_submits,
+        source_sizes=args.source_sizes or base.source_sizes,
     )
 
 
@@ -107,6 +112,7 @@ def _measure(name: str, args: argparse.Namespace, sizes: Sizes, work: Path) -> F
         ),
         "polling": lambda: polling.measure(items=sizes.poll_items),
         "scale": lambda: scale.measure(sizes=list(sizes.scale_sizes), submits=sizes.scale_submits, work=work),
+        "sources": lambda: sources.measure(sizes=list(sizes.source_sizes), work=work),
     }
     print(f"bench: {name}...", file=sys.stderr, flush=True)
     started = time.perf_counter()
