@@ -28,7 +28,7 @@ from batch_engine.stages.context import StageContext
 from batch_engine.stages.poll import Poller, PollQueue
 from batch_engine.stages.sink import Sink, SinkPlan
 from batch_engine.stages.submit import SubmitPlan, Submitter
-from batch_engine.store import Journal, open_journal, sqlite_sync
+from batch_engine.store import Journal, open_journal, sync
 from batch_engine.store.files import IMAGES_DIR, INPUTS_DIR, RESULTS_NAME, OutputTemplate, remove_temp_files
 from batch_engine.store.lock import OutDirLock
 from batch_engine.store.out_dir import check_owner, recover_lost_journal, refuse_links
@@ -485,7 +485,7 @@ def plan_counts(
     when ``resubmit_ambiguous`` (else the run fails them).
     """
     counts = {"done": 0, "failed": 0, "to_poll": 0, "ambiguous": 0, "to_submit": 0, "images_billed": 0}
-    for chunk in sqlite_sync.chunks(manifest.iter_items()):
+    for chunk in sync.chunks(manifest.iter_items()):
         known = journal.versions(chunk) if journal is not None else {}
         for item in chunk:
             _plan_item(counts, item, known.get(item.id), retry_failed, resubmit_ambiguous)

@@ -1,9 +1,10 @@
-"""The journal's writer thread: SQLite writes applied in group commits, each caller woken once committed.
+"""The journal's writer thread: writes applied in group commits, each caller woken once committed.
 
 Callers queue an operation and await a future; the thread applies everything queued in one transaction,
 commits once (one fsync) and then resolves every future. A write may name files it records (``durable``):
 the thread fsyncs them, and each of their folders once, before that commit, so output files are made
-durable in groups too.
+durable in groups too. The thread owns one connection of any database the journal speaks (`dialect`):
+SQLite's file, or a PostgreSQL server.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any, TypeVar, cast
 
 from batch_engine.errors import JournalError
+from batch_engine.store.dialect import SQLITE, Connection, Dialect, Tx
 from batch_engine.store.files import fsync_path
 
 logger = logging.getLogger(__name__)
@@ -28,7 +30,7 @@ DEFAULT_MAX_BATCH = 1000  #: writes applied in one transaction, at most
 BUSY_TIMEOUT = 30.0  #: seconds a connection waits for a lock held by another connection
 
 _T = TypeVar("_T")
-Apply = Callable[[sqlite3.Connection], Any]
+Apply = Callable[[Tx], Any]
 
 
 @dataclass(slots=True)
@@ -52,7 +54,7 @@ class _Outcome:
 
 
 class _TransactionLost(Exception):
-    """SQLite rolled back the whole transaction (e.g. on SQLITE_FULL) while applying ``job``."""
+    """The database rolled back the whole transaction (SQLite on SQLITE_FULL) while applying ``job``."""
 
     def __init__(self, job: _Job, cause: Exception) -> None:
         super().__init__(job, cause)
@@ -71,19 +73,37 @@ class Writer:
     every other job.
     """
 
-    __slots__ = ("_conn", "_max_batch", "_max_pages", "_path", "_queue", "_thread", "commits", "writes")
+    __slots__ = (
+        "_conn",
+        "_connect",
+        "_dialect",
+        "_max_batch",
+        "_queue",
+        "_thread",
+        "_where",
+        "commits",
+        "writes",
+    )
 
-    def __init__(self, path: Path, *, max_batch: int, max_pages: int | None) -> None:
+    def __init__(
+        self,
+        connect: Callable[[], Connection],
+        *,
+        where: str,
+        max_batch: int,
+        dialect: Dialect = SQLITE,
+    ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, not {max_batch}")
-        self._path = path
+        self._connect = connect  #: opens the writer's connection, on first use, in the writer thread
+        self._where = where  #: the journal as messages name it (a path, or a database URL without secrets)
         self._max_batch = max_batch
-        self._max_pages = max_pages
+        self._dialect = dialect
         self._queue: queue.SimpleQueue[_Job] = queue.SimpleQueue()
-        self._conn: sqlite3.Connection | None = None  #: the writer thread's; opened on first use
+        self._conn: Connection | None = None  #: the writer thread's; opened on first use
         self.commits = 0  #: transactions committed
         self.writes = 0  #: jobs committed
-        self._thread = threading.Thread(target=self._run, name=f"journal-writer {path}", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"journal-writer {where}", daemon=True)
         self._thread.start()
 
     def __repr__(self) -> str:
@@ -91,14 +111,14 @@ class Writer:
 
     async def write(
         self,
-        apply: Callable[[sqlite3.Connection], _T],
+        apply: Callable[[Tx], _T],
         *,
         savepoint: bool = True,
         durable: tuple[Path, ...] = (),
     ) -> _T:
         return cast(_T, await self._enqueue(apply, savepoint=savepoint, durable=durable))
 
-    def submit(self, apply: Callable[[sqlite3.Connection], _T]) -> asyncio.Future[_T]:
+    def submit(self, apply: Callable[[Tx], _T]) -> asyncio.Future[_T]:
         """Queue a write now and return its future, so the caller can prepare the next meanwhile; writes
         are applied in the order they were queued."""
         return cast(asyncio.Future[_T], self._enqueue(apply))
@@ -148,54 +168,62 @@ class Writer:
             try:
                 done = self._transaction(batch)
             except _TransactionLost as lost:
-                refused.append(_Outcome(lost.job, error=_journal_error(lost.cause, self._path)))
+                refused.append(_Outcome(lost.job, error=self._dialect.error(lost.cause, self._where)))
                 batch = [job for job in batch if job is not lost.job]
             except Exception as exc:
                 self._rollback()
-                return refused + [_Outcome(job, error=_journal_error(exc, self._path)) for job in batch]
+                return refused + [_Outcome(job, error=self._dialect.error(exc, self._where)) for job in batch]
             else:
                 return refused + done
         return refused
 
     def _transaction(self, batch: list[_Job]) -> list[_Outcome]:
         conn = self._connection()
-        conn.execute("BEGIN IMMEDIATE")
+        conn.execute(self._dialect.begin())
         outcomes = [self._apply(conn, job) for job in batch]
         conn.execute("COMMIT")
         self.commits += 1
         self.writes += sum(outcome.error is None for outcome in outcomes)
         return outcomes
 
-    def _apply(self, conn: sqlite3.Connection, job: _Job) -> _Outcome:
+    def _apply(self, conn: Connection, job: _Job) -> _Outcome:
         assert job.apply is not None
-        if job.savepoint:
+        savepoint = job.savepoint or self._dialect.needs_savepoints
+        if savepoint:
             conn.execute("SAVEPOINT job")
         try:
-            value = job.apply(conn)
+            value = job.apply(Tx(conn, self._dialect))
         except Exception as exc:
-            if not conn.in_transaction:
+            if savepoint:
+                self._undo(conn, job, exc)
+            elif not self._dialect.usable(conn):
                 raise _TransactionLost(job, exc) from exc
-            if job.savepoint:
-                conn.execute("ROLLBACK TO job")
-                conn.execute("RELEASE job")
-            return _Outcome(job, error=_journal_error(exc, self._path))
-        if job.savepoint:
+            return _Outcome(job, error=self._dialect.error(exc, self._where))
+        if savepoint:
             conn.execute("RELEASE job")
         return _Outcome(job, value)
 
-    def _connection(self) -> sqlite3.Connection:
+    def _undo(self, conn: Connection, job: _Job, exc: Exception) -> None:
+        """Undo a failed job's changes (its savepoint); _TransactionLost when the database dropped the
+        whole transaction instead (SQLite on a full disk)."""
+        try:
+            conn.execute("ROLLBACK TO job")
+            conn.execute("RELEASE job")
+        except Exception as lost:
+            raise _TransactionLost(job, exc) from lost
+
+    def _connection(self) -> Connection:
         if self._conn is None:
-            self._conn = connect(self._path)
-            if self._max_pages is not None:
-                self._conn.execute(f"PRAGMA max_page_count = {int(self._max_pages)}")
+            self._conn = self._connect()
         return self._conn
 
     def _rollback(self) -> None:
-        if self._conn is not None and self._conn.in_transaction:
-            try:
-                self._conn.execute("ROLLBACK")
-            except sqlite3.Error:
-                logger.exception("journal %s: rollback failed", self._path)
+        if self._conn is None:
+            return
+        try:
+            self._conn.execute("ROLLBACK")
+        except Exception:  # no transaction to roll back, or the connection is gone: nothing to undo
+            logger.debug("journal %s: rollback failed", self._where, exc_info=True)
 
     def _close(self) -> None:
         if self._conn is not None:
@@ -264,26 +292,8 @@ def _resolve(outcomes: list[_Outcome]) -> None:
             future.set_exception(outcome.error)
 
 
-def _journal_error(exc: BaseException, path: Path) -> BaseException:
-    """Map SQLite's exceptions to ``JournalError``; anything else (a bug) passes through as is."""
-    if not isinstance(exc, sqlite3.Error):
-        return exc
-    code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
-    if code == sqlite3.SQLITE_FULL or "database or disk is full" in str(exc):
-        message = (
-            f"cannot write the journal {path}: the disk is full ({exc}); free some space, then run "
-            "again to resume"
-        )
-    elif code in (sqlite3.SQLITE_NOTADB, sqlite3.SQLITE_CORRUPT):
-        message = f"the journal {path} is unreadable ({exc}); move it aside or choose another out dir"
-    else:
-        message = f"journal {path}: {exc}"
-    error = JournalError(message)
-    error.__cause__ = exc
-    return error
-
-
-def connect(path: Path) -> sqlite3.Connection:
+def connect_sqlite(path: Path) -> sqlite3.Connection:
+    """A connection to the SQLite journal at ``path``: WAL, full sync, temporary tables on disk."""
     conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT, isolation_level=None)
     try:
         conn.execute("PRAGMA journal_mode = WAL")

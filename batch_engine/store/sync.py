@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import islice
@@ -27,6 +26,7 @@ from typing import Any
 
 from batch_engine.errors import ManifestError, Problem
 from batch_engine.store import transitions
+from batch_engine.store.dialect import Tx
 from batch_engine.store.files import safe_stem, stem_key
 from batch_engine.store.journal import SyncResult, dumps
 from batch_engine.values import GENERATED_ID_PREFIX, Item
@@ -79,47 +79,46 @@ def chunks(items: Iterable[Item], size: int = CHUNK) -> Iterator[list[Item]]:
         yield chunk
 
 
-def begin(conn: sqlite3.Connection) -> None:
+def begin(tx: Tx) -> None:
     """Start a sync: an empty table of the ids it sees (temporary tables are on disk: see `connect`)."""
-    conn.execute("CREATE TEMP TABLE IF NOT EXISTS sync_seen (item_id TEXT PRIMARY KEY) WITHOUT ROWID")
-    conn.execute("DELETE FROM sync_seen")
+    tx.execute(tx.dialect.seen_table())
+    tx.execute("DELETE FROM sync_seen")
 
 
-def sync_chunk(
-    conn: sqlite3.Connection, chunk: Sequence[Item], now: float, out_dir: Path
-) -> tuple[SyncCounts, list[Item]]:
+def sync_chunk(tx: Tx, chunk: Sequence[Item], now: float, out_dir: Path) -> tuple[SyncCounts, list[Item]]:
     """Apply one chunk; returns its counts and the new items that must wait for the retirements."""
     counts = SyncCounts()
     ids = [item.id for item in chunk]
-    conn.executemany("INSERT OR IGNORE INTO sync_seen (item_id) VALUES (?)", [(i,) for i in ids])
+    tx.executemany(tx.dialect.insert_ignoring("sync_seen", ("item_id",)), [(i,) for i in ids])
     columns = "item_id, fingerprint, idx, spec, request"
-    known = {row[0]: row[1:] for row in _select(conn, columns, "items", ids)}
+    known = {row[0]: row[1:] for row in _select(tx, columns, "items", ids)}
     fresh = [item for item in chunk if item.id not in known]
-    fresh = [item for item in fresh if not _adopt_legacy_id(conn, item, now, counts)]
+    fresh = [item for item in fresh if not _adopt_legacy_id(tx, item, now, counts)]
     for item in chunk:
         old = known.get(item.id)
         if old is not None:
-            _sync_known(conn, item, old, now, out_dir, counts)
-    waiting = _add(conn, fresh, now, out_dir, counts)
+            _sync_known(tx, item, old, now, out_dir, counts)
+    waiting = _add(tx, fresh, now, out_dir, counts)
     return counts, waiting
 
 
-def retire_unseen(conn: sqlite3.Connection, now: float) -> int:
+def retire_unseen(tx: Tx, now: float) -> int:
     """Archive every row the sync did not see (items removed from the manifest); returns how many."""
-    conn.execute(
-        f"INSERT INTO archive (item_id, fingerprint, stem_key, row, reason, archived_at)"
-        f" SELECT item_id, fingerprint, stem_key, {_ROW_JSON}, 'removed', ? FROM items WHERE {_UNSEEN}",
+    row = tx.dialect.json_object(ARCHIVED_COLUMNS)
+    tx.execute(
+        f"{_INTO_ARCHIVE} SELECT item_id, fingerprint, stem_key, {row}, 'removed', ?"
+        f" FROM items WHERE {_UNSEEN}",
         (now,),
     )
-    return conn.execute(f"DELETE FROM items WHERE {_UNSEEN}").rowcount
+    return int(tx.execute(f"DELETE FROM items WHERE {_UNSEEN}").rowcount)
 
 
-def add_waiting(conn: sqlite3.Connection, waiting: Sequence[Item], now: float, out_dir: Path) -> SyncCounts:
+def add_waiting(tx: Tx, waiting: Sequence[Item], now: float, out_dir: Path) -> SyncCounts:
     """Add the new items held back until the retired rows left; a clash now is a real one."""
     counts = SyncCounts()
-    still = _add(conn, list(waiting), now, out_dir, counts)
+    still = _add(tx, list(waiting), now, out_dir, counts)
     if still:
-        raise _clash(conn, still[0])
+        raise _clash(tx, still[0])
     return counts
 
 
@@ -127,7 +126,7 @@ def add_waiting(conn: sqlite3.Connection, waiting: Sequence[Item], now: float, o
 
 
 def _sync_known(
-    conn: sqlite3.Connection,
+    tx: Tx,
     item: Item,
     old: tuple[Any, ...],
     now: float,
@@ -139,15 +138,15 @@ def _sync_known(
     if fingerprint == item.fingerprint:
         counts.unchanged += 1
         if (idx, spec, request) != (item.index, spec_text, request_text):  # moved, or a damaged copy
-            conn.execute(
+            tx.execute(
                 "UPDATE items SET idx = ?, spec = ?, request = ?, updated_at = ? WHERE item_id = ?",
                 (item.index, spec_text, request_text, now, item.id),
             )
         return
-    _archive_live(conn, item.id, "changed", now)
-    found = _archived_version(conn, item, out_dir)
+    _archive_live(tx, item.id, "changed", now)
+    found = _archived_version(tx, item, out_dir)
     version = found[1] if found is not None else _new_version(item)
-    conn.execute(
+    tx.execute(
         f"UPDATE items SET {_SET_ALL}, updated_at = ? WHERE item_id = ?",
         (*version, now, item.id),
     )
@@ -155,11 +154,11 @@ def _sync_known(
         counts.changed += 1
         return
     counts.restored += 1
-    conn.execute("DELETE FROM archive WHERE rowid = ?", (found[0],))
+    tx.execute("DELETE FROM archive WHERE id = ?", (found[0],))
 
 
 def _add(
-    conn: sqlite3.Connection,
+    tx: Tx,
     fresh: list[Item],
     now: float,
     out_dir: Path,
@@ -169,43 +168,42 @@ def _add(
     stem is still taken by another live row (inserted later, or refused)."""
     if not fresh:
         return []
-    archived = {row[0] for row in _select(conn, "DISTINCT item_id", "archive", [i.id for i in fresh])}
+    archived = {row[0] for row in _select(tx, "DISTINCT item_id", "archive", [i.id for i in fresh])}
     rows, restored = [], {}
     for item in fresh:
-        found = _archived_version(conn, item, out_dir) if item.id in archived else None
+        found = _archived_version(tx, item, out_dir) if item.id in archived else None
         if found is not None:
             restored[item.id] = found[0]
         version = found[1] if found is not None else _new_version(item)
         rows.append((item.id, stem_key(item.id), *version, now))
-    columns = ", ".join(("item_id", "stem_key", *ARCHIVED_COLUMNS, "updated_at"))
-    marks = ", ".join("?" * (len(ARCHIVED_COLUMNS) + 3))
-    conn.executemany(f"INSERT OR IGNORE INTO items ({columns}) VALUES ({marks})", rows)
-    inserted = {row[0] for row in _select(conn, "item_id", "items", [i.id for i in fresh])}
+    columns = ("item_id", "stem_key", *ARCHIVED_COLUMNS, "updated_at")
+    tx.executemany(tx.dialect.insert_ignoring("items", columns), rows)
+    inserted = {row[0] for row in _select(tx, "item_id", "items", [i.id for i in fresh])}
     back = [(rowid,) for item_id, rowid in restored.items() if item_id in inserted]
-    conn.executemany("DELETE FROM archive WHERE rowid = ?", back)  # only once the row is live again
+    tx.executemany("DELETE FROM archive WHERE id = ?", back)  # only once the row is live again
     counts.restored += len(back)
     counts.added += len(inserted) - len(back)
     waiting = [item for item in fresh if item.id not in inserted]
     for item in waiting:
-        owner = _stem_owner(conn, item.id)
+        owner = _stem_owner(tx, item.id)
         if owner is not None and owner[1]:  # a live item of this very manifest
-            raise _clash(conn, item)
+            raise _clash(tx, item)
     return waiting
 
 
-def _adopt_legacy_id(conn: sqlite3.Connection, item: Item, now: float, counts: SyncCounts) -> bool:
+def _adopt_legacy_id(tx: Tx, item: Item, now: float, counts: SyncCounts) -> bool:
     """An item without an id was once called ``item-<position>``; its id now comes from its content. The row
     of the same request under its old name is renamed, not retired: it is not paid for again."""
     if not item.id.startswith(GENERATED_ID_PREFIX):
         return False
-    rows = conn.execute(
+    rows = tx.execute(
         f"SELECT item_id FROM items WHERE fingerprint = ? AND {_UNSEEN} AND item_id GLOB 'item-[0-9]*'",
         (item.fingerprint,),
     ).fetchall()
     old = next((row[0] for row in rows if _LEGACY_ID.fullmatch(row[0])), None)
     if old is None:
         return False
-    conn.execute(
+    tx.execute(
         "UPDATE items SET item_id = ?, stem_key = ?, idx = ?, spec = ?, request = ?, updated_at = ?"
         " WHERE item_id = ?",
         (item.id, stem_key(item.id), item.index, dumps(item.spec), dumps(item.request), now, old),
@@ -220,19 +218,17 @@ def _new_version(item: Item) -> tuple[Any, ...]:
     return (*head, None, 0, 0, None, None, None, None, None)
 
 
-def _archive_live(conn: sqlite3.Connection, item_id: str, reason: str, now: float) -> None:
+def _archive_live(tx: Tx, item_id: str, reason: str, now: float) -> None:
     """Keep the row as it stands in the archive, when it holds anything a run did (not just pending)."""
-    conn.execute(
-        f"INSERT INTO archive (item_id, fingerprint, stem_key, row, reason, archived_at)"
-        f" SELECT item_id, fingerprint, stem_key, {_ROW_JSON}, ?, ? FROM items"
+    row = tx.dialect.json_object(ARCHIVED_COLUMNS)
+    tx.execute(
+        f"{_INTO_ARCHIVE} SELECT item_id, fingerprint, stem_key, {row}, ?, ? FROM items"
         f" WHERE item_id = ? AND (state != '{_PENDING}' OR attempts > 0 OR prediction_id IS NOT NULL)",
         (reason, now, item_id),
     )
 
 
-def _archived_version(
-    conn: sqlite3.Connection, item: Item, out_dir: Path
-) -> tuple[int, tuple[Any, ...]] | None:
+def _archived_version(tx: Tx, item: Item, out_dir: Path) -> tuple[int, tuple[Any, ...]] | None:
     """The newest archived version of ``item`` with its fingerprint: its archive rowid and the row's
     columns in ``ARCHIVED_COLUMNS`` order (the manifest's index, spec and request); None if none.
 
@@ -240,8 +236,8 @@ def _archived_version(
     (another item may have overwritten them meanwhile); else it comes back ``submitted``, so its paid
     prediction is polled and downloaded again, never paid again.
     """
-    found = conn.execute(
-        "SELECT rowid, row FROM archive WHERE item_id = ? AND fingerprint = ? ORDER BY rowid DESC LIMIT 1",
+    found = tx.execute(
+        "SELECT id, row FROM archive WHERE item_id = ? AND fingerprint = ? ORDER BY id DESC LIMIT 1",
         (item.id, item.fingerprint),
     ).fetchone()
     if found is None:
@@ -265,17 +261,17 @@ def _outputs_intact(outputs: str | None, out_dir: Path) -> bool:
     return bool(listed)
 
 
-def _stem_owner(conn: sqlite3.Connection, item_id: str) -> tuple[str, bool] | None:
+def _stem_owner(tx: Tx, item_id: str) -> tuple[str, bool] | None:
     """The live row holding ``item_id``'s output stem, and whether this sync has seen it (it stays)."""
-    row = conn.execute(
+    row = tx.execute(
         "SELECT item_id, item_id IN (SELECT item_id FROM sync_seen) FROM items WHERE stem_key = ?",
         (stem_key(item_id),),
     ).fetchone()
     return None if row is None else (row[0], bool(row[1]))
 
 
-def _clash(conn: sqlite3.Connection, item: Item) -> ManifestError:
-    owner = _stem_owner(conn, item.id)
+def _clash(tx: Tx, item: Item) -> ManifestError:
+    owner = _stem_owner(tx, item.id)
     other = owner[0] if owner else "another item"
     message = (
         f"id {item.id!r} would write the same output files as item {other!r}"
@@ -284,13 +280,16 @@ def _clash(conn: sqlite3.Connection, item: Item) -> ManifestError:
     return ManifestError([Problem("journal", message, "id", item.index, item.id)])
 
 
-def _select(conn: sqlite3.Connection, columns: str, table: str, ids: Sequence[str]) -> list[tuple[Any, ...]]:
+def _select(tx: Tx, columns: str, table: str, ids: Sequence[str]) -> list[tuple[Any, ...]]:
     if not ids:
         return []
     marks = ", ".join("?" * len(ids))
-    return conn.execute(f"SELECT {columns} FROM {table} WHERE item_id IN ({marks})", tuple(ids)).fetchall()
+    rows: list[tuple[Any, ...]] = tx.execute(
+        f"SELECT {columns} FROM {table} WHERE item_id IN ({marks})", tuple(ids)
+    ).fetchall()
+    return rows
 
 
 _UNSEEN = "item_id NOT IN (SELECT item_id FROM sync_seen)"
-_ROW_JSON = "json_object(" + ", ".join(f"'{column}', {column}" for column in ARCHIVED_COLUMNS) + ")"
+_INTO_ARCHIVE = "INSERT INTO archive (item_id, fingerprint, stem_key, row, reason, archived_at)"
 _SET_ALL = ", ".join(f"{column} = ?" for column in ARCHIVED_COLUMNS)
