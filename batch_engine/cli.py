@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
 from functools import partial
 from pathlib import Path, PurePosixPath
@@ -49,7 +49,18 @@ from batch_engine.settings import DEFAULT_BASE_URL, RunSettings
 from batch_engine.sim import SimConfig, Simulator, serve
 from batch_engine.store import open_journal
 from batch_engine.store.files import JOURNAL_NAME
+from batch_engine.store.journal import Journal
 from batch_engine.store.lock import OutDirLock
+from batch_engine.store.postgres import (
+    DEFAULT_LEASE,
+    JOURNAL_ENV,
+    PostgresJournal,
+    Worker,
+    check_url,
+    journal_password,
+    public_dsn,
+    run_names,
+)
 from batch_engine.ui.logs import setup_logging
 from batch_engine.ui.pipes import pipe_safe_std
 from batch_engine.ui.progress import ProgressView, make_view
@@ -207,9 +218,18 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
 
     p = _command(
-        sub, "status", help="counts by state from an out dir's journal; no network", epilog=STATUS_EXITS
+        sub,
+        "status",
+        help="counts by state from an out dir's journal, or a shared journal's run; calls no API",
+        epilog=STATUS_EXITS,
     )
-    p.add_argument("out_dir", type=Path)
+    p.add_argument(
+        "target",
+        nargs="?",
+        metavar="OUT_DIR|NAME",
+        help="the out dir; with --journal, the run's name (the manifest's name; none: list the runs)",
+    )
+    _journal_argument(p)
     p.add_argument("--json", action="store_true", help="print the counts as JSON")
     p.set_defaults(func=cmd_status)
 
@@ -219,7 +239,13 @@ def _parser() -> argparse.ArgumentParser:
         help="rebuild report.yaml, results.jsonl, failures.yaml, index.html (and missing thumbnails)",
         epilog=REPORT_EXITS,
     )
-    p.add_argument("out_dir", type=Path)
+    p.add_argument(
+        "target", metavar="OUT_DIR|NAME", help="the out dir; with --journal, the run's name (its manifest's)"
+    )
+    _journal_argument(p)
+    p.add_argument(
+        "--out", type=Path, help="with --journal: where to write them (default: the out dir the run used)"
+    )
     p.set_defaults(func=cmd_report)
 
     p = _command(sub, "schema", help="print the manifest's JSON Schema")
@@ -262,6 +288,23 @@ def _command(
     return parser
 
 
+def _journal_argument(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    p.add_argument(
+        "--journal",
+        metavar="URL",
+        help=f"a PostgreSQL journal shared by several workers, postgresql://user@host/db (default "
+        f"${JOURNAL_ENV}; password from the URL, PGPASSWORD or ~/.pgpass, never printed)",
+    )
+
+
+def _journal_url(args: argparse.Namespace) -> str | None:
+    """The shared journal asked for (``--journal``, else $BATCH_ENGINE_JOURNAL), checked; None: SQLite."""
+    if args.journal:
+        return check_url(args.journal, "--journal")
+    found = os.environ.get(JOURNAL_ENV, "").strip()
+    return check_url(found, f"${JOURNAL_ENV}") if found else None
+
+
 def _port(text: str) -> int:
     try:
         port = int(text)
@@ -289,6 +332,15 @@ def _run_arguments(p: argparse.ArgumentParser) -> None:
 
     g = p.add_argument_group("the out dir: results, and what to do again")
     g.add_argument("--out", type=Path, help="out dir (default out/<manifest name>); made when missing")
+    _journal_argument(g)
+    g.add_argument(
+        "--lease",
+        type=float,
+        default=DEFAULT_LEASE,
+        metavar="S",
+        help=f"with --journal: seconds without a heartbeat before a worker's items go to the others "
+        f"(default {DEFAULT_LEASE:g})",
+    )
     g.add_argument("--fresh", action="store_true", help="forget the out dir's journal and outputs first")
     g.add_argument("--yes", action="store_true", help="do not ask before --fresh")
     g.add_argument("--retry-failed", action="store_true", help="send items that failed before again")
@@ -379,6 +431,12 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    url = _journal_url(args)
+    if url is not None:
+        return _shared_status(url, args.target, as_json=args.json)
+    if args.target is None:
+        raise UsageError("name the out dir (or --journal URL and a run's name)")
+    args.out_dir = Path(args.target)
     _journal_dir(args.out_dir, "no run has used it yet")
     try:
         counts, meta = anyio.run(_read_status, args.out_dir)
@@ -394,13 +452,48 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 async def _read_status(out_dir: Path) -> tuple[dict[str, int], Any]:
     async with await open_journal(out_dir) as journal:
-        shown = journal.counts().items()  # a damaged row is counted (and named by run), never dropped
-        counts = {s.value: n for s, n in shown if n or s is not ItemState.DAMAGED}
-        counts["total"] = sum(counts.values())
-        return counts, journal.meta()
+        return _counts(journal), journal.meta()
+
+
+def _counts(journal: Journal) -> dict[str, int]:
+    shown = journal.counts().items()  # a damaged row is counted (and named by run), never dropped
+    counts = {s.value: n for s, n in shown if n or s is not ItemState.DAMAGED}
+    counts["total"] = sum(counts.values())
+    return counts
+
+
+def _shared_status(url: str, run: str | None, *, as_json: bool) -> int:
+    if run is None:
+        names = run_names(url)
+        if as_json:
+            print(json.dumps({"runs": names}))
+        else:
+            print(f"{public_dsn(url)}: " + (", ".join(names) if names else "no runs yet"))
+        return EXIT_OK
+    counts, workers = anyio.run(_read_shared_status, url, run)
+    if as_json:
+        alive = [{"host": w.host, "pid": w.pid, "alive_for": round(w.alive_for, 1)} for w in workers]
+        print(json.dumps({"name": run, "counts": counts, "workers": alive}))
+        return EXIT_OK
+    print(f"{run}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    shown = ", ".join(f"{w.host} pid {w.pid}" for w in workers)
+    print(f"workers alive: {len(workers)}" + (f" ({shown})" if workers else ""))
+    return EXIT_OK
+
+
+async def _read_shared_status(url: str, run: str) -> tuple[dict[str, int], list[Worker]]:
+    journal = await PostgresJournal.open(url, run, out_dir=Path("."), create=False)
+    async with journal:
+        return _counts(journal), journal.live_workers()
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    url = _journal_url(args)
+    if url is not None:
+        return _shared_report(url, args.target, args.out)
+    if args.out is not None:
+        raise UsageError("--out goes with --journal; without it the reports go into the out dir named")
+    args.out_dir = Path(args.target)
     _journal_dir(args.out_dir, "nothing to report")
     _check_writable(args.out_dir, f"{args.out_dir}: the reports cannot be written there", copy_hint="report")
     with OutDirLock(args.out_dir):  # a running run rewrites these files itself: never race it
@@ -412,9 +505,44 @@ def cmd_report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-async def _rebuild_reports(out_dir: Path) -> tuple[dict[str, Path], int]:
+def _shared_report(url: str, run: str, out: Path | None) -> int:
+    paths, thumbs = anyio.run(_rebuild_shared_reports, url, run, out)
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+    if thumbs:
+        print(f"thumbnails made: {thumbs}")
+    return EXIT_OK
+
+
+async def _rebuild_shared_reports(url: str, run: str, out: Path | None) -> tuple[dict[str, Path], int]:
+    probe = await PostgresJournal.open(url, run, out_dir=Path("."), create=False)
+    async with probe:
+        meta, workers = probe.meta(), probe.live_workers()
+    if workers:
+        raise UsageError(
+            f"run {run!r} is still being worked by {len(workers)} worker(s); the last to finish writes the "
+            "reports (run this once they have)"
+        )
+    out_dir = out or (Path(meta.out) if meta is not None and meta.out else None)
+    if out_dir is None:
+        raise UsageError(f"run {run!r} has no out dir recorded yet: name one with --out")
+    _journal_target(out_dir)
+    _check_writable(out_dir, f"{out_dir}: the reports cannot be written there")
+    reopen = partial(PostgresJournal.open, url, run, out_dir=out_dir, create=False)
+    return await _rebuild_reports(out_dir, reopen)
+
+
+def _journal_target(out_dir: Path) -> None:
+    if not out_dir.is_dir():
+        raise UsageError(f"{out_dir} is not a folder: the run's out dir (its images) must be there to report")
+
+
+async def _rebuild_reports(
+    out_dir: Path, opener: Callable[[], Awaitable[Journal]] | None = None
+) -> tuple[dict[str, Path], int]:
     """Write the reports from the journal, after the thumbnails the page lacks; and how many were made."""
-    async with await open_journal(out_dir) as journal:
+    journal = await (opener() if opener is not None else open_journal(out_dir))
+    async with journal:
         meta = journal.meta()
         if meta is None:
             raise UsageError(f"{out_dir}'s journal has no run recorded yet")
@@ -480,12 +608,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     checked = time.monotonic() - started
     out_dir: Path = args.out or Path("out") / manifest.name
     settings = _settings(manifest, args)
+    args.journal_url = _journal_url(args)
+    if args.journal_url is not None and not 1.0 <= args.lease <= 3600:
+        raise UsageError(f"--lease must be from 1 to 3600 seconds, not {args.lease:g}")
     secret = "" if args.simulate or args.dry_run else _api_key()  # a dry run sends nothing
+    secrets = [value for value in (secret, journal_password(args.journal_url or "")) if value]
     setup_logging(
         verbose=args.verbose,
         json_lines=args.json_logs,
         stream=sys.stderr,
-        secrets=[secret] if secret else [],
+        secrets=secrets,
         quiet=args.quiet,
     )
     log.info("manifest %s: %d item(s), checked in %.1f s", manifest.path, manifest.count, checked)
@@ -494,7 +626,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.dry_run:
         return _dry_run(manifest, out_dir, settings, args)
     _usable_out_dir(out_dir)
-    if args.fresh and not _confirm_fresh(out_dir, args.yes):
+    if args.fresh and not _confirm_fresh(out_dir, args.yes, shared=args.journal_url is not None):
         print("not starting over; nothing changed", file=sys.stderr)
         return EXIT_USAGE
     stream = sys.stderr
@@ -546,6 +678,8 @@ async def _run(
             handle_signals=True,
             input_source=input_source,
             started_at=args.started,
+            journal_url=args.journal_url,
+            lease=args.lease,
         )
         return await run_manifest(manifest, options, view=view)
 
@@ -586,8 +720,8 @@ def _api_key() -> str:
     return key
 
 
-def _confirm_fresh(out_dir: Path, yes: bool) -> bool:
-    if yes or not (out_dir / JOURNAL_NAME).exists():
+def _confirm_fresh(out_dir: Path, yes: bool, *, shared: bool = False) -> bool:
+    if yes or not (shared or (out_dir / JOURNAL_NAME).exists()):
         return True
     if not sys.stdin.isatty():
         raise UsageError(
@@ -598,7 +732,7 @@ def _confirm_fresh(out_dir: Path, yes: bool) -> bool:
 
 
 def _dry_run(manifest: Manifest, out_dir: Path, settings: RunSettings, args: argparse.Namespace) -> int:
-    use_journal = (out_dir / JOURNAL_NAME).exists() and not args.fresh
+    use_journal = (args.journal_url is not None or (out_dir / JOURNAL_NAME).exists()) and not args.fresh
     counts = anyio.run(_plan, manifest, out_dir if use_journal else None, settings, args)
     if args.json_logs:
         print(json.dumps({"event": "dry_run", "out_dir": str(out_dir), **counts}))
@@ -615,6 +749,13 @@ async def _plan(
     options = {"retry_failed": args.retry_failed, "resubmit_ambiguous": settings.resubmit_ambiguous}
     if out_dir is None:
         return plan_counts(manifest, None, **options)
+    url = args.journal_url
+    if url is not None:
+        if manifest.name not in await anyio.to_thread.run_sync(run_names, url):
+            return plan_counts(manifest, None, **options)
+        shared = await PostgresJournal.open(url, manifest.name, out_dir=out_dir, create=False)
+        async with shared:
+            return plan_counts(manifest, shared, **options)
     async with await open_journal(out_dir) as journal:
         return plan_counts(manifest, journal, **options)
 

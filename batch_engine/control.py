@@ -25,6 +25,7 @@ class StopReason(enum.StrEnum):
     INTERNAL = "internal"
     THROTTLED = "throttled"
     REFUSED = "refused"  #: submit after submit refused alike, for a reason no item can fix (`Breaker`)
+    LEASE = "lease"  #: a worker of a shared run could not renew its lease: the others took its items
 
 
 #: What each stop means, as the log, the summary and the report say it; ``{detail}`` is what the run
@@ -42,6 +43,10 @@ STOP_MESSAGES: dict[str, str] = {
     ),
     StopReason.DISK: (
         "stopped early: an output or the journal could not be written (disk full?); free space and rerun"
+    ),
+    StopReason.LEASE: (
+        "stopped early: this worker could not renew its lease on the shared journal (database unreachable?) "
+        "and the other workers took its items; start it again to rejoin the run"
     ),
     StopReason.THROTTLED: (
         "stopped submitting: every submit was refused with 429 (rate limited) for minutes on end, so the key "
@@ -157,6 +162,16 @@ class RunControl:
         await self._slots.acquire()
         self.in_flight += 1
         return Slot(self)
+
+    @property
+    def free_slots(self) -> int:
+        """In-flight places nobody holds now."""
+        return int(self._slots.value)
+
+    async def wait_for_free_slot(self) -> None:
+        """Until an in-flight place is free (without taking it)."""
+        await self._slots.acquire()
+        self._slots.release()
 
     def slot_given_back(self) -> None:
         self.in_flight -= 1

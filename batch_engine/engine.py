@@ -19,6 +19,7 @@ from anyio.streams.memory import MemoryObjectSendStream
 from batch_engine.api.catalogue import spec_for, submit_path, wire_body
 from batch_engine.api.client import ApiClient, ClientConfig, public_url
 from batch_engine.control import RunControl, StopReason
+from batch_engine.crew import Crew, manifest_digest
 from batch_engine.errors import JournalError
 from batch_engine.ledger import Ledger
 from batch_engine.report.gallery_files import THUMBS_DIR, GalleryFiles, page_files
@@ -32,6 +33,7 @@ from batch_engine.store import Journal, open_journal, sync
 from batch_engine.store.files import IMAGES_DIR, INPUTS_DIR, RESULTS_NAME, OutputTemplate, remove_temp_files
 from batch_engine.store.lock import OutDirLock
 from batch_engine.store.out_dir import check_owner, recover_lost_journal, refuse_links
+from batch_engine.store.postgres import DEFAULT_LEASE, PostgresJournal
 from batch_engine.timing.backoff import DEFAULT_POLICY, RetryPolicy
 from batch_engine.timing.due_queue import DueQueue
 from batch_engine.timing.pacing import DEFAULT_PAUSE_INITIAL, PollBudget, SubmitPacer
@@ -77,6 +79,9 @@ class RunOptions:
     poll_workers: int = 32
     download_workers: int = 16
     started_at: float | None = None  #: unix seconds the process started (the CLI's); None: now
+    #: a PostgreSQL journal shared by every worker of the run (``--journal``); None: the out dir's SQLite
+    journal_url: str | None = None
+    lease: float = DEFAULT_LEASE  #: seconds a worker's claims outlive its last heartbeat (shared journal)
 
 
 @dataclass(frozen=True)
@@ -95,9 +100,12 @@ def exit_code(stats: RunStats) -> int:
 
 
 async def run_manifest(manifest: Manifest, options: RunOptions, *, view: ProgressView) -> RunResult:
-    """Run (or resume) a manifest into its out dir, holding the out dir's lock throughout."""
+    """Run (or resume) a manifest into its out dir, holding the out dir's lock throughout; with a shared
+    journal, work the run alongside every other worker started with it (see `crew`)."""
     options.out_dir.mkdir(parents=True, exist_ok=True)
     refuse_links(options.out_dir)
+    if options.journal_url is not None:
+        return await _run_shared(manifest, options, options.journal_url, view=view)
     with OutDirLock(options.out_dir) as lock:
         if lock.stale_owner:
             log.warning(
@@ -111,6 +119,16 @@ async def run_manifest(manifest: Manifest, options: RunOptions, *, view: Progres
                 await journal.reset_all()
                 await anyio.to_thread.run_sync(_forget_outputs, options.out_dir)
             return await Engine(manifest, options, journal=journal, client=client, view=view).run()
+
+
+async def _run_shared(manifest: Manifest, options: RunOptions, url: str, *, view: ProgressView) -> RunResult:
+    """One worker of a run shared through PostgreSQL: no out-dir lock (the run's database lock and the
+    workers' leases take its place), the journal named by the manifest's ``name``."""
+    journal = await PostgresJournal.open(url, manifest.name, out_dir=options.out_dir, lease=options.lease)
+    async with journal, ApiClient(options.client) as client:
+        crew = Crew(journal, resubmit_ambiguous=options.settings.resubmit_ambiguous)
+        engine = Engine(manifest, options, journal=journal, client=client, view=view, crew=crew)
+        return await engine.run()
 
 
 @contextlib.contextmanager
@@ -152,8 +170,10 @@ class Engine:
         journal: Journal,
         client: ApiClient,
         view: ProgressView,
+        crew: Crew | None = None,
     ) -> None:
         settings = options.settings
+        self._crew = crew  #: this worker's part in a shared run; None when the run is this process's alone
         self._manifest = manifest
         self._manifest_path = str(Path(manifest.path).resolve())  #: as the journal remembers it
         self._options = options
@@ -191,7 +211,8 @@ class Engine:
         meta = await self._prepare()
         ledger = self._ledger = Ledger(self._journal, view=self._view, watcher=self._gallery)
         self._before = (ledger.succeeded, ledger.failed)
-        ledger.open_results(self._options.out_dir)
+        if self._crew is None:  # a shared run's results.jsonl is written once, by the last worker
+            ledger.open_results(self._options.out_dir)
         self._view.start()
         try:
             await self._run_stages()
@@ -217,6 +238,14 @@ class Engine:
                 inputs_not_copied=self._gallery.not_copied_since(meta.inputs_not_copied),
                 runs=[*meta.runs[:-1], run_entry(self._started, now, done)],
             )
+            if self._crew is not None:
+                combined = await self._crew.leave(self._worker_figures(stats))
+                if combined is None:
+                    log.info("the other workers are still at work: the last to finish writes the reports")
+                    return stats, {}
+                finished = self._combined(finished, combined)
+                # The last worker alive: nobody writes into the out dir now, so nothing half-written stays.
+                await anyio.to_thread.run_sync(_remove_leftovers, self._options.out_dir)
             await self._journal.set_meta(finished)
             return stats, await self._write_reports(finished)
         except (JournalError, OSError):
@@ -224,10 +253,50 @@ class Engine:
             self._control.stop_submitting(StopReason.DISK)
             return self._stats(), {}
 
+    def _worker_figures(self, stats: RunStats) -> dict[str, Any]:
+        """This worker's figures, as the last worker of a shared run adds them up."""
+        ledger = self._ledger
+        assert ledger is not None
+        return {
+            **stats.as_dict(),
+            "started_at": self._started,
+            "first_submit_at": ledger.first_submit_at,
+            "last_submit_at": ledger.last_submit_at,
+            "timeline_start": ledger.timeline.start,
+        }
+
+    def _combined(self, meta: RunMeta, combined: dict[str, Any]) -> RunMeta:
+        """The run's meta with every worker's figures added up (see `crew.combine`)."""
+        done = {key: value for key, value in combined.items() if key in meta.stats}
+        done["workers"] = combined.get("workers", 1)
+        done["workers_died"] = combined.get("workers_died", 0)
+        runs = [*meta.runs[:-1], run_entry(meta.started_at or self._started, time.time(), done)]
+        return dataclasses.replace(meta, stats=done, runs=runs)
+
     async def _prepare(self) -> RunMeta:
+        crew = self._crew
+        if crew is None:
+            return await self._prepare_run()
+        settings = dataclasses.asdict(self._settings)
+        digest = await anyio.to_thread.run_sync(manifest_digest, self._manifest, settings)
+        async with crew.entering(digest, fresh=self._options.fresh) as starting:
+            if not starting:
+                meta = self._journal.meta()
+                if meta is None:
+                    raise JournalError(f"the shared journal {self._journal.where} has no run recorded")
+                return meta
+            await anyio.to_thread.run_sync(_remove_leftovers, self._options.out_dir)
+            if self._options.fresh:
+                await self._journal.reset_all()
+                await anyio.to_thread.run_sync(_forget_outputs, self._options.out_dir)
+            await crew.journal.forget_leases()
+            return await self._prepare_run()
+
+    async def _prepare_run(self) -> RunMeta:
         journal = self._journal
-        check_owner(journal.meta(), self._manifest_path, take_over=self._options.take_over)
-        await recover_lost_journal(journal, self._options.out_dir)
+        if self._crew is None:  # a shared run: every worker has its own path to the manifest
+            check_owner(journal.meta(), self._manifest_path, take_over=self._options.take_over)
+            await recover_lost_journal(journal, self._options.out_dir)
         sync = await journal.sync_manifest(self._manifest)
         log.info(
             "journal: %d new, %d changed, %d unchanged, %d restored from the archive; %d retired (kept in "
@@ -268,6 +337,7 @@ class Engine:
             started_at=self._started,
             output=self._manifest.output,
             inputs_not_copied=previous.inputs_not_copied if previous else {},
+            out=str(self._options.out_dir.resolve()),
             runs=[*(previous.history() if previous else []), run_entry(self._started)][-MAX_RUNS:],
         )
         await journal.set_meta(meta)
@@ -282,6 +352,8 @@ class Engine:
                 outer.start_soon(self._signals, outer)
             async with anyio.create_task_group() as tg:
                 self._control.watch(tg.cancel_scope)
+                if self._crew is not None:
+                    outer.start_soon(self._crew_duties, tg)
                 send_done, recv_done = anyio.create_memory_object_stream[Resolved](opts.download_workers * 2)
                 tg.start_soon(self._produce, send_done.clone())
                 for _ in range(opts.poll_workers):
@@ -293,18 +365,41 @@ class Engine:
                 tg.start_soon(self._close_when_settled)
             outer.cancel_scope.cancel()
 
+    async def _crew_duties(self, stages: anyio.abc.TaskGroup) -> None:
+        """A shared run's worker: renew the lease, take over dead workers' predictions, stop at once when
+        the lease could not be renewed (others have its items by now)."""
+        crew = self._crew
+        assert crew is not None
+
+        async def orphans() -> None:
+            if self._control.submitting_closed.is_set():
+                return  # stopping: no new work (what this worker holds is given back as it leaves)
+            records = await crew.orphans(max(0, self._control.free_slots))
+            for record in records:
+                stages.start_soon(self._resume, record, time.monotonic())
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(crew.keep_alive, orphans)
+            await crew.lapsed.wait()
+            self._control.stop_now(StopReason.LEASE)
+            tg.cancel_scope.cancel()
+
     async def _produce(self, done: MemoryObjectSendStream[Resolved]) -> None:
         """Resume predictions already submitted, then submit the pending items until done or stopped."""
         async with done:
-            await self._resume_submitted()
+            shared = self._crew is not None
+            if not shared:  # a shared run's worker takes them over in its sweeps (`_crew_duties`)
+                await self._resume_submitted()
+            # A shared run's worker claims an item only when a submitter is free to take it at once: items
+            # held in a buffer would wait here while other workers have nothing to do.
             send_items, recv_items = anyio.create_memory_object_stream[ItemRecord](
-                self._options.submit_workers
+                0 if shared else self._options.submit_workers
             )
             with anyio.CancelScope() as scope:
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(self._cancel_when_closed, scope)
                     async with anyio.create_task_group() as workers:
-                        workers.start_soon(self._feed, send_items)
+                        workers.start_soon(self._feed_shared if shared else self._feed, send_items)
                         for _ in range(self._options.submit_workers):
                             workers.start_soon(self._submitter().run, recv_items.clone(), done.clone())
                         recv_items.close()
@@ -321,19 +416,41 @@ class Engine:
     async def _resume_submitted(self) -> None:
         now = time.monotonic()
         for record in self._journal.records({ItemState.SUBMITTED}):
-            self._gallery.expect(record)
-            self._gallery.sending(record.item_id)
-            slot = await self._control.take_slot()
-            submitted_at = record.submitted_at or time.time()
-            deadline = submitted_at + self._settings.timeout
-            tracked = Tracked(record.item_id, record.prediction_id or "", submitted_at, deadline, slot=slot)
-            self._queue.later(tracked, now=now, delay=0.0)
+            await self._resume(record, now)
+
+    async def _resume(self, record: ItemRecord, now: float) -> None:
+        """Poll an accepted prediction a run before this one (or a dead worker) sent."""
+        self._gallery.expect(record)
+        self._gallery.sending(record.item_id)
+        slot = await self._control.take_slot()
+        submitted_at = record.submitted_at or time.time()
+        deadline = submitted_at + self._settings.timeout
+        tracked = Tracked(record.item_id, record.prediction_id or "", submitted_at, deadline, slot=slot)
+        self._queue.later(tracked, now=now, delay=0.0)
 
     async def _feed(self, send: MemoryObjectSendStream[ItemRecord]) -> None:
         async with send:
             for record in self._journal.records({ItemState.PENDING}):
                 self._gallery.expect(record)
                 await send.send(record)
+
+    async def _feed_shared(self, send: MemoryObjectSendStream[ItemRecord]) -> None:
+        """Claim pending items while in-flight places are free; done once no item of the run is left that
+        this worker does not hold (a worker that dies later leaves items only a live worker can take)."""
+        crew, control = self._crew, self._control
+        assert crew is not None
+        async with send:
+            while True:
+                await control.wait_for_free_slot()
+                records = await crew.claim(control.free_slots)
+                for record in records:
+                    self._gallery.expect(record)
+                    await send.send(record)
+                if records:
+                    continue
+                if crew.others_left() == 0:
+                    return
+                await crew.wait_for_change()
 
     async def _cancel_when_closed(self, scope: anyio.CancelScope) -> None:
         await self._control.submitting_closed.wait()

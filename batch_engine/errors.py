@@ -78,6 +78,14 @@ class JournalError(BatchEngineError):
     """The journal cannot be used as it is (corrupt, newer schema, or another job's)."""
 
 
+class LeaseLost(BatchEngineError):
+    """Another worker of a shared run holds the item now (this worker was taken for dead): it is not sent."""
+
+    def __init__(self, item_id: str) -> None:
+        super().__init__(f"item {item_id} is held by another worker now; not sending it")
+        self.item_id = item_id
+
+
 class ApiError(BatchEngineError):
     """One exchange with the API failed; ``status`` is the HTTP status (None for network errors).
 

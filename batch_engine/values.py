@@ -111,6 +111,7 @@ class RunMeta:
     inputs_not_copied: Mapping[str, str] = field(default_factory=dict)
     #: the out dir's runs, oldest first, the latest last (`run_entry` each); at most ``MAX_RUNS``
     runs: Sequence[Mapping[str, Any]] = field(default_factory=list)
+    out: str | None = None  #: the out dir the run writes into, as its first worker named it
 
     def history(self) -> list[Mapping[str, Any]]:
         """The runs recorded; for a journal written before runs were listed, its last run alone."""
@@ -136,7 +137,7 @@ def run_entry(
         "failed": done.get("run_failed"),
         "images": done.get("images", 0),
         "stopped_reason": done.get("stopped_reason"),
-    }
+    } | ({"workers": done["workers"]} if "workers" in done else {})
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""The SQLite journal: round trips, ordering, durability across crashes, group commit and errors."""
+"""The journal, on SQLite and on PostgreSQL: round trips, ordering, durability across crashes, group
+commit and errors."""
 
 from __future__ import annotations
 
@@ -20,9 +21,11 @@ from batch_engine.errors import JournalError
 from batch_engine.store import transitions
 from batch_engine.store.files import JOURNAL_NAME
 from batch_engine.store.journal import Journal, SyncResult
+from batch_engine.store.sql_journal import SqlJournal
 from batch_engine.store.sqlite import SqliteJournal
 from batch_engine.store.transitions import TransitionRefused
 from batch_engine.values import Item, ItemError, ItemState, Manifest, OutputFile, RunMeta
+from tests.backends import Backend
 
 pytestmark = pytest.mark.anyio
 
@@ -59,8 +62,8 @@ def ids_of(count: int) -> list[str]:
 
 
 @pytest.fixture
-async def journal(tmp_path: Path) -> AsyncIterator[SqliteJournal]:
-    async with await SqliteJournal.open(tmp_path) as opened:
+async def journal(tmp_path: Path, backend: Backend) -> AsyncIterator[SqlJournal]:
+    async with await backend.open(tmp_path) as opened:
         yield opened
 
 
@@ -69,14 +72,15 @@ async def test_open_creates_a_wal_database_in_the_out_dir(tmp_path: Path) -> Non
     out_dir = tmp_path / "out" / "run"
     async with await SqliteJournal.open(out_dir) as journal:
         interface: Journal = journal  # mypy checks SqliteJournal against the protocol
-        assert interface.path == out_dir / JOURNAL_NAME
+        assert journal.path == out_dir / JOURNAL_NAME
+        assert interface.where == str(out_dir / JOURNAL_NAME)
         assert journal.meta() is None
         assert list(journal.records()) == []
     with contextlib.closing(sqlite3.connect(out_dir / JOURNAL_NAME)) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
 
 
-async def test_every_write_round_trips_through_a_reopen(tmp_path: Path) -> None:
+async def test_every_write_round_trips_through_a_reopen(tmp_path: Path, backend: Backend) -> None:
     """Each write method's change reads back the same, before and after closing and reopening."""
     meta = RunMeta(
         name="test",
@@ -91,7 +95,7 @@ async def test_every_write_round_trips_through_a_reopen(tmp_path: Path) -> None:
     )
     outputs = (OutputFile(path="images/a-1.png", sha256="ab" * 32, url="http://x/a.png", nsfw=False),)
     error = ItemError(kind="content_policy", message="refused", status=400)
-    async with await SqliteJournal.open(tmp_path) as journal:
+    async with await backend.open(tmp_path) as journal:
         await journal.set_meta(meta)
         await journal.sync_manifest(manifest_of("a", "b", "c", "d"))
         assert await journal.mark_submitting("a") == 1
@@ -102,7 +106,7 @@ async def test_every_write_round_trips_through_a_reopen(tmp_path: Path) -> None:
         await journal.mark_submitting("c")
         await journal.mark_pending("c", possible_duplicate=True)
         assert await journal.mark_submitting("c") == 2
-    async with await SqliteJournal.open(tmp_path) as journal:
+    async with await backend.open(tmp_path) as journal:
         assert journal.meta() == meta
         a, b, c, d = (journal.get(item_id) for item_id in "abcd")
         assert a is not None
@@ -120,7 +124,7 @@ async def test_every_write_round_trips_through_a_reopen(tmp_path: Path) -> None:
         assert journal.get("nope") is None
 
 
-async def test_set_meta_replaces_the_previous_meta(journal: SqliteJournal) -> None:
+async def test_set_meta_replaces_the_previous_meta(journal: SqlJournal) -> None:
     """set_meta overwrites: the journal holds one RunMeta, the latest."""
     first = RunMeta(name="a", manifest_path="a.yaml", model="m", task="t", base_url="u")
     await journal.set_meta(first)
@@ -130,7 +134,7 @@ async def test_set_meta_replaces_the_previous_meta(journal: SqliteJournal) -> No
     assert (meta.stopped_reason, meta.finished_at) == ("interrupted", 9.0)
 
 
-async def test_final_marks_return_the_row_as_committed(journal: SqliteJournal) -> None:
+async def test_final_marks_return_the_row_as_committed(journal: SqlJournal) -> None:
     """mark_succeeded and mark_failed hand back the item's final row, equal to what a read returns."""
     await journal.sync_manifest(manifest_of("ok", "bad"))
     for item_id in ("ok", "bad"):
@@ -145,7 +149,7 @@ async def test_final_marks_return_the_row_as_committed(journal: SqliteJournal) -
     assert (failed.prediction_id, failed.error) == ("p-bad", ItemError("timeout", "late"))
 
 
-async def test_records_come_in_manifest_order(journal: SqliteJournal) -> None:
+async def test_records_come_in_manifest_order(journal: SqlJournal) -> None:
     """records() yields rows in the manifest's current order, also after the manifest is reordered."""
     await journal.sync_manifest(manifest_of("c", "a", "b"))
     assert [r.item_id for r in journal.records()] == ["c", "a", "b"]
@@ -153,7 +157,7 @@ async def test_records_come_in_manifest_order(journal: SqliteJournal) -> None:
     assert [(r.index, r.item_id) for r in journal.records()] == [(0, "b"), (1, "c"), (2, "a")]
 
 
-async def test_records_filter_by_state(journal: SqliteJournal) -> None:
+async def test_records_filter_by_state(journal: SqlJournal) -> None:
     """records(states) yields only rows in those states, still in manifest order."""
     await journal.sync_manifest(manifest_of(*"abcde"))
     for item_id in "dbe":
@@ -164,7 +168,7 @@ async def test_records_filter_by_state(journal: SqliteJournal) -> None:
     assert list(journal.records(())) == []
 
 
-async def test_records_are_fetched_batch_by_batch(journal: SqliteJournal) -> None:
+async def test_records_are_fetched_batch_by_batch(journal: SqlJournal) -> None:
     """records(batch=n) queries n rows at a time: a write made mid-iteration shows in a later batch."""
     ids = ids_of(95)
     await journal.sync_manifest(manifest_of(*ids))
@@ -176,7 +180,7 @@ async def test_records_are_fetched_batch_by_batch(journal: SqliteJournal) -> Non
     assert rest[40].state == ItemState.SUBMITTING
 
 
-async def test_counts_cover_every_state_and_error_kinds(journal: SqliteJournal) -> None:
+async def test_counts_cover_every_state_and_error_kinds(journal: SqlJournal) -> None:
     """counts() has every state as a key; error kinds and possible duplicates are counted."""
     assert journal.counts() == dict.fromkeys(ItemState, 0)
     await journal.sync_manifest(manifest_of(*"abcd"))
@@ -190,7 +194,7 @@ async def test_counts_cover_every_state_and_error_kinds(journal: SqliteJournal) 
     assert journal.possible_duplicate_count() == 1
 
 
-async def test_sync_manifest_adds_resets_removes_and_keeps(journal: SqliteJournal) -> None:
+async def test_sync_manifest_adds_resets_removes_and_keeps(journal: SqlJournal) -> None:
     """A resync adds new items, resets those with a new fingerprint, deletes dropped ones, keeps the rest."""
     assert await journal.sync_manifest(manifest_of("keep", "change", "drop")) == SyncResult(3, 0, 0, 0)
     for item_id in ("keep", "change"):
@@ -215,7 +219,7 @@ async def test_sync_manifest_adds_resets_removes_and_keeps(journal: SqliteJourna
     assert journal.get("drop") is None
 
 
-async def test_sync_manifest_updates_specs_of_unchanged_items(journal: SqliteJournal) -> None:
+async def test_sync_manifest_updates_specs_of_unchanged_items(journal: SqlJournal) -> None:
     """An item whose fingerprint is the same keeps its state but takes the manifest's new spec."""
     await journal.sync_manifest(manifest_of("a"))
     await journal.mark_submitting("a")
@@ -225,7 +229,7 @@ async def test_sync_manifest_updates_specs_of_unchanged_items(journal: SqliteJou
     assert (record.state, record.spec["prompt"]) == (ItemState.SUBMITTING, "edit a v2")
 
 
-async def test_sync_manifest_handles_100k_items(journal: SqliteJournal) -> None:
+async def test_sync_manifest_handles_100k_items(journal: SqlJournal) -> None:
     """100,000 items are inserted in one go and a second sync finds them all unchanged."""
     manifest = manifest_of(*ids_of(100_000))
     assert await journal.sync_manifest(manifest) == SyncResult(100_000, 0, 0, 0)
@@ -235,7 +239,7 @@ async def test_sync_manifest_handles_100k_items(journal: SqliteJournal) -> None:
 
 
 @pytest.mark.parametrize("resubmit", [True, False])
-async def test_resolve_ambiguous_settles_every_submitting_row(journal: SqliteJournal, resubmit: bool) -> None:
+async def test_resolve_ambiguous_settles_every_submitting_row(journal: SqlJournal, resubmit: bool) -> None:
     """Rows left submitting go back to pending flagged as possible duplicates, or fail as ambiguous_submit."""
     await journal.sync_manifest(manifest_of(*"abcd"))
     for item_id in "dba":
@@ -257,7 +261,7 @@ async def test_resolve_ambiguous_settles_every_submitting_row(journal: SqliteJou
     assert await journal.resolve_ambiguous(resubmit=resubmit) == []
 
 
-async def test_reset_failed_requeues_failed_items_keeping_attempts(journal: SqliteJournal) -> None:
+async def test_reset_failed_requeues_failed_items_keeping_attempts(journal: SqlJournal) -> None:
     """reset_failed moves failed items to pending, clears their error and keeps their attempts."""
     await journal.sync_manifest(manifest_of(*"abc"))
     await journal.mark_submitting("a")
@@ -271,7 +275,7 @@ async def test_reset_failed_requeues_failed_items_keeping_attempts(journal: Sqli
 
 
 async def test_reset_failed_polls_accepted_predictions_again_instead_of_paying_twice(
-    journal: SqliteJournal,
+    journal: SqlJournal,
 ) -> None:
     """An accepted prediction that failed on our side (timeout, download) goes back to submitted,
     its prediction id kept; one the model itself failed goes back to pending."""
@@ -291,19 +295,19 @@ async def test_reset_failed_polls_accepted_predictions_again_instead_of_paying_t
     }
 
 
-async def test_reset_all_forgets_items_and_meta(tmp_path: Path) -> None:
+async def test_reset_all_forgets_items_and_meta(tmp_path: Path, backend: Backend) -> None:
     """reset_all deletes every row and the run meta; the journal stays usable."""
-    async with await SqliteJournal.open(tmp_path) as journal:
+    async with await backend.open(tmp_path) as journal:
         await journal.set_meta(RunMeta(name="a", manifest_path="a.yaml", model="m", task="t", base_url="u"))
         await journal.sync_manifest(manifest_of(*"ab"))
         await journal.reset_all()
         assert (journal.meta(), list(journal.records())) == (None, [])
-    async with await SqliteJournal.open(tmp_path) as journal:
+    async with await backend.open(tmp_path) as journal:
         assert journal.meta() is None
         assert await journal.sync_manifest(manifest_of("a")) == SyncResult(1, 0, 0, 0)
 
 
-async def test_mark_pending_never_clears_possible_duplicate(journal: SqliteJournal) -> None:
+async def test_mark_pending_never_clears_possible_duplicate(journal: SqlJournal) -> None:
     """Once an item is flagged as a possible duplicate, a later plain mark_pending keeps the flag."""
     await journal.sync_manifest(manifest_of("a"))
     await journal.mark_submitting("a")
@@ -316,7 +320,7 @@ async def test_mark_pending_never_clears_possible_duplicate(journal: SqliteJourn
     assert record.state == ItemState.PENDING
 
 
-async def test_a_move_the_table_refuses_is_an_internal_error(journal: SqliteJournal) -> None:
+async def test_a_move_the_table_refuses_is_an_internal_error(journal: SqlJournal) -> None:
     """Marking an unknown id, or an item in a state its transition does not start from, raises
     TransitionRefused (a bug, not a disk error) naming the item and both states, and changes nothing."""
     await journal.sync_manifest(manifest_of("a"))
@@ -337,7 +341,7 @@ async def test_a_move_the_table_refuses_is_an_internal_error(journal: SqliteJour
     assert record.state == ItemState.PENDING
 
 
-async def test_one_failing_write_does_not_affect_the_others_in_its_batch(journal: SqliteJournal) -> None:
+async def test_one_failing_write_does_not_affect_the_others_in_its_batch(journal: SqlJournal) -> None:
     """Writes queued together with a failing one still commit; only the failing caller gets the error."""
     ids = ids_of(50)
     await journal.sync_manifest(manifest_of(*ids))
@@ -361,7 +365,7 @@ async def test_one_failing_write_does_not_affect_the_others_in_its_batch(journal
 
 
 async def test_a_success_commits_only_once_its_output_files_are_synced(
-    journal: SqliteJournal, tmp_path: Path
+    journal: SqlJournal, tmp_path: Path
 ) -> None:
     """A success naming its output files commits when they can be fsynced; one whose file is gone
     gets the OSError, stays submitted, and takes none of the other successes in its batch with it."""
@@ -395,7 +399,7 @@ async def test_a_success_commits_only_once_its_output_files_are_synced(
     assert (missing.state, missing.prediction_id, missing.outputs) == (ItemState.SUBMITTED, "p-7", ())
 
 
-async def test_a_bug_in_a_write_reaches_its_caller_and_the_writer_survives(journal: SqliteJournal) -> None:
+async def test_a_bug_in_a_write_reaches_its_caller_and_the_writer_survives(journal: SqlJournal) -> None:
     """An unexpected exception inside the writer thread is raised to the caller, and later writes work."""
     broken = replace(manifest_of("a"), item_source=lambda: iter([Item(0, "a", {"x": object()}, {}, "fp")]))
     with pytest.raises(TypeError, match="object is not JSON serialisable"):
@@ -428,7 +432,7 @@ async def test_full_disk_is_reported_as_journal_error(tmp_path: Path) -> None:
         await journal.mark_submitting("c")
 
 
-async def test_five_hundred_concurrent_writes_all_land_in_fewer_commits(journal: SqliteJournal) -> None:
+async def test_five_hundred_concurrent_writes_all_land_in_fewer_commits(journal: SqlJournal) -> None:
     """500 tasks writing at once all commit, and group commit needs fewer transactions than writes."""
     ids = ids_of(500)
     await journal.sync_manifest(manifest_of(*ids))
@@ -447,10 +451,10 @@ async def test_five_hundred_concurrent_writes_all_land_in_fewer_commits(journal:
     assert journal.commit_count - commits_before < 500
 
 
-async def test_close_lets_queued_writes_commit_first(tmp_path: Path) -> None:
+async def test_close_lets_queued_writes_commit_first(tmp_path: Path, backend: Backend) -> None:
     """Writes already queued when close() is called commit before it returns; later writes are refused."""
     ids = ids_of(100)
-    journal = await SqliteJournal.open(tmp_path)
+    journal = await backend.open(tmp_path)
     await journal.sync_manifest(manifest_of(*ids))
     async with anyio.create_task_group() as tg:
         for item_id in ids:
@@ -460,11 +464,11 @@ async def test_close_lets_queued_writes_commit_first(tmp_path: Path) -> None:
     await journal.close()  # idempotent
     with pytest.raises(JournalError, match="is closed"):
         await journal.mark_submitting(ids[0])
-    async with await SqliteJournal.open(tmp_path) as reopened:
+    async with await backend.open(tmp_path) as reopened:
         assert reopened.counts()[ItemState.SUBMITTING] == 100
 
 
-async def test_a_cancelled_caller_does_not_disturb_the_queue(journal: SqliteJournal) -> None:
+async def test_a_cancelled_caller_does_not_disturb_the_queue(journal: SqlJournal) -> None:
     """A write whose caller is cancelled after queueing it is still applied, in order, and others proceed."""
     await journal.sync_manifest(manifest_of("a"))
     async with anyio.create_task_group() as tg:
@@ -501,13 +505,14 @@ from pathlib import Path
 
 import anyio
 
-from batch_engine.store.sqlite import SqliteJournal
+from tests.backends import open_backend
 from tests.test_journal import ids_of, manifest_of
 
 
 async def main() -> None:
     ids = ids_of(int(sys.argv[2]))
-    journal = await SqliteJournal.open(Path(sys.argv[1]))
+    url = sys.argv[4] if len(sys.argv) > 4 else None
+    journal = await open_backend(sys.argv[3], Path(sys.argv[1]), url, sys.argv[5] if url else "")
     await journal.sync_manifest(manifest_of(*ids))
     print("ready", flush=True)
 
@@ -527,10 +532,11 @@ anyio.run(main)
 """
 
 
-async def test_acknowledged_writes_survive_sigkill(tmp_path: Path) -> None:
+async def test_acknowledged_writes_survive_sigkill(tmp_path: Path, backend: Backend) -> None:
     """Every write a SIGKILLed process saw return is in the journal when it is reopened."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    command = [sys.executable, "-c", WRITER_CHILD, str(tmp_path), "3000"]
+    command = [sys.executable, "-c", WRITER_CHILD, str(tmp_path), "3000", backend.name]
+    command += [backend.url, backend.run] if backend.url else []
     async with await anyio.open_process(command, env=env, cwd=ROOT, stderr=None) as child:
         assert child.stdout is not None
         lines = BufferedByteReceiveStream(child.stdout)
@@ -546,7 +552,7 @@ async def test_acknowledged_writes_survive_sigkill(tmp_path: Path) -> None:
         await child.wait()
     complete_lines = rest.decode().split("\n")[:-1]  # the kill may have cut the last one short
     acked += [line.removeprefix("ack ") for line in complete_lines if line.startswith("ack ")]
-    async with await SqliteJournal.open(tmp_path) as journal:
+    async with await backend.open(tmp_path) as journal:
         for item_id in acked:
             record = journal.get(item_id)
             assert record is not None

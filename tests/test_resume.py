@@ -24,6 +24,8 @@ import yaml
 
 from batch_engine.images import verify_image
 from batch_engine.sim import SimConfig, Simulator
+from batch_engine.store.postgres import schema_for
+from tests.backends import Backend
 from tests.procs import (
     TEST_KEY,
     EngineProcess,
@@ -130,8 +132,11 @@ def unfinished(report: Mapping[str, Any]) -> dict[str, int]:
     return {state: n for state, n in report["unfinished_by_state"].items() if n}
 
 
-def journal_rows(out: Path) -> dict[str, str]:
-    """Item id → state in the out dir's journal, read-only; empty when there is no journal yet."""
+def journal_rows(out: Path, backend: Backend | None = None) -> dict[str, str]:
+    """Item id → state in the out dir's journal (or ``backend``'s shared one), read-only; empty when there
+    is no journal yet."""
+    if backend is not None and backend.url is not None:
+        return shared_rows(backend.url, backend.run)
     path = out / "journal.sqlite"
     if not path.exists():
         return {}
@@ -147,14 +152,28 @@ def journal_rows(out: Path) -> dict[str, str]:
         conn.close()
 
 
-def journal_states(out: Path) -> dict[str, int]:
+def shared_rows(url: str, run: str) -> dict[str, str]:
+    """Item id → state in a run of a PostgreSQL journal; empty before its tables exist."""
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        table = conn.execute("SELECT to_regclass(%s)", (f'"{schema_for(run)}".items',)).fetchone()
+        if table is None or table[0] is None:
+            return {}
+        rows = conn.execute(f'SELECT item_id, state FROM "{schema_for(run)}".items').fetchall()
+        return {str(item): str(state) for item, state in rows}
+
+
+def journal_states(out: Path, backend: Backend | None = None) -> dict[str, int]:
     """Items per state in the out dir's journal (states with no item left out)."""
-    return dict(Counter(journal_rows(out).values()))
+    return dict(Counter(journal_rows(out, backend).values()))
 
 
-def check_intent_before_post(out: Path, sim: Simulator, specs: Sequence[Mapping[str, Any]]) -> None:
+def check_intent_before_post(
+    out: Path, sim: Simulator, specs: Sequence[Mapping[str, Any]], backend: Backend | None = None
+) -> None:
     """Every item whose body the server accepted was journaled as sent (submitting or later) beforehand."""
-    rows = journal_rows(out)
+    rows = journal_rows(out, backend)
     accepted = set(item_of_body(sim, specs).values())
     assert not {item for item in accepted if rows.get(item, "pending") == "pending"}, rows
 
@@ -182,6 +201,10 @@ class Moment:
 
 
 async def _at_start(sim: Simulator, proc: EngineProcess, out: Path) -> None:
+    if "--journal" in proc.argv:  # no out-dir lock: the run's lock is the database's
+        await proc.wait_for_line("manifest ")
+        return
+
     def locked() -> bool:
         lock = out / ".lock"
         return lock.exists() and f'"pid": {proc.pid}' in lock.read_text(encoding="utf-8")
@@ -289,20 +312,23 @@ def plant_half_written_files(out: Path) -> None:
 
 
 @pytest.mark.parametrize("moment", MOMENTS, ids=lambda moment: moment.name)
-async def test_sigkill_then_rerun_loses_nothing_and_pays_once(tmp_path: Path, moment: Moment) -> None:
+async def test_sigkill_then_rerun_loses_nothing_and_pays_once(
+    tmp_path: Path, moment: Moment, backend: Backend
+) -> None:
     """Whenever a SIGKILL lands, a rerun ends every item with a reason and whole outputs, and pays each edit
-    once, except resubmits of submits in flight at the kill, which the report marks possible_duplicate."""
+    once, except resubmits of submits in flight at the kill, which the report marks possible_duplicate;
+    with the journal in the out dir or in PostgreSQL."""
     specs = items(COUNT, failing=FAILING)
     async with Simulator(sim_config(**moment.sim)) as sim:
-        manifest = write_manifest(tmp_path / "job.yaml", specs, sim=sim)
+        manifest = write_manifest(tmp_path / "job.yaml", specs, sim=sim, name=backend.run)
         out = tmp_path / "out"
-        args = run_args(manifest, out, sim, *moment.args)
+        args = run_args(manifest, out, sim, *moment.args, *backend.args())
         async with engine(args) as proc:
             await moment.reach(sim, proc, out)
             proc.send(signal.SIGKILL)
             assert await proc.wait() == KILLED
-        check_intent_before_post(out, sim, specs)
-        at_kill = journal_states(out)
+        check_intent_before_post(out, sim, specs, backend)
+        at_kill = journal_states(out, backend)
         assert moment.expect(at_kill), at_kill
         sim.configure(**moment.restore)
         plant_half_written_files(out)

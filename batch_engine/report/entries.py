@@ -35,6 +35,8 @@ SUMMARY_KEYS = (
     "rate_ceiling",
     "run_succeeded",
     "run_failed",
+    "workers",  #: a shared run: the workers that worked it (listed only then)
+    "workers_died",  #: ... and those that died on the way (their counts went with them)
 )
 #: Listed in report.yaml's header always; ``damaged`` too, but only when some row is.
 UNFINISHED_STATES = tuple(s.value for s in ItemState if not s.is_final and s is not ItemState.DAMAGED)

@@ -111,9 +111,17 @@ def report_header(meta: RunMeta, counts: Counts) -> dict[str, Any]:
         "errors_by_kind": dict(counts.by_error_kind),
         "possible_duplicates": counts.possible_duplicates,
         "images": counts.images,
-        "run": {key: _plain(meta.stats.get(key)) for key in SUMMARY_KEYS},
+        "run": {key: _plain(meta.stats.get(key)) for key in SUMMARY_KEYS if _listed(key, meta.stats)},
         "runs": [_run_row(run) for run in meta.history()],
     }
+
+
+#: The run's figures report.yaml always lists; a shared run's ``workers`` and ``workers_died`` only there.
+_ALWAYS = frozenset(SUMMARY_KEYS) - {"workers", "workers_died"}
+
+
+def _listed(key: str, stats: Mapping[str, Any]) -> bool:
+    return key in _ALWAYS or key in stats
 
 
 def _unfinished(counts: Counts) -> dict[str, int]:

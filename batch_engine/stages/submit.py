@@ -15,6 +15,7 @@ from batch_engine.control import Slot, StopReason
 from batch_engine.errors import (
     ItemRejected,
     JournalError,
+    LeaseLost,
     NotAccepted,
     SlowDown,
     StopRun,
@@ -152,7 +153,12 @@ class Submitter:
     async def _exchange(self, record: ItemRecord, state: _Attempts) -> tuple[Prediction | None, _Next]:
         """Intent, POST, outcome: each outcome recorded before anything else happens to the item."""
         ledger, item_id = self._ctx.ledger, record.item_id
-        await ledger.submitting(item_id)
+        try:
+            await ledger.submitting(item_id)
+        except LeaseLost as exc:  # a shared run gave the item to another worker: it sends it, not this one
+            log.warning("%s", exc)
+            self._ctx.control.refund_submit()
+            return None, _Next.DONE
         try:
             prediction = await self._ctx.client.submit(self._plan.path, self._plan.body(record))
         except SlowDown as exc:

@@ -59,7 +59,7 @@ class Journal(Protocol):
     Reads are synchronous and come from the thread that opened the journal; writes return once committed.
     """
 
-    path: Path
+    where: str  #: the journal as messages name it: its file, or its database URL without secrets
 
     async def close(self) -> None: ...
     async def __aenter__(self) -> Self: ...

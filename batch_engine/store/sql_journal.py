@@ -24,7 +24,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any, Self, TypeVar
 
-from batch_engine.errors import JournalError
+from batch_engine.errors import JournalError, LeaseLost
 from batch_engine.store import sync, transitions
 from batch_engine.store.dialect import Dialect, Tx
 from batch_engine.store.files import stem_key
@@ -111,7 +111,7 @@ def newer_schema(where: str, found: int) -> JournalError:
     )
 
 
-_COLUMNS = (
+COLUMNS = (
     "idx, item_id, fingerprint, spec, request, state, prediction_id, attempts, possible_duplicate,"
     " outputs, error, submitted_at, completed_at, inference_ms"
 )
@@ -125,18 +125,18 @@ class SqlJournal:
     any event loop.
     """
 
-    __slots__ = ("_clock", "_closed", "_dialect", "_out_dir", "_reader", "_writer", "path")
+    __slots__ = ("_clock", "_closed", "_dialect", "_out_dir", "_reader", "_writer", "where")
 
     def __init__(
         self,
-        path: Path,
+        where: str,
         writer: Writer,
         reader: Tx,
         clock: Callable[[], float],
         *,
         out_dir: Path,
     ) -> None:
-        self.path = path  #: the database, as messages name it: its file, or its URL without secrets
+        self.where = where  #: the database, as messages name it: its file, or its URL without secrets
         self._writer = writer
         self._reader = reader  #: only ever used by the thread that opened the journal
         self._dialect = reader.dialect
@@ -162,7 +162,7 @@ class SqlJournal:
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
-        return f"<{type(self).__name__} {str(self.path)!r} {state} {self._writer!r}>"
+        return f"<{type(self).__name__} {self.where!r} {state} {self._writer!r}>"
 
     @property
     def commit_count(self) -> int:
@@ -181,7 +181,7 @@ class SqlJournal:
         return None if row is None else decode_meta(json.loads(row[0]))
 
     def get(self, item_id: str) -> ItemRecord | None:
-        row = self._reader.execute(f"SELECT {_COLUMNS} FROM items WHERE item_id = ?", (item_id,)).fetchone()
+        row = self._reader.execute(f"SELECT {COLUMNS} FROM items WHERE item_id = ?", (item_id,)).fetchone()
         return None if row is None else decode_record(row)
 
     def records(
@@ -202,7 +202,7 @@ class SqlJournal:
     def _pages(self, wanted: list[str], batch: int) -> Iterator[ItemRecord]:
         where = f" AND state IN ({', '.join('?' * len(wanted))})" if wanted else ""
         sql = (
-            f"SELECT {_COLUMNS} FROM items WHERE (idx, item_id) > (?, ?){where} ORDER BY idx, item_id LIMIT ?"
+            f"SELECT {COLUMNS} FROM items WHERE (idx, item_id) > (?, ?){where} ORDER BY idx, item_id LIMIT ?"
         )
         after: tuple[int, str] = (-1, "")
         while True:
@@ -222,7 +222,7 @@ class SqlJournal:
             for r in map(
                 decode_record,
                 self._reader.execute(
-                    f"SELECT {_COLUMNS} FROM items WHERE item_id IN ({marks})", ids
+                    f"SELECT {COLUMNS} FROM items WHERE item_id IN ({marks})", ids
                 ).fetchall(),
             )
         }
@@ -257,7 +257,8 @@ class SqlJournal:
     def retired_count(self) -> int:
         """Items no longer in the manifest whose versions the archive keeps."""
         row = self._reader.execute(
-            "SELECT count(DISTINCT item_id) FROM archive WHERE item_id NOT IN (SELECT item_id FROM items)"
+            "SELECT count(DISTINCT item_id) FROM archive"
+            " WHERE NOT EXISTS (SELECT 1 FROM items i WHERE i.item_id = archive.item_id)"
         ).fetchone()
         return int(row[0])
 
@@ -330,10 +331,19 @@ class SqlJournal:
         return await self._write(lambda tx: _repair_damaged(tx, now))
 
     async def mark_submitting(self, item_id: str) -> int:
-        """Record the intent to submit (before the POST); returns the item's new ``attempts``."""
+        """Record the intent to submit (before the POST); returns the item's new ``attempts``.
+
+        LeaseLost when the journal is shared and another worker holds the item now."""
         sets = "attempts = attempts + 1"
-        row = await self._move(item_id, transitions.SUBMIT, sets, (), returning="attempts")
+        owned, params = self.owner_condition()
+        row = await self._move(
+            item_id, transitions.SUBMIT, sets, (), returning="attempts", owned=owned, owned_params=params
+        )
         return int(row[0])
+
+    def owner_condition(self) -> tuple[str, tuple[Any, ...]]:
+        """The condition a row must meet for this process to send it: none, with one process per journal."""
+        return "", ()
 
     async def mark_submitted(self, item_id: str, *, prediction_id: str, submitted_at: float) -> None:
         sets = "prediction_id = ?, submitted_at = ?"
@@ -409,10 +419,13 @@ class SqlJournal:
         params: tuple[Any, ...],
         *,
         durable: tuple[Path, ...] = (),
-        returning: str = _COLUMNS,
+        returning: str = COLUMNS,
+        owned: str = "",
+        owned_params: tuple[Any, ...] = (),
     ) -> tuple[Any, ...]:
         """Move one item; returns the ``returning`` columns of its new row, for the caller to decode
-        (off the writer thread, and only what it needs: JSON columns are not cheap)."""
+        (off the writer thread, and only what it needs: JSON columns are not cheap). ``owned``: a further
+        condition of the row (``AND ...``), with its parameters; LeaseLost when only it fails."""
         now = self._clock()
         move = functools.partial(
             _move,
@@ -422,12 +435,14 @@ class SqlJournal:
             params=params,
             now=now,
             returning=returning,
+            owned=owned,
+            owned_params=owned_params,
         )
         return await self._write(move, savepoint=False, durable=durable)
 
     def _submit(self, apply: Callable[[Tx], _T]) -> asyncio.Future[_T]:
         if self._closed:
-            raise JournalError(f"the journal {self.path} is closed; no more writes are accepted")
+            raise JournalError(f"the journal {self.where} is closed; no more writes are accepted")
         return self._writer.submit(apply)
 
     async def _write(
@@ -438,7 +453,7 @@ class SqlJournal:
         durable: tuple[Path, ...] = (),
     ) -> _T:
         if self._closed:
-            raise JournalError(f"the journal {self.path} is closed; no more writes are accepted")
+            raise JournalError(f"the journal {self.where} is closed; no more writes are accepted")
         return await self._writer.write(apply, savepoint=savepoint, durable=durable)
 
 
@@ -456,18 +471,24 @@ def _move(
     sets: str,
     params: tuple[Any, ...],
     now: float,
-    returning: str = _COLUMNS,
+    returning: str = COLUMNS,
+    owned: str = "",
+    owned_params: tuple[Any, ...] = (),
 ) -> tuple[Any, ...]:
     """Move one item by ``transition`` if its state allows; returns the ``returning`` columns of its row
-    as it now stands. TransitionRefused when the item is in no source state of the transition."""
+    as it now stands. TransitionRefused when the item is in no source state of the transition; LeaseLost
+    when it is, but fails the further condition ``owned`` (another worker holds it)."""
     sql = (
         f"UPDATE items SET state = ?, updated_at = ?, {sets}"
-        f" WHERE item_id = ? AND {_in_sources(transition)} RETURNING {returning}"
+        f" WHERE item_id = ? AND {_in_sources(transition)}{owned} RETURNING {returning}"
     )
-    rows = tx.execute(sql, (transition.target.value, now, *params, item_id)).fetchall()
+    rows = tx.execute(sql, (transition.target.value, now, *params, item_id, *owned_params)).fetchall()
     if not rows:
         row = tx.execute("SELECT state FROM items WHERE item_id = ?", (item_id,)).fetchone()
-        raise TransitionRefused(item_id, transition, None if row is None else ItemState(row[0]))
+        state = None if row is None else ItemState(row[0])
+        if owned and state in transition.sources:
+            raise LeaseLost(item_id)
+        raise TransitionRefused(item_id, transition, state)
     return tuple(rows[0])
 
 
@@ -516,7 +537,7 @@ def _adopt(tx: Tx, records: Sequence[ItemRecord], now: float) -> int:
 
 def _repair_damaged(tx: Tx, now: float) -> list[str]:
     rows = tx.execute(
-        f"SELECT {_COLUMNS} FROM items WHERE state NOT IN ({_KNOWN_STATES})"
+        f"SELECT {COLUMNS} FROM items WHERE state NOT IN ({_KNOWN_STATES})"
         " OR (outputs IS NOT NULL AND NOT json_valid(outputs))"
         " OR (error IS NOT NULL AND NOT json_valid(error))"
     ).fetchall()

@@ -6,6 +6,7 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from batch_engine.store.dialect import SQLITE, Tx
 from batch_engine.store.files import JOURNAL_NAME, stem_key
@@ -23,7 +24,11 @@ from batch_engine.store.writer import DEFAULT_MAX_BATCH, Writer, connect_sqlite
 class SqliteJournal(SqlJournal):
     """The journal in ``<out_dir>/journal.sqlite``: open it with ``await SqliteJournal.open(out_dir)``."""
 
-    __slots__ = ()
+    __slots__ = ("path",)
+
+    def __init__(self, path: Path, *args: Any, **kwargs: Any) -> None:
+        super().__init__(str(path), *args, **kwargs)
+        self.path = path  #: the journal's file
 
     @classmethod
     async def open(

@@ -264,7 +264,8 @@ def _outputs_intact(outputs: str | None, out_dir: Path) -> bool:
 def _stem_owner(tx: Tx, item_id: str) -> tuple[str, bool] | None:
     """The live row holding ``item_id``'s output stem, and whether this sync has seen it (it stays)."""
     row = tx.execute(
-        "SELECT item_id, item_id IN (SELECT item_id FROM sync_seen) FROM items WHERE stem_key = ?",
+        "SELECT item_id, EXISTS (SELECT 1 FROM sync_seen s WHERE s.item_id = items.item_id) FROM items"
+        " WHERE stem_key = ?",
         (stem_key(item_id),),
     ).fetchone()
     return None if row is None else (row[0], bool(row[1]))
@@ -290,6 +291,7 @@ def _select(tx: Tx, columns: str, table: str, ids: Sequence[str]) -> list[tuple[
     return rows
 
 
-_UNSEEN = "item_id NOT IN (SELECT item_id FROM sync_seen)"
+#: An anti-join, not ``NOT IN``: PostgreSQL runs ``NOT IN`` over a million ids as a scan per row.
+_UNSEEN = "NOT EXISTS (SELECT 1 FROM sync_seen s WHERE s.item_id = items.item_id)"
 _INTO_ARCHIVE = "INSERT INTO archive (item_id, fingerprint, stem_key, row, reason, archived_at)"
 _SET_ALL = ", ".join(f"{column} = ?" for column in ARCHIVED_COLUMNS)
