@@ -347,8 +347,10 @@ class SqliteJournal:
         completed_at: float,
         inference_ms: int | None,
         durable: Sequence[Path] = (),
+        answered: bool = False,
     ) -> ItemRecord:
         """Record a success; returns the item's final row (the UPDATE returns it: no second query).
+        ``answered``: from ``submitting``, a synchronous route's answer (transition ``answered``).
 
         ``durable``: the output files, written but not yet fsynced; they are fsynced (with their
         folders) before the commit, and an OSError doing so fails this write and nothing else.
@@ -356,9 +358,8 @@ class SqliteJournal:
         sets = "outputs = ?, completed_at = ?, inference_ms = ?, error = NULL"
         encoded = dumps([output.as_dict() for output in outputs])
         params = (encoded, completed_at, inference_ms)
-        return decode_record(
-            await self._move(item_id, transitions.SUCCEED, sets, params, durable=tuple(durable))
-        )
+        move = transitions.ANSWERED if answered else transitions.SUCCEED
+        return decode_record(await self._move(item_id, move, sets, params, durable=tuple(durable)))
 
     async def mark_failed(
         self,
