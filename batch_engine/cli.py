@@ -704,7 +704,8 @@ def _submit_timeout(manifest: Manifest, settings: RunSettings) -> float:
 def _settings(manifest: Manifest, args: argparse.Namespace) -> RunSettings:
     names = RunSettings.field_names()
     overrides = {name: getattr(args, name, None) for name in names}
-    base = dict(manifest.settings)
+    # settings.inputs is the manifest's route for local files (Manifest.inputs), not a knob of the run
+    base = {key: value for key, value in manifest.settings.items() if key != "inputs"}
     if args.simulate:  # the simulator answers in a fraction of a second: poll it that fast too
         base = {**SIMULATE_POLL, **base}
     return RunSettings.build(base, overrides)

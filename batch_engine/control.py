@@ -26,6 +26,7 @@ class StopReason(enum.StrEnum):
     THROTTLED = "throttled"
     REFUSED = "refused"  #: submit after submit refused alike, for a reason no item can fix (`Breaker`)
     LEASE = "lease"  #: a worker of a shared run could not renew its lease: the others took its items
+    STAGING = "staging"
 
 
 #: What each stop means, as the log, the summary and the report say it; ``{detail}`` is what the run
@@ -51,6 +52,10 @@ STOP_MESSAGES: dict[str, str] = {
     StopReason.THROTTLED: (
         "stopped submitting: every submit was refused with 429 (rate limited) for minutes on end, so the key "
         "is throttled or over its concurrency limit; run again later to resume"
+    ),
+    StopReason.STAGING: (
+        "stopped submitting: the object store refused to stage input files (credentials, permission or a "
+        "missing bucket; see the log line above); fix the AWS_* settings and run again to resume"
     ),
     StopReason.INTERNAL: (
         "stopped early: an internal error (a bug in batch-engine; the log line above names it); the journal "

@@ -16,7 +16,7 @@ from typing import Any
 import anyio
 from anyio.streams.memory import MemoryObjectSendStream
 
-from batch_engine.api.catalogue import spec_for, submit_path, wire_body
+from batch_engine.api.catalogue import spec_for, submit_path
 from batch_engine.api.client import ApiClient, ClientConfig, public_url
 from batch_engine.control import RunControl, StopReason
 from batch_engine.crew import Crew, manifest_digest
@@ -24,11 +24,13 @@ from batch_engine.errors import JournalError
 from batch_engine.ledger import Ledger
 from batch_engine.report.gallery_files import THUMBS_DIR, GalleryFiles, page_files
 from batch_engine.report.write import REPORT_FILES, write_reports
-from batch_engine.settings import RunSettings
+from batch_engine.settings import ROUTE_OPENAI_IMAGES, RunSettings
 from batch_engine.stages.context import StageContext
 from batch_engine.stages.poll import Poller, PollQueue
+from batch_engine.stages.routes import ImagesRoute, PredictionsRoute, Route
 from batch_engine.stages.sink import Sink, SinkPlan
 from batch_engine.stages.submit import SubmitPlan, Submitter
+from batch_engine.staging.s3 import S3Inputs, Signer, open_store, sign_get
 from batch_engine.store import Journal, open_journal, sync
 from batch_engine.store.files import IMAGES_DIR, INPUTS_DIR, RESULTS_NAME, OutputTemplate, remove_temp_files
 from batch_engine.store.lock import OutDirLock
@@ -75,6 +77,7 @@ class RunOptions:
     retry: RetryPolicy = DEFAULT_POLICY  #: polls, downloads and refused submits
     pause_initial: float = DEFAULT_PAUSE_INITIAL  #: first pause after a 429 without Retry-After
     sleep: Callable[[float], Awaitable[None]] = anyio.sleep  #: how the stages wait out a retry delay
+    sign_inputs: Signer = sign_get  #: presigns the URLs of staged input files (tests watch it)
     submit_workers: int = 64
     poll_workers: int = 32
     download_workers: int = 16
@@ -204,6 +207,7 @@ class Engine:
         )
         self._before = (0, 0)  #: items succeeded and failed when this run began
         self._finish_rate = RecentRate()
+        self._inputs = self._staging()  #: None unless local files are staged in an object store
         self._plan = self._submit_plan()  #: shared by every submitter
         self._outputs = OutputTemplate(manifest.output)
 
@@ -217,6 +221,15 @@ class Engine:
         try:
             await self._run_stages()
         finally:
+            if self._inputs is not None:
+                inputs = self._inputs
+                log.info(
+                    "input files: %d uploaded to %s (%d bytes), %d already there",
+                    inputs.uploaded,
+                    inputs.location,
+                    inputs.uploaded_bytes,
+                    inputs.found,
+                )
             self._view.update(self._snapshot())
             self._view.stop()
             ledger.close_results()
@@ -492,11 +505,29 @@ class Engine:
         await anyio.sleep(self._settings.grace)
         self._control.stop_now(StopReason.INTERRUPTED)
 
+    def _staging(self) -> S3Inputs | None:
+        inputs = self._manifest.inputs
+        if inputs is None or not inputs.upload:
+            return None
+        return S3Inputs(
+            open_store(inputs.upload),
+            ttl=inputs.ttl(self._settings.timeout),
+            public_base_url=inputs.public_base_url,
+            concurrency=inputs.upload_concurrency,
+            retry=self._options.retry,
+            sleep=self._options.sleep,
+            sign=self._options.sign_inputs,
+        )
+
+    def _route(self) -> Route:
+        manifest, spec = self._manifest, spec_for(self._manifest.model)
+        if manifest.inputs is not None and manifest.inputs.route == ROUTE_OPENAI_IMAGES:
+            return ImagesRoute(spec, timeout=self._settings.timeout)
+        return PredictionsRoute(submit_path(manifest.model, manifest.task), spec, inputs=self._inputs)
+
     def _submit_plan(self) -> SubmitPlan:
-        spec = spec_for(self._manifest.model)
         return SubmitPlan(
-            path=submit_path(self._manifest.model, self._manifest.task),
-            body=lambda record: wire_body(spec, record.request),
+            route=self._route(),
             timeout=self._settings.timeout,
             resubmit_ambiguous=self._settings.resubmit_ambiguous,
         )

@@ -5,6 +5,8 @@
     ├── ManifestError           manifest: every problem found in a manifest, listed (exit 2)
     ├── OutDirLocked            lock: another live run holds the out dir
     ├── JournalError            journal: the journal is unreadable or belongs to another manifest
+    ├── InputFailed             staging, routes: a local input file cannot be read or staged; its item fails
+    ├── StagingRefused          staging: the object store refuses every upload (credentials, bucket)
     └── ApiError                client: one HTTP exchange went wrong (never raised past the engine)
         ├── RetryLater          5xx, timeout or network error on a request that is safe to repeat
         │   └── NotAccepted     a submit the server certainly never saw (connection refused)
@@ -84,6 +86,14 @@ class LeaseLost(BatchEngineError):
     def __init__(self, item_id: str) -> None:
         super().__init__(f"item {item_id} is held by another worker now; not sending it")
         self.item_id = item_id
+class InputFailed(BatchEngineError):
+    """A local input file could not be read, or staged in the object store after retries: that item
+    fails with kind ``input``, nothing was sent for it, and the others go on."""
+
+
+class StagingRefused(BatchEngineError):
+    """The object store refused credentials or permission, or the bucket is missing: every upload would
+    fail the same way, so the run stops submitting (resumable) instead of failing items one by one."""
 
 
 class ApiError(BatchEngineError):

@@ -139,6 +139,12 @@ class Ledger:
         log.debug("item %s submitted as %s", item_id, prediction_id)
         return at
 
+    def answered(self) -> None:
+        """Count a synchronous route's answer: an accepted (billed) submit that has no prediction id; the
+        journal records it with the item's outputs (`succeed` with ``answered``)."""
+        self.submits += 1
+        self.tick("submitted")
+
     async def succeed(
         self,
         item_id: str,
@@ -146,10 +152,17 @@ class Ledger:
         inference_ms: int | None,
         *,
         durable: Sequence[Path] = (),
+        answered: bool = False,
     ) -> None:
-        """Record a success; ``durable`` names output files the journal must fsync before its commit."""
+        """Record a success; ``durable`` names output files the journal must fsync before its commit;
+        ``answered``: a synchronous route's answer, its row still ``submitting``."""
         record = await self._journal.mark_succeeded(
-            item_id, outputs=outputs, completed_at=self._clock(), inference_ms=inference_ms, durable=durable
+            item_id,
+            outputs=outputs,
+            completed_at=self._clock(),
+            inference_ms=inference_ms,
+            durable=durable,
+            answered=answered,
         )
         self.succeeded += 1
         self.images += len(outputs)

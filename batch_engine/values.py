@@ -50,6 +50,7 @@ class ErrorKind(enum.StrEnum):
     INFERENCE_FAILED = "inference_failed"
     DOWNLOAD = "download"  #: the prediction completed but an output could not be fetched or verified
     AMBIGUOUS_SUBMIT = "ambiguous_submit"  #: answer lost and --no-resubmit-ambiguous was given
+    INPUT = "input"  #: a local input file could not be read, or staged in the object store
 
 
 @dataclass(frozen=True)
@@ -306,3 +307,5 @@ class Resolved:
 
     item_id: str
     prediction: Prediction
+    #: a synchronous route's answer (no prediction id): the journal row is still ``submitting``
+    answered: bool = False

@@ -14,6 +14,11 @@ from types import MappingProxyType
 from typing import Any
 
 IMAGE_EDIT = "image-edit"
+#: The OpenAI-format route's one endpoint (api-facts.md, "The OpenAI-format route"): edits, answered
+#: synchronously.
+OPENAI_IMAGES_PATH = "/v1/images/edits"
+#: The sizes that route takes, whatever the model (the vendor page's list).
+OPENAI_IMAGES_SIZES = ("auto", "1536x1024", "1024x1536", "1672x941", "941x1672")
 TEXT_TO_IMAGE = "text-to-image"
 
 #: Each task the engine knows, and whether its requests carry input images.
@@ -46,6 +51,8 @@ class ModelSpec:
     supports_quality: bool  #: False: ``quality`` is ignored (the -plus models), so it is not sent
     transparent_doubtful: bool  #: ``background: transparent`` is reported not to work
     expected_seconds: float  #: typical inference time: the prior for the first poll
+    #: the ``model`` the OpenAI-format endpoint (``/v1/images/edits``) knows it by; None: it has no such route
+    openai_images_model: str | None = None
 
     @property
     def short_name(self) -> str:
@@ -73,6 +80,16 @@ MODELS: Mapping[str, ModelSpec] = MappingProxyType(
                 name="openai/gpt-image-2-plus",
                 tasks=frozenset({IMAGE_EDIT}),
                 supports_quality=False,
+                openai_images_model="gpt-image-2-plus",
+            ),
+            # Known from the OpenAI-format route's page; on the prediction route it is taken to follow
+            # its -plus sibling's rules (unsure: no page documents it there).
+            dataclasses.replace(
+                _GPT_IMAGE_2,
+                name="openai/gpt-image-1.5-plus",
+                tasks=frozenset({IMAGE_EDIT}),
+                supports_quality=False,
+                openai_images_model="gpt-image-1.5-plus",
             ),
             _GPT_IMAGE_2,
             ModelSpec(
@@ -161,6 +178,41 @@ def wire_body(spec: ModelSpec, request: Mapping[str, Any]) -> dict[str, Any]:
     if not spec.supports_quality:
         body.pop("quality", None)
     return body
+
+
+def openai_images_problem(spec: ModelSpec, task: str) -> str | None:
+    """Why the OpenAI-format route cannot serve ``task`` with this model, or None."""
+    if task != IMAGE_EDIT:
+        return f"the openai-images route edits images; {task} has no such route: remove inputs.route"
+    if spec.openai_images_model is not None:
+        return None
+    served = ", ".join(name for name, row in MODELS.items() if row.openai_images_model is not None)
+    return (
+        f"the openai-images route has no endpoint for {spec.name}: it serves {served}; change the model, "
+        "or stage the files with inputs: {upload: s3://bucket/prefix/}"
+    )
+
+
+def openai_images_fields(spec: ModelSpec, request: Mapping[str, Any]) -> dict[str, str]:
+    """The form fields of an OpenAI-format edit of ``request`` (its files go as ``image[]`` parts).
+
+    The route answers with the pictures themselves, when they are done: ``response_format`` and
+    ``enable_sync_mode`` have no meaning there and are not sent.
+    """
+    if spec.openai_images_model is None:
+        raise ValueError(f"{spec.name} has no OpenAI-format route")
+    body = wire_body(spec, request)
+    for name in (spec.image_field, "response_format", "enable_sync_mode"):
+        body.pop(name, None)
+    fields = {"model": spec.openai_images_model}
+    fields.update({name: _form_value(value) for name, value in body.items()})
+    return fields
+
+
+def _form_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
 
 
 def submit_path(model: str, task: str) -> str:

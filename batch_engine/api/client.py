@@ -10,11 +10,12 @@ and downloads reach only the hosts `targets.OutputTargets` allows.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping
+import re
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any
+from typing import IO, Any
 from urllib.parse import quote, urljoin, urlsplit, urlunsplit
 
 import aiohttp
@@ -56,6 +57,11 @@ MAX_REDIRECTS = 5
 THREAD_PARSE_BYTES = 1024 * 1024
 
 _POLICY_WORDS = ("content policy", "content_policy", "safety", "moderation", "nsfw", "violat")
+#: The query of a presigned URL (SigV4 and the older SigV2) quoted in an answer: it names the access key
+#: and grants a read, so messages keep the URL's path only.
+_SIGNED_QUERY = re.compile(
+    r"\?[^\s\"'<>]*(?:X-Amz-(?:Signature|Credential)|Signature=|AWSAccessKeyId=)[^\s\"'<>]*", re.IGNORECASE
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -110,6 +116,15 @@ def public_url(url: str) -> str:
 
 
 @dataclass(frozen=True, slots=True)
+class FormFile:
+    """One file part of a multipart request: streamed from ``stream`` as it is sent."""
+
+    name: str  #: the part's file name, e.g. ``image-1.png``
+    stream: IO[bytes]
+    content_type: str  #: e.g. ``image/png``
+
+
+@dataclass(frozen=True, slots=True)
 class Answer:
     """One HTTP answer as read: its status, its body (capped) and the headers the engine acts on."""
 
@@ -157,6 +172,27 @@ class ApiClient:
         with self._scrubbed():
             answer = await self._exchange("POST", url, body=body, submit=True)
             return await self._prediction(answer, submit=True, url=url)
+
+    async def images_edit(
+        self, path: str, fields: Mapping[str, str], files: Sequence[FormFile], *, seconds: float
+    ) -> Prediction:
+        """POST one edit to the OpenAI-format route as a multipart form, one ``image[]`` part per file,
+        and wait up to ``seconds`` for its answer, which carries the pictures: a completed `Prediction`
+        with no id. Mapped exactly as `submit`: unless this raises NotAccepted or SlowDown, the server may
+        have accepted (billed) it."""
+        url = self._config.api_root + path
+        form = aiohttp.FormData()
+        for name, value in fields.items():
+            form.add_field(name, value)
+        for part in files:
+            form.add_field("image[]", part.stream, filename=part.name, content_type=part.content_type)
+        with self._scrubbed():
+            answer = await self._exchange("POST", url, body=None, form=form, submit=True, seconds=seconds)
+            if len(answer.body) <= THREAD_PARSE_BYTES:
+                return read_images_answer(answer, where=_Shown(url), scrub=self._scrub)
+            return await anyio.to_thread.run_sync(
+                lambda: read_images_answer(answer, where=_Shown(url), scrub=self._scrub)
+            )
 
     async def poll(self, prediction_id: str) -> Prediction:
         """GET a prediction's result; the URL is always built on the configured base URL."""
@@ -206,7 +242,7 @@ class ApiClient:
         try:
             yield
         except ApiError as exc:
-            exc.message = envelope.bounded(self._scrub(exc.message))
+            exc.message = envelope.bounded(without_signatures(self._scrub(exc.message)))
             exc.args = (exc.message,)
             raise
 
@@ -234,6 +270,7 @@ class ApiClient:
         submit: bool,
         auth: bool = True,
         seconds: float | None = None,
+        form: aiohttp.FormData | None = None,
     ) -> Answer:
         """Send one request and read its answer (redirects are never followed here); map every failure."""
         session = self._session
@@ -246,6 +283,7 @@ class ApiClient:
                 method,
                 url,
                 json=body,
+                data=form,
                 headers=self._headers(auth),
                 timeout=self._timeout(method, auth, seconds),
                 allow_redirects=False,  # an API redirect must never carry the key elsewhere
@@ -262,7 +300,8 @@ class ApiClient:
             raise _unsent(submit, f"cannot connect to {where}: {exc.strerror or exc}") from exc
         except aiohttp.ConnectionTimeoutError as exc:
             raise _unsent(submit, f"timed out connecting to {where}") from exc
-        except (TimeoutError, aiohttp.ClientError, ValueError) as exc:  # ValueError: a URL aiohttp refuses
+        # ValueError: a URL aiohttp refuses; OSError: a file part that could not be read while it was sent
+        except (TimeoutError, aiohttp.ClientError, ValueError, OSError) as exc:
             raise _lost(submit, f"{type(exc).__name__} from {where}: {exc}") from exc
         log.debug("%s %s -> %s", method, where, answer.status)
         return answer
@@ -345,6 +384,46 @@ def read_prediction(answer: Answer, *, submit: bool, where: object, scrub: Scrub
     status = code if code is not None else answer.status
     message = _message(payload, answer, scrub)
     raise _classify(status, message, retry_after=answer.retry_after, submit=submit, where=where)
+
+
+def read_images_answer(answer: Answer, *, where: object, scrub: Scrub) -> Prediction:
+    """An OpenAI-format images answer (``{"data": [{"b64_json": ...}], "created": ...}``) as a completed
+    `Prediction` with no id, or the ApiError it means, classified exactly as a submit's.
+
+    Pure, and total over its input, as `read_prediction`. A 2xx answer without pictures is still an
+    answer (billed): it completes without outputs, which the sink fails as ``inference_failed``.
+    """
+    payload = envelope.loads(answer.body)
+    if not 200 <= answer.status < 300:
+        message = _message(payload, answer, scrub)
+        raise _classify(answer.status, message, retry_after=answer.retry_after, submit=True, where=where)
+    if not isinstance(payload, Mapping):
+        message = f"{where} answered {answer.status} with a body that is not a JSON object"
+        raise SubmitOutcomeUnknown(f"{message}: {_message(payload, answer, scrub)}", status=answer.status)
+    created = payload.get("created")
+    return Prediction(
+        id="",
+        status="completed",
+        outputs=_image_outputs(payload.get("data"), scrub),
+        created_at=str(created) if isinstance(created, int) and not isinstance(created, bool) else None,
+    )
+
+
+def _image_outputs(data: Any, scrub: Scrub) -> tuple[str, ...]:
+    """Each picture of an images answer: its ``b64_json``, else its ``url``; anything else is skipped."""
+    found = []
+    for entry in data if isinstance(data, list) else ():
+        if not isinstance(entry, Mapping):
+            continue
+        value = entry.get("b64_json") or entry.get("url")
+        if isinstance(value, str) and value:
+            found.append(scrub(value))
+    return tuple(found)
+
+
+def without_signatures(text: str) -> str:
+    """``text`` with the query of each presigned URL in it cut (it names the access key and grants a read)."""
+    return _SIGNED_QUERY.sub("?(signature removed)", text)
 
 
 def _message(payload: Any, answer: Answer, scrub: Scrub) -> str:

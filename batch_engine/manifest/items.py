@@ -36,7 +36,7 @@ from batch_engine.values import GENERATED_ID_PREFIX, Item
 
 GENERATED_PREFIX = GENERATED_ID_PREFIX
 #: Sizes the OpenAI-format route takes (api-facts.md, "The OpenAI-format route").
-OPENAI_IMAGES_SIZES = ("auto", "1536x1024", "1024x1536", "1672x941", "941x1672")
+OPENAI_IMAGES_SIZES = catalogue.OPENAI_IMAGES_SIZES
 _REQUEST = {spec.name: spec for spec in request_fields()}
 _ITEM = {ITEM_ID.name: ITEM_ID, ITEM_META.name: ITEM_META, **_REQUEST}
 _DATA_URI_WARNING = "is a data: URI, which the API may refuse: prefer a public https:// URL"
@@ -85,6 +85,7 @@ class ItemRules:
     generated: int = 0  #: ids made from the items' contents (counted by `check`)
     sync_mode: bool = False  #: some item asks for enable_sync_mode
     _local_said: bool = False
+    _route_said: bool = False
 
     # -- the two passes
 
@@ -122,7 +123,8 @@ class ItemRules:
             self._check_fields(fields, place)
             self._check_required(place, request)
             self._check_output_meta(place, fields)
-        images = self._images(place, request.get(IMAGES)) if self.report.problem_count == before else None
+        fits = self.report.problem_count == before and self._route_fits(place)
+        images = self._images(place, request.get(IMAGES)) if fits else None
         if item_id is None or images is None:
             return None
         if images:
@@ -296,6 +298,16 @@ class ItemRules:
                 ok = False
             found.append(path)
         return found if ok else None
+
+    def _route_fits(self, place: Place) -> bool:
+        """Whether the route named for local files serves this model and task; said once, not per item."""
+        if self.inputs is None or self.inputs.route != ROUTE_OPENAI_IMAGES:
+            return True
+        problem = catalogue.openai_images_problem(self.spec, self.task)
+        if problem is not None and not self._route_said:
+            self._route_said = True
+            self.report.complain(place, IMAGES, problem)
+        return problem is None
 
     def _local_without_route(self, place: Place, entry: int) -> None:
         if self._local_said:

@@ -21,6 +21,11 @@ class SimModel:
     fixed_sizes: bool = False  #: gpt-image-1: only the sizes in ``FIXED_SIZES``
 
 
+#: The ``model`` names the OpenAI-format route (``POST /v1/images/edits``) takes.
+IMAGES_MODELS = frozenset({"gpt-image-2-plus", "gpt-image-1.5-plus"})
+#: The sizes it takes (its default is ``auto``).
+IMAGES_SIZES = frozenset({"auto", "1536x1024", "1024x1536", "1672x941", "941x1672"})
+
 MODELS: Mapping[str, SimModel] = {
     "openai/gpt-image-2-plus": SimModel(tasks=frozenset({"image-edit"})),
     "openai/gpt-image-2": SimModel(tasks=frozenset({"image-edit", "text-to-image"})),
@@ -78,6 +83,9 @@ class SimConfig:
     processing_status: str = "processing"  #: in-progress status; also seen: running, pending, in_progress
     failed_status: str = "failed"  #: terminal failure status; also seen: cancelled, timeout, expired, error
     accept_data_uris: bool = False  #: accept ``data:`` URIs as inputs (one client says they are refused)
+    #: fetch every input URL before accepting a submit, as the real API does (and record what it got): a
+    #: URL that answers other than 200 (an expired or unsigned link) is a 400 naming the image
+    fetch_inputs: bool = False
     refuse_transparent: bool = False  #: gpt-image-2 models refuse ``background: transparent`` (doubtful)
 
     def __post_init__(self) -> None:
@@ -118,6 +126,8 @@ class PredictionRecord:
     polls_to_complete: int | None  #: set when driven by poll count
     failed: bool
     polls: int = 0  #: polls answered 200
+    images: tuple[str, ...] = ()  #: the inputs as received: URLs, or the file names of an images form
+    inputs_sha256: tuple[str, ...] = ()  #: the bytes of each input, fetched (``fetch_inputs``) or received
     first_done_seen_at: float | None = None  #: the first poll that reported the final status
 
     def is_done(self, now: float) -> bool:
@@ -128,9 +138,12 @@ class PredictionRecord:
 class SimStats:
     """What the simulator has seen and done; mutable, read by tests and benchmarks."""
 
-    submit_requests: int = 0  #: every POST to a submit route
-    accepted: int = 0  #: billed submits
-    duplicate_bodies: int = 0  #: accepted submits whose canonical body had been accepted before
+    submit_requests: int = 0  #: every POST to a submit route (the OpenAI-format one too)
+    images_requests: int = 0  #: every POST to the OpenAI-format route, ``/v1/images/edits``
+    accepted: int = 0  #: billed submits (and billed requests of the OpenAI-format route)
+    #: accepted submits whose canonical body had been accepted before (an images form: the same prompt,
+    #: fields and image bytes; a presigned URL without its signature)
+    duplicate_bodies: int = 0
     body_counts: dict[str, int] = field(default_factory=dict)  #: sha256 of canonical body → accepted count
     polls: int = 0  #: every GET of a result route (both origins), answered or not
     downloads: int = 0  #: every GET of an output image

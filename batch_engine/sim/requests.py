@@ -1,9 +1,17 @@
-"""What the simulated API checks in a submit body, worded as the API words it (naming the field)."""
+"""What the simulated API checks in a submit body or an images form, worded as the API words it."""
 
 from collections.abc import Iterator
 from typing import Any
 
-from batch_engine.sim.config import FIXED_SIZES, SIZE_PATTERN, SimConfig, SimModel
+from batch_engine.images import sniff_extension
+from batch_engine.sim.config import (
+    FIXED_SIZES,
+    IMAGES_MODELS,
+    IMAGES_SIZES,
+    SIZE_PATTERN,
+    SimConfig,
+    SimModel,
+)
 
 _QUALITIES = frozenset({"auto", "low", "medium", "high"})
 _BACKGROUNDS = frozenset({"auto", "opaque", "transparent"})
@@ -85,3 +93,27 @@ def _custom_size_problems(width: int, height: int) -> Iterator[str]:
 def _enum_problems(name: str, value: Any, allowed: frozenset[str]) -> Iterator[str]:
     if value not in allowed:
         yield f"Invalid '{name}': {value!r}; expected one of {', '.join(sorted(allowed))}"
+
+
+def images_form_problems(fields: dict[str, str], images: list[bytes]) -> Iterator[str]:
+    """Each thing wrong with an OpenAI-format edit (its form fields and ``image[]`` parts), in check order."""
+    model = fields.get("model")
+    if model is None:
+        yield "Missing required parameter: 'model'"
+    elif model not in IMAGES_MODELS:
+        known = ", ".join(sorted(IMAGES_MODELS))
+        yield f"Invalid 'model': {model!r} is not supported here; use one of {known}"
+    if not 1 <= len(images) <= 16:
+        yield f"Invalid 'image': expected 1 to 16 image files, got {len(images)}"
+    for k, data in enumerate(images):
+        if sniff_extension(data[:16]) is None:
+            yield f"Invalid 'image[{k}]': expected a PNG, JPEG, WebP or GIF file"
+    yield from _prompt_problems(fields.get("prompt"))
+    size = fields.get("size", "auto")
+    if size not in IMAGES_SIZES:
+        yield f"Invalid 'size': {size!r}; this endpoint supports {', '.join(sorted(IMAGES_SIZES))}"
+    n = fields.get("n", "1")
+    if not (n.isdigit() and 1 <= int(n) <= 10):
+        yield f"Invalid 'n': expected an integer from 1 to 10, got {n!r}"
+    for name, allowed in (("quality", _QUALITIES), ("background", _BACKGROUNDS)):
+        yield from _enum_problems(name, fields.get(name, "auto"), allowed)

@@ -11,6 +11,8 @@ Routes on the API origin (`Simulator.base_url`):
 
     POST /api/v3/{provider}/{model}/{task}        submit
     GET  /api/v3/predictions/{id}/result          poll
+    POST /v1/images/edits                         the OpenAI-format route: a multipart form with image[]
+                                                  files, answered with the pictures when they are done
     GET  /_sim/outputs/{id}/{k}.png               an output image (no auth; an Authorization header is a leak)
     GET  /_sim/inputs/{name}.png                  a sample input image
     GET  /_sim/stats                              the counters
@@ -38,17 +40,22 @@ from statistics import NormalDist
 from types import TracebackType
 from typing import Any
 
+import aiohttp
 import anyio
 import anyio.to_thread
 from aiohttp import web
 
 from batch_engine.sim.config import MODELS, SIZE_PATTERN, PredictionRecord, SimConfig, SimStats
 from batch_engine.sim.drawing import render_input, render_output
-from batch_engine.sim.requests import request_problems
+from batch_engine.sim.requests import images_form_problems, request_problems
 
 logger = logging.getLogger(__name__)
 
 _B64_PREFIX = "data:image/png;base64,"
+_FETCH_TIMEOUT = 10.0  #: seconds one input fetch may take (``fetch_inputs``)
+_MAX_INPUT_BYTES = 50 * 1024 * 1024  #: an input image, fetched or sent in a form
+#: query parameters of a presigned URL: a resend signed again is the same request to the API
+_SIGNING_PARAMS = ("x-amz-", "signature", "expires", "awsaccesskeyid")
 _RENDER_CACHE_SIZE = 256
 _SHUTDOWN_TIMEOUT = 0.5  #: seconds in-flight handlers (a slow answer) get when the simulator closes
 _FAILURE_MESSAGE = "the model could not process the input image (simulated)"
@@ -115,6 +122,7 @@ class Simulator:
         self._renders = _RenderCache()
         self._runners: list[web.AppRunner] = []
         self._urls: list[str] = []
+        self._http: aiohttp.ClientSession | None = None  #: fetches inputs (``fetch_inputs``)
 
     async def __aenter__(self) -> Simulator:
         await self.start()
@@ -145,6 +153,9 @@ class Simulator:
         runners, self._runners = self._runners, []
         for runner in runners:
             await runner.cleanup()
+        http, self._http = self._http, None
+        if http is not None:
+            await http.close()
 
     @property
     def base_url(self) -> str:
@@ -175,6 +186,7 @@ class Simulator:
         app = web.Application()
         app.router.add_post("/api/v3/{provider}/{model}/{task}", self._submit)
         app.router.add_get("/api/v3/predictions/{id}/result", self._result)
+        app.router.add_post("/v1/images/edits", self._images_edit)
         app.router.add_get(r"/_sim/outputs/{id}/{k:\d+}.png", self._output)
         app.router.add_get("/_sim/inputs/{name}.png", self._input)
         app.router.add_get("/_sim/stats", self._stats)
@@ -345,8 +357,13 @@ class Simulator:
         answer = self._server_fault("submit", key)
         if answer is None:
             answer = self._check_request(model, task, body) or self._check_policy(body)
+        images: tuple[str, ...] = ()
+        if answer is None:
+            images = tuple(_listed(body.get(MODELS[model].image_field)))
+            answer, inputs = await self._fetch_inputs(images)
         if answer is None:
             pred = self._accept(model, task, body, digest)
+            pred.images, pred.inputs_sha256 = images, inputs
             if self._happens("drop-after", key, self.config.p_drop_after_accept):
                 return self._drop(request)
             answer = await self._accepted_answer(pred, sync=body.get("enable_sync_mode") is True)
@@ -354,14 +371,45 @@ class Simulator:
             await asyncio.sleep(self.config.slow_seconds)
         return answer
 
-    def _accept(self, model: str, task: str, body: Mapping[str, Any], digest: str) -> PredictionRecord:
+    async def _fetch_inputs(self, urls: tuple[str, ...]) -> tuple[web.Response | None, tuple[str, ...]]:
+        """With ``fetch_inputs``: GET each input as the real API does; a 400 naming the first that fails,
+        else the sha256 of each. Without it, nothing is fetched."""
+        if not self.config.fetch_inputs:
+            return None, ()
+        if self._http is None:
+            self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=_FETCH_TIMEOUT))
+        digests = []
+        for k, url in enumerate(urls):
+            try:
+                async with self._http.get(url, allow_redirects=False) as resp:
+                    data = await resp.content.read(_MAX_INPUT_BYTES + 1)
+                    status = resp.status
+            except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+                status, data = 0, str(exc).encode()
+            if status != 200 or len(data) > _MAX_INPUT_BYTES:
+                why = f"HTTP {status}" if status else "no answer"
+                message = f"Invalid 'images[{k}]': the image could not be downloaded ({why})"
+                return self._error(400, message, type_="invalid_request_error", code="invalid_image_url"), ()
+            digests.append(hashlib.sha256(data).hexdigest())
+        return None, tuple(digests)
+
+    def _accept(
+        self,
+        model: str,
+        task: str,
+        body: Mapping[str, Any],
+        digest: str,
+        *,
+        timed: bool = False,
+    ) -> PredictionRecord:
+        """Bill a request: a new prediction (``timed``: it runs on inference time whatever the knobs)."""
         stats, now = self.stats, time.monotonic()
         previous = stats.body_counts.get(digest, 0)
         stats.body_counts[digest] = previous + 1
         stats.duplicate_bodies += int(previous > 0)
         stats.accepted += 1
         stats.accepted_times.append(now)
-        pred = self._new_prediction(model, task, body, digest=digest, copy=previous, now=now)
+        pred = self._new_prediction(model, task, body, digest=digest, copy=previous, now=now, timed=timed)
         stats.predictions[pred.id] = pred
         if pred.completed_at is None:
             self._running_by_polls.add(pred.id)
@@ -372,13 +420,21 @@ class Simulator:
         return pred
 
     def _new_prediction(
-        self, model: str, task: str, body: Mapping[str, Any], *, digest: str, copy: int, now: float
+        self,
+        model: str,
+        task: str,
+        body: Mapping[str, Any],
+        *,
+        digest: str,
+        copy: int,
+        now: float,
+        timed: bool = False,
     ) -> PredictionRecord:
         cfg = self.config
         pred_id = hashlib.sha256(f"{cfg.seed}|prediction|{digest}|{copy}".encode()).hexdigest()[:32]
         width, height = _output_size(str(body.get("size") or "1024x1024"), scale=cfg.image_scale)
         seconds = self._inference_seconds(pred_id)
-        by_time = cfg.inference_polls is None
+        by_time = timed or cfg.inference_polls is None
         return PredictionRecord(
             id=pred_id,
             model=model,
@@ -387,14 +443,14 @@ class Simulator:
             n=int(body.get("n", 1)),
             width=width,
             height=height,
-            response_format=str(body.get("response_format") or MODELS[model].default_format),
+            response_format=str(body.get("response_format") or _default_format(model)),
             body_sha256=digest,
             created_at=now,
             created_wall=time.time(),
             inference_seconds=seconds,
             processing_at=now + seconds * cfg.processing_after if by_time else None,
             completed_at=now + seconds if by_time else None,
-            polls_to_complete=cfg.inference_polls,
+            polls_to_complete=None if by_time else cfg.inference_polls,
             failed=self._happens("failed", pred_id, cfg.p_failed),
         )
 
@@ -407,6 +463,73 @@ class Simulator:
             self._finish(pred, time.monotonic())
         await asyncio.sleep(max(0.0, pred.created_at + pred.inference_seconds - time.monotonic()))
         return web.json_response(await self._envelope(pred, self._seen(pred, time.monotonic())))
+
+    # ---- the OpenAI-format route ---------------------------------------------------------------------------
+
+    async def _images_edit(self, request: web.Request) -> web.StreamResponse:
+        """A multipart edit, answered when its pictures are done (inference time; poll counts do not apply).
+
+        Refused before billing as a submit is (auth, rate, balance, concurrency, faults, the form's rules,
+        the content policy); once accepted it is billed, and a dropped connection loses the answer only.
+        """
+        self.stats.submit_requests += 1
+        self.stats.images_requests += 1
+        form = await _read_form(request)
+        refused = (
+            self._check_auth(request)
+            or self._check_rate(submit=True)
+            or self._check_balance()
+            or self._check_concurrency()
+        )
+        if refused is not None:
+            return refused
+        if form is None:
+            message = "expected a multipart/form-data body with model, prompt and image[] files"
+            return self._error(400, message, type_="invalid_request_error", code="invalid_body")
+        return await self._images_checked(request, *form)
+
+    async def _images_checked(
+        self, request: web.Request, fields: dict[str, str], images: list[tuple[str, bytes]]
+    ) -> web.StreamResponse:
+        shas = tuple(hashlib.sha256(data).hexdigest() for _, data in images)
+        digest = _form_digest(fields, shas)
+        key = self._attempt_key("submit", digest)
+        if self._happens("drop-before", key, self.config.p_drop_before_accept):
+            return self._drop(request)
+        slow = self._happens("submit-slow", key, self.config.p_slow)
+        answer = self._server_fault("submit", key)
+        problem = next(iter(images_form_problems(fields, [data for _, data in images])), None)
+        if answer is None and problem is not None:
+            answer = self._error(400, problem, type_="invalid_request_error", code="invalid_value")
+        if answer is None:
+            answer = self._check_policy(fields)
+        if answer is None:
+            body = {
+                "prompt": fields["prompt"],
+                "size": fields.get("size", "auto"),
+                "n": int(fields.get("n", "1")),
+                "response_format": "b64_json",
+            }
+            names = tuple(name for name, _ in images)
+            model = f"openai/{fields['model']}"
+            pred = self._accept(model, "image-edit", body, digest, timed=True)
+            pred.images, pred.inputs_sha256 = names, shas
+            if self._happens("drop-after", key, self.config.p_drop_after_accept):
+                return self._drop(request)
+            answer = await self._images_answer(pred)
+        if slow:
+            await asyncio.sleep(self.config.slow_seconds)
+        return answer
+
+    async def _images_answer(self, pred: PredictionRecord) -> web.Response:
+        await asyncio.sleep(max(0.0, pred.created_at + pred.inference_seconds - time.monotonic()))
+        self._seen(pred, time.monotonic())
+        if pred.failed:  # billed, and answered as the route answers trouble: a 500
+            return self._error(500, _FAILURE_MESSAGE, type_="server_error", code="inference_failed")
+        prefix = _B64_PREFIX if self.config.b64_data_prefix else ""
+        pngs = [await self._output_png(pred, k) for k in range(pred.n)]
+        data = [{"b64_json": prefix + _b64(png)} for png in pngs]
+        return web.json_response({"data": data, "created": int(pred.created_wall)})
 
     # ---- poll --------------------------------------------------------------------------------------------
 
@@ -554,15 +677,69 @@ def _parse_body(raw: bytes, *, own_origin: str) -> tuple[Any, str]:
     """The JSON body (None if it is not JSON) and the sha256 of its canonical form (sorted keys).
 
     The simulator's own origin is cut out of the canonical form: input URLs it serves carry a port that
-    changes from run to run, and decisions must not.
+    changes from run to run, and decisions must not. So are the signatures of presigned input URLs: a
+    resend signed again is the same edit, paid again.
     """
     try:
         body = json.loads(raw)
     except ValueError:
         return None, hashlib.sha256(raw).hexdigest()
-    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    plain = body
+    if isinstance(body, dict):
+        plain = {k: [_unsigned(u) for u in v] if k in _IMAGE_FIELDS else v for k, v in body.items()}
+    canonical = json.dumps(plain, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     canonical = canonical.replace(own_origin, "")
     return body, hashlib.sha256(canonical.encode()).hexdigest()
+
+
+_IMAGE_FIELDS = frozenset({"images", "image"})
+
+
+def _listed(value: Any) -> list[str]:
+    """A submit's input URLs (gpt-image-1 may send one bare); anything else is none."""
+    values = [value] if isinstance(value, str) else value if isinstance(value, list) else []
+    return [url for url in values if isinstance(url, str) and url.startswith(("http://", "https://"))]
+
+
+def _unsigned(url: Any) -> Any:
+    """A presigned URL without its query (signatures change at each signing); anything else as it is."""
+    if not isinstance(url, str) or "?" not in url:
+        return url
+    base, _, query = url.partition("?")
+    keys = [pair.partition("=")[0].lower() for pair in query.split("&")]
+    return base if any(key.startswith(_SIGNING_PARAMS) for key in keys) else url
+
+
+async def _read_form(request: web.Request) -> tuple[dict[str, str], list[tuple[str, bytes]]] | None:
+    """A multipart form's text fields and its ``image[]`` files (name, bytes); None if it is not one."""
+    if not request.content_type.startswith("multipart/"):
+        await request.read()
+        return None
+    fields: dict[str, str] = {}
+    images: list[tuple[str, bytes]] = []
+    try:
+        async for part in await request.multipart():
+            if not isinstance(part, aiohttp.BodyPartReader):
+                continue
+            data = bytes(await part.read())
+            if part.name in ("image[]", "image"):
+                images.append((part.filename or "", data))
+            elif part.name:
+                fields[part.name] = data.decode("utf-8", errors="replace")
+    except (ValueError, aiohttp.ClientError, OSError, AssertionError):  # OSError: the client went away
+        return None
+    return fields, images
+
+
+def _form_digest(fields: Mapping[str, str], shas: tuple[str, ...]) -> str:
+    """The sha256 of an images form as the simulator compares them: its fields and its images' bytes."""
+    canonical = json.dumps({"fields": dict(fields), "images": list(shas)}, sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _default_format(model: str) -> str:
+    spec = MODELS.get(model)
+    return spec.default_format if spec is not None else "b64_json"
 
 
 def _output_size(size: str, *, scale: float) -> tuple[int, int]:

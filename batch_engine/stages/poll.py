@@ -10,7 +10,15 @@ from anyio.abc import ObjectSendStream
 
 from batch_engine.api.envelope import Phase, phase
 from batch_engine.control import StopReason
-from batch_engine.errors import ItemRejected, JournalError, RetryLater, SlowDown, StopRun, StopSubmitting
+from batch_engine.errors import (
+    ItemRejected,
+    JournalError,
+    LeaseLost,
+    RetryLater,
+    SlowDown,
+    StopRun,
+    StopSubmitting,
+)
 from batch_engine.stages.context import StageContext
 from batch_engine.store.transitions import TransitionRefused
 from batch_engine.timing.due_queue import DueQueue
@@ -58,6 +66,10 @@ class Poller:
                 except JournalError:
                     log.exception("the journal could not record item %s", tracked.item_id)
                     self._ctx.control.stop_now(StopReason.DISK)
+                except LeaseLost as exc:  # taken for dead: another worker polls it now
+                    log.warning("%s", exc)
+                    if tracked.slot.held:
+                        tracked.slot.release()
                 except TransitionRefused as exc:
                     log.error("%s", exc)
                     self._ctx.control.stop_now(StopReason.INTERNAL)

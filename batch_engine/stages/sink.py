@@ -15,7 +15,7 @@ import anyio
 from anyio.abc import ObjectReceiveStream
 
 from batch_engine.control import StopReason
-from batch_engine.errors import ItemRejected, JournalError, RetryLater, SlowDown
+from batch_engine.errors import ItemRejected, JournalError, LeaseLost, RetryLater, SlowDown
 from batch_engine.images import check_complete, decode_b64_output, is_png
 from batch_engine.stages.context import StageContext
 from batch_engine.store.files import DEFAULT_OUTPUTS, OutputTemplate, write_atomic
@@ -70,15 +70,18 @@ class Sink:
                     # The item stays "submitted" in the journal: a later run polls and saves it again.
                     log.exception("could not save the outputs of item %s", item.item_id)
                     self._ctx.control.stop_now(StopReason.DISK)
+                except LeaseLost as exc:  # taken for dead: another worker saves it (the same prediction)
+                    log.warning("%s", exc)
                 except TransitionRefused as exc:
                     log.error("%s", exc)
                     self._ctx.control.stop_now(StopReason.INTERNAL)
 
     async def _deliver(self, item: Resolved) -> None:
         prediction = item.prediction
+        prediction_id = prediction.id or None  #: none for a synchronous route's answer
         if not prediction.outputs:
             error = ItemError(ErrorKind.INFERENCE_FAILED, "the prediction completed without any output")
-            await self._ctx.ledger.fail(item.item_id, error, prediction_id=prediction.id)
+            await self._ctx.ledger.fail(item.item_id, error, prediction_id=prediction_id)
             return
         deadline = self._ctx.clock() + self._plan.timeout
         name = self._names(item.item_id)
@@ -89,12 +92,14 @@ class Sink:
             ]
         except OutputFailed as exc:
             error = ItemError(ErrorKind.DOWNLOAD, str(exc))
-            await self._ctx.ledger.fail(item.item_id, error, prediction_id=prediction.id)
+            await self._ctx.ledger.fail(item.item_id, error, prediction_id=prediction_id)
             return
         # The files are written but not yet fsynced: the journal's writer fsyncs them, in a group with
         # other items' outputs, before the commit that records this success.
         files = [self._out_dir / output.path for output in outputs]
-        await self._ctx.ledger.succeed(item.item_id, outputs, prediction.inference_ms, durable=files)
+        await self._ctx.ledger.succeed(
+            item.item_id, outputs, prediction.inference_ms, durable=files, answered=item.answered
+        )
 
     def _names(self, item_id: str) -> Callable[[int, str], str]:
         """Output number k (0-based) with extension ext → its path in the out dir, for this item."""

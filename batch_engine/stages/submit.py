@@ -1,4 +1,10 @@
-"""The submit stage: takes pending items, paces and sends their submits, hands predictions on to polling."""
+"""The submit stage: takes pending items, paces and sends their submits, hands predictions on to polling.
+
+Each item's inputs are staged first (`routes.Route.stage`: local files uploaded to the user's object store),
+before the item takes an in-flight slot or a pacing turn: the first submit does not wait for the last
+upload, and uploads spend no rate. A synchronous route's answer carries the outputs and goes straight to
+the sink.
+"""
 
 from __future__ import annotations
 
@@ -6,23 +12,25 @@ import enum
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
 from batch_engine.api.envelope import Phase, phase
 from batch_engine.control import Slot, StopReason
 from batch_engine.errors import (
+    InputFailed,
     ItemRejected,
     JournalError,
     LeaseLost,
     NotAccepted,
     SlowDown,
+    StagingRefused,
     StopRun,
     StopSubmitting,
     SubmitOutcomeUnknown,
 )
 from batch_engine.stages.context import StageContext
+from batch_engine.stages.routes import Route, Send
 from batch_engine.store.transitions import TransitionRefused
 from batch_engine.timing.pacing import SubmitPacer
 from batch_engine.values import ErrorKind, ItemError, ItemRecord, Prediction, Resolved, Tracked
@@ -80,10 +88,9 @@ class _Next(enum.Enum):
 
 @dataclass(frozen=True, kw_only=True)
 class SubmitPlan:
-    """What the stage needs to know of the job: where to send, what to send, how long to wait."""
+    """What the stage needs to know of the job: how to send, how long to wait."""
 
-    path: str  #: e.g. ``/api/v3/openai/gpt-image-2-plus/image-edit``
-    body: Callable[[ItemRecord], dict[str, Any]]  #: the wire body of an item
+    route: Route  #: the prediction API (inputs staged first), or the synchronous OpenAI-format endpoint
     timeout: float  #: seconds a prediction may take; also how long one item may keep trying to be accepted
     resubmit_ambiguous: bool
     #: shared, like the plan itself, by every submitter of the run
@@ -128,6 +135,8 @@ class Submitter:
 
     async def _submit(self, record: ItemRecord, done: ObjectSendStream[Resolved]) -> None:
         control = self._ctx.control
+        if not await self._staged(record):
+            return
         state = _Attempts(possible_duplicate=record.possible_duplicate, started=self._ctx.clock())
         while True:
             slot = await control.take_slot()
@@ -140,17 +149,55 @@ class Submitter:
             if control.submitting_closed.is_set() or not control.reserve_submit():
                 slot.release()
                 return
+            # A stop_now may cut the block below short (its cancel ends the block): the item is then done
+            # here, its row left submitting (an ambiguous submit for the next run, which it is), and its
+            # slot maybe already given back by `_route`.
+            step = _Next.DONE
             with control.critical():
-                prediction, step = await self._exchange(record, state)
+                try:
+                    prediction, step = await self._attempt(record, state)
+                except LeaseLost as exc:  # taken for dead: the item is another worker's now
+                    log.warning("%s", exc)
+                    prediction, step = None, _Next.DONE
                 if prediction is not None:  # routed under the shield too: an accepted item is never dropped
                     await self._route(record, prediction, slot, done, state.submitted_at)
                     return
-            slot.release()
+            if slot.held:
+                slot.release()
             if step is _Next.DONE:
                 return
             await self._ctx.sleep(state.delay)
 
-    async def _exchange(self, record: ItemRecord, state: _Attempts) -> tuple[Prediction | None, _Next]:
+    async def _staged(self, record: ItemRecord) -> bool:
+        """Stage the item's inputs; False when it cannot go on (failed as ``input``, or the run stops)."""
+        try:
+            await self._plan.route.stage(record)
+        except InputFailed as exc:
+            await self._ctx.ledger.fail(record.item_id, ItemError(ErrorKind.INPUT, str(exc)))
+            return False
+        except StagingRefused as exc:
+            log.error("%s", exc)
+            self._ctx.control.stop_submitting(StopReason.STAGING)  # the item stays pending
+            return False
+        return True
+
+    async def _attempt(self, record: ItemRecord, state: _Attempts) -> tuple[Prediction | None, _Next]:
+        """One request, made ready (URLs signed, files opened) before its intent is journaled."""
+        try:
+            async with self._plan.route.request(record) as send:
+                return await self._exchange(record, state, send)
+        except InputFailed as exc:  # raised before anything was sent: nothing to pay
+            self._ctx.control.refund_submit()
+            await self._ctx.ledger.fail(record.item_id, ItemError(ErrorKind.INPUT, str(exc)))
+        except StagingRefused as exc:
+            self._ctx.control.refund_submit()
+            log.error("%s", exc)
+            self._ctx.control.stop_submitting(StopReason.STAGING)
+        return None, _Next.DONE
+
+    async def _exchange(
+        self, record: ItemRecord, state: _Attempts, send: Send
+    ) -> tuple[Prediction | None, _Next]:
         """Intent, POST, outcome: each outcome recorded before anything else happens to the item."""
         ledger, item_id = self._ctx.ledger, record.item_id
         try:
@@ -160,7 +207,7 @@ class Submitter:
             self._ctx.control.refund_submit()
             return None, _Next.DONE
         try:
-            prediction = await self._ctx.client.submit(self._plan.path, self._plan.body(record))
+            prediction = await send(self._ctx.client)
         except SlowDown as exc:
             return None, await self._rate_limited(item_id, state, exc)
         except NotAccepted as exc:
@@ -187,8 +234,20 @@ class Submitter:
             return None, _Next.DONE
         self._pacer.on_success()
         self._plan.refusals.answered()
+        if self._plan.route.synchronous:  # no id: the row stays submitting until the sink saves the outputs
+            ledger.answered()
+            return prediction, _Next.DONE
         try:
             state.submitted_at = await ledger.submitted(item_id, prediction.id)
+        except LeaseLost:
+            log.error(
+                "item %s was accepted as prediction %s after this worker was taken for dead; the worker "
+                "that holds the item now has resent it (marked possible_duplicate) or failed it as an "
+                "ambiguous submit",
+                item_id,
+                prediction.id,
+            )
+            raise
         except JournalError:
             # The one place a paid prediction id exists only in memory: say it where a person will see
             # it, so it can be recovered by hand; the row stays "submitting" (ambiguous next run).
@@ -281,14 +340,14 @@ class Submitter:
             deadline = submitted_at + self._plan.timeout
             self._track(Tracked(record.item_id, prediction.id, submitted_at, deadline, slot=slot))
             return
-        slot.resolve()  # its final status came with the submit's answer (sync mode)
+        slot.resolve()  # its final status came with the submit's answer (sync mode, a synchronous route)
         if where is Phase.FAILED:
             error = ItemError(
                 ErrorKind.INFERENCE_FAILED, prediction.error or f"prediction {prediction.status}"
             )
-            await self._ctx.ledger.fail(record.item_id, error, prediction_id=prediction.id)
+            await self._ctx.ledger.fail(record.item_id, error, prediction_id=prediction.id or None)
             return
-        await done.send(Resolved(record.item_id, prediction))
+        await done.send(Resolved(record.item_id, prediction, answered=self._plan.route.synchronous))
 
 
 class _Attempts:

@@ -85,7 +85,10 @@ class Journal(Protocol):
         completed_at: float,
         inference_ms: int | None,
         durable: Sequence[Path] = (),
-    ) -> ItemRecord: ...
+        answered: bool = False,
+    ) -> ItemRecord:
+        """Record a success: from ``submitted`` (transition ``succeed``), or with ``answered`` from
+        ``submitting``, a synchronous route's answer that had no prediction id (``answered``)."""
     async def mark_failed(
         self,
         item_id: str,

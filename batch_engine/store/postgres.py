@@ -107,14 +107,25 @@ def schema_for(run: str) -> str:
     return f"be_{slug}_{hashlib.sha256(run.encode()).hexdigest()[:10]}"
 
 
-def connect(url: str, schema: str | None) -> Connection:
-    """An autocommit connection (transactions are explicit) whose search path is the run's schema."""
+def connect(url: str, schema: str | None, lease: float = DEFAULT_LEASE) -> Connection:
+    """An autocommit connection (transactions are explicit) whose search path is the run's schema.
+
+    A worker frozen (or cut off) inside a transaction must not hold its row locks for good: the server
+    ends a session idle in a transaction for a lease, and TCP keepalives find a lost machine in ~25 s.
+    """
     import psycopg
 
     secret = journal_password(url)
     try:
         conn = psycopg.connect(
-            url, autocommit=True, connect_timeout=CONNECT_TIMEOUT, application_name="batch-engine"
+            url,
+            autocommit=True,
+            connect_timeout=CONNECT_TIMEOUT,
+            application_name="batch-engine",
+            keepalives=1,
+            keepalives_idle=10,
+            keepalives_interval=5,
+            keepalives_count=3,
         )
     except psycopg.Error as exc:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -124,6 +135,7 @@ def connect(url: str, schema: str | None) -> Connection:
     try:
         if schema is not None:
             conn.execute(f'SET search_path TO "{schema}", public')
+        conn.execute(f"SET idle_in_transaction_session_timeout = {max(1000, int(lease * 1000))}")
     except BaseException:
         conn.close()
         raise
@@ -194,7 +206,9 @@ class PostgresJournal(SqlJournal):
         where = f"{shown} (run {run!r})"
         if not create:
             await anyio.to_thread.run_sync(_check_run_exists, url, run, shown)
-        writer = Writer(lambda: connect(url, schema), where=where, max_batch=max_batch, dialect=POSTGRES)
+        writer = Writer(
+            lambda: connect(url, schema, lease), where=where, max_batch=max_batch, dialect=POSTGRES
+        )
         try:
             await writer.write(lambda tx: _init_schema(tx, run, schema, where))
             reader = await anyio.to_thread.run_sync(connect, url, schema)
@@ -479,6 +493,8 @@ def _init_schema(tx: Tx, run: str, schema: str, where: str) -> None:
         found = json.loads(version[0]) if version else None
     if isinstance(found, int) and found > SCHEMA_VERSION:
         raise newer_schema(where, found)
+    if found == SCHEMA_VERSION:  # laid out already: no DDL, which would wait on live workers' row locks
+        return
     tx.execute(_JSON_VALID_FUNCTION)
     for statement in tables(POSTGRES):
         tx.execute(statement)

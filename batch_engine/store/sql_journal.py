@@ -335,14 +335,12 @@ class SqlJournal:
 
         LeaseLost when the journal is shared and another worker holds the item now."""
         sets = "attempts = attempts + 1"
-        owned, params = self.owner_condition()
-        row = await self._move(
-            item_id, transitions.SUBMIT, sets, (), returning="attempts", owned=owned, owned_params=params
-        )
+        row = await self._move(item_id, transitions.SUBMIT, sets, (), returning="attempts")
         return int(row[0])
 
     def owner_condition(self) -> tuple[str, tuple[Any, ...]]:
-        """The condition a row must meet for this process to send it: none, with one process per journal."""
+        """The condition a row must meet for this process to move it: none, with one process per journal
+        (a shared journal's worker moves only the rows it holds, while it is alive)."""
         return "", ()
 
     async def mark_submitted(self, item_id: str, *, prediction_id: str, submitted_at: float) -> None:
@@ -359,8 +357,10 @@ class SqlJournal:
         completed_at: float,
         inference_ms: int | None,
         durable: Sequence[Path] = (),
+        answered: bool = False,
     ) -> ItemRecord:
         """Record a success; returns the item's final row (the UPDATE returns it: no second query).
+        ``answered``: from ``submitting``, a synchronous route's answer (transition ``answered``).
 
         ``durable``: the output files, written but not yet fsynced; they are fsynced (with their
         folders) before the commit, and an OSError doing so fails this write and nothing else.
@@ -368,9 +368,8 @@ class SqlJournal:
         sets = "outputs = ?, completed_at = ?, inference_ms = ?, error = NULL"
         encoded = dumps([output.as_dict() for output in outputs])
         params = (encoded, completed_at, inference_ms)
-        return decode_record(
-            await self._move(item_id, transitions.SUCCEED, sets, params, durable=tuple(durable))
-        )
+        move = transitions.ANSWERED if answered else transitions.SUCCEED
+        return decode_record(await self._move(item_id, move, sets, params, durable=tuple(durable)))
 
     async def mark_failed(
         self,
@@ -420,13 +419,12 @@ class SqlJournal:
         *,
         durable: tuple[Path, ...] = (),
         returning: str = COLUMNS,
-        owned: str = "",
-        owned_params: tuple[Any, ...] = (),
     ) -> tuple[Any, ...]:
         """Move one item; returns the ``returning`` columns of its new row, for the caller to decode
-        (off the writer thread, and only what it needs: JSON columns are not cheap). ``owned``: a further
-        condition of the row (``AND ...``), with its parameters; LeaseLost when only it fails."""
+        (off the writer thread, and only what it needs: JSON columns are not cheap). LeaseLost when the
+        item is another worker's now (`owner_condition`)."""
         now = self._clock()
+        owned, owned_params = self.owner_condition()
         move = functools.partial(
             _move,
             item_id=item_id,
@@ -486,8 +484,10 @@ def _move(
     if not rows:
         row = tx.execute("SELECT state FROM items WHERE item_id = ?", (item_id,)).fetchone()
         state = None if row is None else ItemState(row[0])
-        if owned and state in transition.sources:
-            raise LeaseLost(item_id)
+        if owned and row is not None:
+            held = tx.execute(f"SELECT 1 FROM items WHERE item_id = ?{owned}", (item_id, *owned_params))
+            if held.fetchone() is None:
+                raise LeaseLost(item_id)
         raise TransitionRefused(item_id, transition, state)
     return tuple(rows[0])
 

@@ -47,6 +47,11 @@ NOT_ACCEPTED = _t(
     "and it is sent again (marked possible_duplicate)",
 )
 SUCCEED = _t("succeed", {SUBMITTED}, SUCCEEDED, "every output was saved")
+#: A synchronous route (the OpenAI-format images endpoint) has no prediction id: the row stays
+#: ``submitting`` until its answer's outputs are saved, so a run killed in between resends it, flagged.
+ANSWERED = _t(
+    "answered", {SUBMITTING}, SUCCEEDED, "a synchronous route's answer carried the outputs, all saved"
+)
 FAIL = _t(
     "fail",
     {PENDING, SUBMITTING, SUBMITTED},
@@ -81,6 +86,7 @@ TABLE: tuple[Transition, ...] = (
     ACCEPTED,
     NOT_ACCEPTED,
     SUCCEED,
+    ANSWERED,
     FAIL,
     RESEND_AMBIGUOUS,
     FAIL_AMBIGUOUS,

@@ -224,6 +224,11 @@ class Writer:
             self._conn.execute("ROLLBACK")
         except Exception:  # no transaction to roll back, or the connection is gone: nothing to undo
             logger.debug("journal %s: rollback failed", self._where, exc_info=True)
+            if self._dialect.name != "sqlite":  # a server's connection that broke: the next batch reconnects
+                try:
+                    self._close()
+                except Exception:
+                    self._conn = None
 
     def _close(self) -> None:
         if self._conn is not None:
