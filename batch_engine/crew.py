@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 
 CLAIM_BATCH = 16  #: pending items claimed per query
 LOCK_WAIT_LOG = 5.0  #: seconds between "waiting for the run's lock" lines
+#: seconds between two looks at whether the run still waits for other workers' items (a count of the
+#: unsettled rows, on an index): at the end of a run, how long a worker may stay after the last item
+WAIT_FOR_OTHERS = 0.5
 
 #: The figures of a worker that add up over the run's workers (the others come from the journal, or are
 #: the last worker's: the rate it ended at).
@@ -183,7 +186,7 @@ class Crew:
 
     async def wait_for_change(self) -> None:
         """Until a sweep has released rows, or a while has passed (another worker may have finished)."""
-        with anyio.move_on_after(max(0.2, self.lease / 4)):
+        with anyio.move_on_after(min(WAIT_FOR_OTHERS, self.lease / 4)):
             await self.changed.wait()
         self.changed = anyio.Event()
 

@@ -233,6 +233,8 @@ class Engine:
             self._view.update(self._snapshot())
             self._view.stop()
             ledger.close_results()
+            if self._plan.gate is not None:
+                self._plan.gate.close()
             with anyio.CancelScope(shield=True), _interruptible(self._options.handle_signals):
                 stats, paths = await self._finish(meta)
         return RunResult(stats=stats, exit_code=exit_code(stats), report_paths=paths)
@@ -530,6 +532,7 @@ class Engine:
             route=self._route(),
             timeout=self._settings.timeout,
             resubmit_ambiguous=self._settings.resubmit_ambiguous,
+            gate=self._crew.journal.gate() if self._crew is not None else None,
         )
 
     def _context(self) -> StageContext:

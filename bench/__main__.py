@@ -14,11 +14,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bench import overhead, pacing, polling, scale, sources
+from bench import overhead, pacing, polling, scale, sources, workers
 from bench.common import Figure, Row
 
 RESULTS = Path(__file__).parent / "results.json"
-FIGURES = ("overhead", "pacing", "polling", "scale", "sources")
+FIGURES = ("overhead", "pacing", "polling", "scale", "sources", "workers")
 
 
 @dataclass(frozen=True)
@@ -33,10 +33,12 @@ class Sizes:
     scale_sizes: tuple[int, ...]  #: scale: manifest sizes
     scale_submits: int  #: scale: predictions submitted per size
     source_sizes: tuple[int, ...]  #: sources: items in the CSV and JSONL files
+    worker_items: int  #: workers (a): items of each run
+    paced_items: int  #: workers (b) and (c): items of each run against the limited key
 
 
-FULL = Sizes(2000, 3, 300, 400, 300, (10_000, 100_000), 10_000, (100_000, 1_000_000))
-QUICK = Sizes(500, 1, 100, 300, 100, (2_000, 20_000), 2_000, (10_000, 50_000))
+FULL = Sizes(2000, 3, 300, 400, 300, (10_000, 100_000), 10_000, (100_000, 1_000_000), 2000, 400)
+QUICK = Sizes(500, 1, 100, 300, 100, (2_000, 20_000), 2_000, (10_000, 50_000), 400, 200)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -99,6 +101,8 @@ def _sizes(args: argparse.Namespace) -> Sizes:
         scale_sizes=args.scale_sizes or base.scale_sizes,
         scale_submits=args.scale_submits or base.scale_submits,
         source_sizes=args.source_sizes or base.source_sizes,
+        worker_items=base.worker_items,
+        paced_items=base.paced_items,
     )
 
 
@@ -113,6 +117,13 @@ def _measure(name: str, args: argparse.Namespace, sizes: Sizes, work: Path) -> F
         "polling": lambda: polling.measure(items=sizes.poll_items),
         "scale": lambda: scale.measure(sizes=list(sizes.scale_sizes), submits=sizes.scale_submits, work=work),
         "sources": lambda: sources.measure(sizes=list(sizes.source_sizes), work=work),
+        "workers": lambda: workers.measure(
+            items=sizes.worker_items,
+            paced_items=sizes.paced_items,
+            rate=args.rate,
+            repeat=sizes.repeat,
+            work=work,
+        ),
     }
     print(f"bench: {name}...", file=sys.stderr, flush=True)
     started = time.perf_counter()

@@ -209,3 +209,34 @@ async def test_a_killed_lone_worker_is_replaced_at_once_on_the_same_machine(
         assert again.code == EXIT_OK, again.stderr
         assert "no longer running" in again.stderr
         check_out_dir(out, specs, sim)
+
+
+async def test_four_workers_two_killed_at_random_moments_lose_nothing_pay_once_and_keep_to_the_limit(
+    tmp_path: Path, shared: Backend
+) -> None:
+    """Four workers against a key limited to 20 submits/s (a strict limiter); two are SIGKILLed at random
+    moments and started again. Every item is in the report exactly once, done; the server accepted no body
+    twice that the report does not mark possible_duplicate; every output is whole; and the accepted
+    submits kept to the key's limit (the simulator's limiter would have refused the excess: the 429s stay
+    few because the workers share one schedule)."""
+    limit, count = 20.0, 60
+    chance = random.Random()
+    specs = items(count, prefix="four")
+    async with Simulator(sim_config(submit_rate=limit, submit_burst=2, inference_polls=2)) as sim:
+        manifest = write_manifest(tmp_path / "job.yaml", specs, sim=sim, name=shared.run)
+        out = tmp_path / "out"
+        args = worker_args(manifest, out, sim, shared, "--rate", str(limit))
+        async with engine(args) as a, engine(args) as b, engine(args) as c, engine(args) as d:
+            for victim in (a, b):
+                moment = chance.randint(3, count - 20)
+                await wait_until(lambda: sim.stats.accepted >= moment, what=f"{moment} accepted", proc=c)
+                victim.send(signal.SIGKILL)
+                assert await victim.wait() == KILLED
+            async with engine(args) as a2, engine(args) as b2:
+                codes = [await proc.wait() for proc in (c, d, a2, b2)]
+        assert all(code == EXIT_OK for code in codes), codes
+        report = check_out_dir(out, specs, sim)
+        assert set(states(report).values()) == {"succeeded"}
+        assert sim.stats.rate_limited_submits <= 0.1 * sim.stats.submit_requests
+        times = sim.stats.accepted_times
+        assert (len(times) - 1) / (times[-1] - times[0]) <= limit * 1.05

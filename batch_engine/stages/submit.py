@@ -33,6 +33,7 @@ from batch_engine.stages.context import StageContext
 from batch_engine.stages.routes import Route, Send
 from batch_engine.store.transitions import TransitionRefused
 from batch_engine.timing.pacing import SubmitPacer
+from batch_engine.timing.shared_pace import SharedGate
 from batch_engine.values import ErrorKind, ItemError, ItemRecord, Prediction, Resolved, Tracked
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,8 @@ class SubmitPlan:
     route: Route  #: the prediction API (inputs staged first), or the synchronous OpenAI-format endpoint
     timeout: float  #: seconds a prediction may take; also how long one item may keep trying to be accepted
     resubmit_ambiguous: bool
+    #: a shared run's one submit schedule for every worker (`timing.shared_pace`); None: this process alone
+    gate: SharedGate | None = None
     #: shared, like the plan itself, by every submitter of the run
     refusals: RefusalWatch = field(default_factory=RefusalWatch, compare=False)
 
@@ -143,6 +146,8 @@ class Submitter:
             try:
                 with control.pacing_turn():
                     await self._pacer.acquire()
+                    if self._plan.gate is not None:
+                        await self._plan.gate.turn(self._pacer)
             except BaseException:  # a graceful stop cancels waiting submitters: the slot must go back
                 slot.release()
                 raise
@@ -266,7 +271,10 @@ class Submitter:
     async def _rate_limited(self, item_id: str, state: _Attempts, exc: SlowDown) -> _Next:
         await self._unpaid(item_id, state)
         self._ctx.ledger.saw_rate_limit()
+        rate_before = self._pacer.rate
         pause = self._pacer.on_rate_limited(exc.retry_after)
+        if self._plan.gate is not None:  # the key is every worker's: they all pause, and adopt a cut
+            await self._plan.gate.rate_limited(self._pacer, rate_before, pause)
         if self._run_throttled(state):
             self._ctx.control.stop_submitting(StopReason.THROTTLED)  # the item stays pending
             return _Next.DONE

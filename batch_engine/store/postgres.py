@@ -42,6 +42,7 @@ from batch_engine.store.sql_journal import (
     tables,
 )
 from batch_engine.store.writer import DEFAULT_MAX_BATCH, Writer
+from batch_engine.timing.shared_pace import SharedGate
 from batch_engine.values import ItemRecord
 
 JOURNAL_ENV = "BATCH_ENGINE_JOURNAL"  #: the journal URL when ``--journal`` is not given
@@ -220,6 +221,17 @@ class PostgresJournal(SqlJournal):
         )
 
     # -- the workers of the run -------------------------------------------------------------------
+
+    def gate(self) -> SharedGate:
+        """The run's shared submit schedule (`timing.shared_pace`), on a connection of its own."""
+        url, schema, lease = self.url, self.schema, self.lease
+
+        def connect_gate() -> Connection:
+            conn = connect(url, schema, lease)
+            conn.execute("SET synchronous_commit = off")  # a schedule lost in a crash costs nothing
+            return conn
+
+        return SharedGate(connect_gate, now_sql=DB_NOW)
 
     def live_workers(self) -> list[Worker]:
         rows = self._reader.execute(
@@ -504,6 +516,11 @@ def _init_schema(tx: Tx, run: str, schema: str, where: str) -> None:
         " started_at DOUBLE PRECISION NOT NULL, alive_until DOUBLE PRECISION NOT NULL, stats TEXT)"
     )
     tx.execute("CREATE INDEX IF NOT EXISTS items_owner ON items (lease_owner) WHERE lease_owner IS NOT NULL")
+    tx.execute(
+        "CREATE TABLE IF NOT EXISTS pacer (id INTEGER PRIMARY KEY, tat DOUBLE PRECISION NOT NULL,"
+        " paused_until DOUBLE PRECISION NOT NULL, cuts INTEGER NOT NULL DEFAULT 0, cut_rate DOUBLE PRECISION)"
+    )
+    tx.execute("INSERT INTO pacer (id, tat, paused_until) VALUES (1, 0, 0) ON CONFLICT (id) DO NOTHING")
     put_meta(tx, "schema_version", json.dumps(SCHEMA_VERSION))
 
 

@@ -236,6 +236,20 @@ class SubmitPacer:
         self._tat = until
         self._generation += 1
 
+    def adopt_cut(self, rate: float, pause: float) -> None:
+        """Another worker sharing the key cut the rate to ``rate`` and paused for ``pause`` seconds: take
+        both as if this pacer had seen the 429 itself (a shared run adapts once, not once per worker), so
+        the 429s this worker still gets for requests sent before the pause do not cut again."""
+        now = self._clock()
+        if self._adapt and rate < self._rate:
+            self._known_bad = self._rate
+            self._rate = max(self._floor, rate)
+            self._clean = 0
+            self._epoch_started = now
+            self._hold = HOLD_PAUSES * max(pause, self._pause_initial)
+        if now + pause > self._paused_until:
+            self._pause(now + pause)
+
     def __repr__(self) -> str:
         bad = f"{self._known_bad:.4g}/s" if self._known_bad is not None else "none"
         paused = max(0.0, self._paused_until - self._clock())
