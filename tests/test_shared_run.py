@@ -5,6 +5,7 @@ database are real servers."""
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import signal
@@ -229,7 +230,8 @@ async def test_four_workers_two_killed_at_random_moments_lose_nothing_pay_once_a
         async with engine(args) as a, engine(args) as b, engine(args) as c, engine(args) as d:
             for victim in (a, b):
                 moment = chance.randint(3, count - 20)
-                await wait_until(lambda: sim.stats.accepted >= moment, what=f"{moment} accepted", proc=c)
+                reached = functools.partial(lambda n: sim.stats.accepted >= n, moment)
+                await wait_until(reached, what=f"{moment} accepted submits", proc=c)
                 victim.send(signal.SIGKILL)
                 assert await victim.wait() == KILLED
             async with engine(args) as a2, engine(args) as b2:
