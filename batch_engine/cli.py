@@ -270,6 +270,12 @@ def _parser() -> argparse.ArgumentParser:
         default=0,
         help="seed of the simulator's choices: the same seed gives the same failures and timings (default 0)",
     )
+    p.add_argument(
+        "--advertise",
+        metavar="HOST",
+        help="the host name its output URLs carry (default: --host; set it when listening on 0.0.0.0, e.g. "
+        "the service name in docker compose)",
+    )
     p.add_argument("--key", help="the key the simulator accepts (default: any non-empty key)")
     p.add_argument("--inference", type=float, default=2.0, metavar="S", help="median inference seconds")
     p.add_argument("--submit-rate", type=float, metavar="R", help="submits/s the simulated key allows")
@@ -596,7 +602,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     )
     try:
         with contextlib.suppress(KeyboardInterrupt):
-            anyio.run(serve, config, args.host, args.port)
+            anyio.run(serve, config, args.host, args.port, args.advertise)
     except OSError as exc:  # the address is taken, not this machine's, or not an address at all
         raise UsageError(f"cannot listen on {args.host}:{args.port}: {_reason(exc)}") from exc
     return EXIT_OK

@@ -133,8 +133,10 @@ class Simulator:
     ) -> None:
         await self.close()
 
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
-        """Listen on ``host:port`` (0: a free port) and on a free port for the foreign origin."""
+    async def start(self, host: str = "127.0.0.1", port: int = 0, *, advertise: str | None = None) -> None:
+        """Listen on ``host:port`` (0: a free port) and on a free port for the foreign origin; the URLs it
+        hands out (outputs, results) name ``advertise`` (default: ``host``), the name clients reach it by
+        when it listens on every address (``0.0.0.0`` in a container)."""
         if self._runners:
             raise RuntimeError("the simulator is already started")
         for app, app_port in ((self._api_app(), port), (self._foreign_app(), 0)):
@@ -143,7 +145,7 @@ class Simulator:
             self._runners.append(runner)
             await web.TCPSite(runner, host, app_port).start()
             bound = runner.addresses[0]
-            self._urls.append(f"http://{host}:{bound[1]}")
+            self._urls.append(f"http://{advertise or host}:{bound[1]}")
         logger.info("simulator listening on %s", self.base_url)
         # The second origin stands in for another company's host: a key sent there is counted as a leak.
         logger.debug("simulator's stand-in for another host: %s", self.foreign_url)
@@ -761,10 +763,10 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-async def serve(config: SimConfig, host: str, port: int) -> None:
+async def serve(config: SimConfig, host: str, port: int, advertise: str | None = None) -> None:
     """Run a simulator on ``host:port`` until cancelled (``batch-engine simulate``)."""
     sim = Simulator(config)
-    await sim.start(host, port)
+    await sim.start(host, port, advertise=advertise)
     logger.info("simulator serving at %s; stats at %s/_sim/stats", sim.base_url, sim.base_url)
     try:
         await anyio.sleep_forever()
