@@ -558,3 +558,49 @@ async def test_acknowledged_writes_survive_sigkill(tmp_path: Path, backend: Back
             assert record is not None
             assert (record.state, record.attempts) == (ItemState.SUBMITTING, 1), item_id
         assert journal.counts()[ItemState.SUBMITTING] >= len(acked)
+
+
+#: The items table of journal schema 1 (batch-engine before the archive and shared runs), as it was.
+SCHEMA_1 = """CREATE TABLE items (
+    item_id TEXT PRIMARY KEY, idx INTEGER NOT NULL, fingerprint TEXT NOT NULL, spec TEXT NOT NULL,
+    request TEXT NOT NULL, state TEXT NOT NULL DEFAULT 'pending', prediction_id TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0, possible_duplicate INTEGER NOT NULL DEFAULT 0, outputs TEXT,
+    error TEXT, submitted_at REAL, completed_at REAL, inference_ms INTEGER, updated_at REAL NOT NULL
+)"""
+
+
+async def test_a_schema_1_journal_is_migrated_in_place_and_keeps_every_row(tmp_path: Path) -> None:
+    """A journal written before the archive and the leases opens as schema 2 with every row as it was: the
+    succeeded item keeps its outputs, the submitted one its prediction id (polled, not paid again), and a
+    sync afterwards changes nothing of them."""
+    outputs = '[{"path": "images/a.png", "sha256": "' + "ab" * 32 + '"}]'
+    with contextlib.closing(sqlite3.connect(tmp_path / JOURNAL_NAME)) as conn, conn:
+        conn.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        conn.execute(SCHEMA_1)
+        conn.execute("INSERT INTO meta VALUES ('schema_version', '1')")
+        rows = [
+            ("a", 0, "fp-a", "succeeded", None, outputs),
+            ("b", 1, "fp-b", "submitted", "pred-b", None),
+            ("c", 2, "fp-c", "pending", None, None),
+        ]
+        for item_id, idx, fingerprint, state, prediction, files in rows:
+            conn.execute(
+                "INSERT INTO items (item_id, idx, fingerprint, spec, request, state, prediction_id, outputs,"
+                " submitted_at, updated_at) VALUES (?, ?, ?, '{}', '{}', ?, ?, ?, 5.0, 1.0)",
+                (item_id, idx, fingerprint, state, prediction, files),
+            )
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "a.png").write_bytes(b"x")
+    async with await SqliteJournal.open(tmp_path) as journal:
+        a, b = journal.get("a"), journal.get("b")
+        assert a is not None
+        assert b is not None
+        assert (a.state, a.outputs[0].path) == (ItemState.SUCCEEDED, "images/a.png")
+        assert (b.state, b.prediction_id) == (ItemState.SUBMITTED, "pred-b")
+        assert await journal.sync_manifest(manifest_of("a", "b", "c")) == SyncResult(0, 0, 0, 3)
+        await journal.mark_submitting("c")
+        assert journal.counts()[ItemState.SUBMITTING] == 1
+    with contextlib.closing(sqlite3.connect(tmp_path / JOURNAL_NAME)) as conn:
+        assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("2",)
+        stems = dict(conn.execute("SELECT item_id, stem_key FROM items").fetchall())
+        assert all(stems.values()), stems
