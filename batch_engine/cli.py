@@ -436,8 +436,15 @@ def cmd_schema(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _local_target(args: argparse.Namespace) -> bool:
+    """``status``/``report`` named an out dir holding a journal of its own, and no --journal: the exported
+    $BATCH_ENGINE_JOURNAL is for runs, not for reading that out dir."""
+    target = args.target
+    return not args.journal and target is not None and (Path(target) / JOURNAL_NAME).is_file()
+
+
 def cmd_status(args: argparse.Namespace) -> int:
-    url = _journal_url(args)
+    url = None if _local_target(args) else _journal_url(args)
     if url is not None:
         return _shared_status(url, args.target, as_json=args.json)
     if args.target is None:
@@ -494,7 +501,7 @@ async def _read_shared_status(url: str, run: str) -> tuple[dict[str, int], list[
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    url = _journal_url(args)
+    url = None if _local_target(args) else _journal_url(args)
     if url is not None:
         return _shared_report(url, args.target, args.out)
     if args.out is not None:

@@ -264,7 +264,8 @@ class Engine:
             await self._journal.set_meta(finished)
             return stats, await self._write_reports(finished)
         except (JournalError, OSError):
-            log.exception("the reports could not be written; `batch-engine report OUT_DIR` rebuilds them")
+            rebuild = "OUT_DIR" if self._crew is None else f"--journal URL {self._manifest.name}"
+            log.exception("the reports could not be written; `batch-engine report %s` rebuilds them", rebuild)
             self._control.stop_submitting(StopReason.DISK)
             return self._stats(), {}
 

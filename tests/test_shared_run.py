@@ -242,3 +242,20 @@ async def test_four_workers_two_killed_at_random_moments_lose_nothing_pay_once_a
         assert sim.stats.rate_limited_submits <= 0.1 * sim.stats.submit_requests
         times = sim.stats.accepted_times
         assert (len(times) - 1) / (times[-1] - times[0]) <= limit * 1.05
+
+
+async def test_an_exported_journal_url_does_not_hide_a_local_out_dir_from_status(
+    tmp_path: Path, shared: Backend
+) -> None:
+    """With BATCH_ENGINE_JOURNAL exported for the runs, `status OUT_DIR` of an out dir holding its own journal
+    still reads that journal."""
+    specs = items(3)
+    async with Simulator(sim_config()) as sim:
+        manifest = write_manifest(tmp_path / "job.yaml", specs, sim=sim, name=shared.run)
+        out = tmp_path / "out"
+        local = await run_engine(run_args(manifest, out, sim))
+        assert local.code == EXIT_OK, local.stderr
+    env = engine_env(key=None, BATCH_ENGINE_JOURNAL=shared.url or "")
+    status = await run_engine(["status", str(out), "--json"], env=env)
+    assert status.code == EXIT_OK, status.stderr
+    assert json.loads(status.stdout)["counts"]["succeeded"] == 3
