@@ -697,8 +697,10 @@ class Engine:
         if store is None:
             files = page_files(out_dir, records(), dict(meta.inputs_not_copied))
             return dict(write_reports(out_dir, meta, records, files=files))
-        listed = await anyio.to_thread.run_sync(store_listings, store)
-        files = page_files(out_dir, records(), dict(meta.inputs_not_copied), listing=listed.__getitem__)
+        listed = {} if store.refused else await anyio.to_thread.run_sync(store_listings, store)
+        files = page_files(
+            out_dir, records(), dict(meta.inputs_not_copied), listing=lambda f: listed.get(f, frozenset())
+        )
         paths = write_reports(out_dir, meta, records, files=files)
         return dict(await store.put_reports(out_dir, paths))
 

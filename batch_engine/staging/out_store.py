@@ -24,12 +24,12 @@ import logging
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from functools import partial
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import anyio
 import anyio.to_thread
 
-from batch_engine.errors import BatchEngineError, OutputNotSaved
+from batch_engine.errors import BatchEngineError, OutputNotSaved, StagingRefused
 from batch_engine.report.gallery_files import THUMBS_DIR
 from batch_engine.report.write import REPORT_FILES
 from batch_engine.staging import s3
@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from obstore.store import S3Store
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 SCHEME = "s3://"
 SHA256_KEY = "sha256"  #: the user metadata an output object carries (``x-amz-meta-sha256``)
@@ -71,7 +72,7 @@ class OutStore:
     synchronous, for worker threads (the journal's writer checking an archived success, the reports).
     """
 
-    __slots__ = ("_retrying", "_store", "location", "put_bytes", "puts")
+    __slots__ = ("_retrying", "_store", "location", "put_bytes", "puts", "refused")
 
     def __init__(
         self,
@@ -85,12 +86,22 @@ class OutStore:
         self._retrying = s3.Retrying(where=self.location, retry=retry, sleep=sleep, gave_up=OutputNotSaved)
         self.puts = 0  #: objects this process PUT
         self.put_bytes = 0
+        self.refused: str | None = None  #: why the store refused a request of this run, once it has
 
     def __repr__(self) -> str:
         return f"<OutStore {self.location} puts={self.puts}>"
 
     def url_of(self, relpath: str) -> str:
         return f"{self.location}/{relpath}"
+
+    async def _call(self, call: Callable[[], Awaitable[_T]], what: str) -> _T:
+        """``call()`` retried (`s3.Retrying`); a refusal is remembered, so what follows it (the reports)
+        is not tried in vain."""
+        try:
+            return await self._retrying(call, what)
+        except StagingRefused as exc:
+            self.refused = str(exc)
+            raise
 
     async def probe(self) -> None:
         """PUT the empty `PROBE_NAME` object; StagingRefused when the store will not take the outputs, so a
@@ -103,7 +114,7 @@ class OutStore:
             except FileNotFoundError as exc:
                 raise s3.no_bucket(self.location, exc) from exc
 
-        await self._retrying(put, f"write {PROBE_NAME}")
+        await self._call(put, f"write {PROBE_NAME}")
 
     async def put_outputs(self, out_dir: Path, outputs: Sequence[OutputFile]) -> None:
         """PUT an item's outputs from the work dir, each with its sha256; OutputNotSaved, StagingRefused."""
@@ -127,7 +138,7 @@ class OutStore:
             except FileNotFoundError as exc:
                 raise s3.no_bucket(self.location, exc) from exc
 
-        await self._retrying(put, f"upload {relpath}")
+        await self._call(put, f"upload {relpath}")
         self.puts += 1
         self.put_bytes += path.stat().st_size
         log.debug("%s uploaded to %s", relpath, self.location)
@@ -147,7 +158,10 @@ class OutStore:
 
     async def put_reports(self, out_dir: Path, paths: Mapping[str, Path]) -> dict[str, str]:
         """PUT the reports just written in the work dir; a failures.yaml left from an earlier run is
-        deleted (nothing failed now). Returns file name → its URL. OutputNotSaved, StagingRefused."""
+        deleted (nothing failed now). Returns file name → its URL. OutputNotSaved, StagingRefused (at
+        once when the store refused this run before)."""
+        if self.refused is not None:
+            raise StagingRefused(f"{self.location} refused this run's outputs before")
         for name in paths:
             await self.put_file(out_dir, name)
         stale = [name for name in REPORT_FILES if name not in paths]
@@ -163,7 +177,7 @@ class OutStore:
             await obstore.delete_async(self._store, list(relpaths))
 
         if relpaths:
-            await self._retrying(delete, f"delete {len(relpaths)} object(s)")
+            await self._call(delete, f"delete {len(relpaths)} object(s)")
 
     async def forget(self) -> int:
         """``--fresh``: delete the outputs (``images/``), the thumbnails and the reports, as a local out
@@ -172,7 +186,7 @@ class OutStore:
         listed: list[str] = []
         for folder in FORGOTTEN_DIRS:
             listing = partial(anyio.to_thread.run_sync, self._list, folder)
-            listed += sorted(await self._retrying(listing, f"list {folder}/"))
+            listed += sorted(await self._call(listing, f"list {folder}/"))
         await self.delete([*listed, *REPORT_FILES])
         return len(listed)
 
@@ -187,7 +201,7 @@ class OutStore:
             except FileNotFoundError:
                 return None
 
-        data = await self._retrying(get, f"read {relpath}")
+        data = await self._call(get, f"read {relpath}")
         if data is None:
             return False
         await anyio.to_thread.run_sync(write_atomic, out_dir, relpath, data)
