@@ -33,7 +33,7 @@ import anyio
 
 from batch_engine import __version__
 from batch_engine.api.client import ClientConfig
-from batch_engine.engine import RunOptions, RunResult, plan_counts, run_manifest, store_listings
+from batch_engine.engine import RunOptions, RunResult, page_listings, plan_counts, run_manifest
 from batch_engine.errors import (
     BatchEngineError,
     JournalError,
@@ -640,7 +640,7 @@ async def _rebuild_reports(
         store_url = store_url or (meta.out if is_store_url(meta.out or "") else None)
         if store_url is not None:
             store = OutStore(store_url)
-            listed = await anyio.to_thread.run_sync(store_listings, store)
+            listed = await page_listings(store, out_dir)
             not_copied = dict(meta.inputs_not_copied)
             files = page_files(out_dir, journal.records(), not_copied, listing=listed.__getitem__)
             written = write_reports(out_dir, meta, journal.records, files=files)

@@ -23,7 +23,7 @@ from batch_engine.control import RunControl, StopReason
 from batch_engine.crew import Crew, manifest_digest
 from batch_engine.errors import JournalError, OutputNotSaved, StagingRefused
 from batch_engine.ledger import Ledger
-from batch_engine.report.gallery_files import THUMBS_DIR, GalleryFiles, page_files
+from batch_engine.report.gallery_files import THUMBS_DIR, GalleryFiles, folder_listing, page_files
 from batch_engine.report.write import REPORT_FILES, write_reports
 from batch_engine.settings import ROUTE_OPENAI_IMAGES, RunSettings
 from batch_engine.stages.context import StageContext
@@ -697,7 +697,7 @@ class Engine:
         if store is None:
             files = page_files(out_dir, records(), dict(meta.inputs_not_copied))
             return dict(write_reports(out_dir, meta, records, files=files))
-        listed = {} if store.refused else await anyio.to_thread.run_sync(store_listings, store)
+        listed = {} if store.refused else await page_listings(store, out_dir)
         files = page_files(
             out_dir, records(), dict(meta.inputs_not_copied), listing=lambda f: listed.get(f, frozenset())
         )
@@ -705,9 +705,16 @@ class Engine:
         return dict(await store.put_reports(out_dir, paths))
 
 
-def store_listings(store: OutStore) -> dict[str, frozenset[str]]:
-    """The page's folders in an object store, listed (in a worker thread: a LIST per 1,000 objects)."""
-    return {folder: store.listing(folder) for folder in (INPUTS_DIR, THUMBS_DIR)}
+async def page_listings(store: OutStore, out_dir: Path) -> dict[str, frozenset[str]]:
+    """The page's folders in an object store, once the files the work dir holds and the store lacks (the
+    last thumbnails of a run, cut short by its end) are uploaded too."""
+    listed = {}
+    for folder in (INPUTS_DIR, THUMBS_DIR):
+        there = await anyio.to_thread.run_sync(store.listing, folder)
+        here = await anyio.to_thread.run_sync(folder_listing, out_dir, folder)
+        uploaded = await store.put_files(out_dir, sorted(here - there))
+        listed[folder] = there | frozenset(uploaded)
+    return listed
 
 
 def plan_counts(

@@ -80,7 +80,7 @@ def page_files(
     """The gallery's files as they are now (two listings: of ``out_dir``'s folders, or ``listing``'s, an
     object store's), for the inputs of ``records``; ``not_copied`` keeps only inputs that still have no
     copy."""
-    listed = listing or partial(_listing, out_dir)
+    listed = listing or partial(folder_listing, out_dir)
     inputs = local_inputs(out_dir, distinct_inputs(records), names=listed(INPUTS_DIR))
     missing = {url: why for url, why in not_copied.items() if url not in inputs}
     return PageFiles(inputs=inputs, thumbs=listed(THUMBS_DIR), not_copied=missing)
@@ -110,7 +110,7 @@ def local_inputs(
 ) -> dict[str, str]:
     """Input URL → path of its copy relative to the out dir, for the inputs already copied (``names``: the
     copies there, when not listed from ``out_dir``)."""
-    names = _listing(out_dir, INPUTS_DIR) if names is None else names
+    names = folder_listing(out_dir, INPUTS_DIR) if names is None else names
     found: dict[str, str] = {}
     for url in urls:
         stem = input_stem(url)
@@ -121,7 +121,8 @@ def local_inputs(
     return found
 
 
-def _listing(out_dir: Path, folder: str) -> frozenset[str]:
+def folder_listing(out_dir: Path, folder: str) -> frozenset[str]:
+    """The files in ``out_dir/folder``, as paths relative to ``out_dir``."""
     try:
         return frozenset(f"{folder}/{entry.name}" for entry in os.scandir(out_dir / folder))
     except OSError:  # not made yet, or unreadable: nothing there to show

@@ -143,17 +143,22 @@ class OutStore:
         self.put_bytes += path.stat().st_size
         log.debug("%s uploaded to %s", relpath, self.location)
 
-    async def put_files(self, out_dir: Path, relpaths: Iterable[str]) -> int:
+    async def put_files(self, out_dir: Path, relpaths: Iterable[str]) -> list[str]:
         """PUT files the page shows besides the outputs (thumbnails, input copies): views, so one that
-        cannot be uploaded is logged and skipped; returns how many were."""
-        done = 0
+        cannot be uploaded is logged and skipped; returns those that were."""
+        done: list[str] = []
         for relpath in relpaths:
+            if self.refused is not None:
+                break  # said once, by whoever met the refusal
             try:
                 await self.put_file(out_dir, relpath)
+            except StagingRefused as exc:
+                log.warning("%s; the page's pictures are not uploaded", exc)
+                break
             except BatchEngineError as exc:
                 log.warning("%s was not uploaded (the page shows the full picture instead): %s", relpath, exc)
                 continue
-            done += 1
+            done.append(relpath)
         return done
 
     async def put_reports(self, out_dir: Path, paths: Mapping[str, Path]) -> dict[str, str]:
