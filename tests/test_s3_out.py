@@ -29,7 +29,7 @@ from batch_engine.images import verify_image
 from batch_engine.sim import Simulator
 from batch_engine.store.files import safe_stem
 from tests.backends import Backend
-from tests.helpers import KEY, Harness, edit_items
+from tests.helpers import KEY, Harness, edit_items, fast_settings
 from tests.procs import FAST, engine, engine_env, items, run_engine, wait_until, write_manifest
 from tests.s3_server import ACCESS_KEY_ID, SECRET_ACCESS_KEY, Bucket
 from tests.test_resume import (
@@ -149,6 +149,30 @@ async def test_a_run_into_the_store_leaves_every_output_and_report_there_and_not
     blobs |= dict(files_under(work))
     blobs |= {key: stored(bucket, key) for key in listed(bucket)}
     assert leaked(blobs) == {}
+
+
+async def test_the_page_finds_its_thumbnails_and_input_copies_in_the_store_and_the_work_dir_keeps_none(
+    harness: Harness, bucket: Bucket
+) -> None:
+    """Thumbnails and input copies are uploaded as they are made (or by the end of the run), the page
+    shows the thumbnails the store has, and the work dir keeps neither outputs nor thumbnails."""
+    sim = await harness.sim(image_scale=1.0)  # 1024 px outputs of ~24 KB: worth a thumbnail
+    specs = edit_items(sim, 4)
+    paced = fast_settings(rate=5.0, rate_min=1.0)  # the outputs come over a second: thumbnails meanwhile
+    outcome = await harness.run(
+        harness.manifest(specs), sim, out_url=out_url(bucket), copy_inputs=True, settings=paced
+    )
+    assert outcome.exit_code == EXIT_OK, outcome.report
+    thumbs = listed(bucket, "thumbs")
+    assert thumbs, "no thumbnail reached the store"
+    assert all(stored(bucket, thumb)[8:12] == b"WEBP" for thumb in thumbs)
+    page = stored(bucket, "index.html").decode()
+    assert all(thumb in page for thumb in thumbs)
+    copies = listed(bucket, "inputs")
+    assert copies
+    assert all(copy in page for copy in copies)
+    for folder in ("images", "thumbs"):
+        assert not [path for path in (outcome.out_dir / folder).rglob("*") if path.is_file()], folder
 
 
 async def test_a_put_that_keeps_failing_leaves_its_item_to_the_next_run_which_pays_nothing_again(
