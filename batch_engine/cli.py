@@ -33,8 +33,15 @@ import anyio
 
 from batch_engine import __version__
 from batch_engine.api.client import ClientConfig
-from batch_engine.engine import RunOptions, RunResult, plan_counts, run_manifest
-from batch_engine.errors import BatchEngineError, JournalError, ManifestError, UsageError
+from batch_engine.engine import RunOptions, RunResult, page_listings, plan_counts, run_manifest
+from batch_engine.errors import (
+    BatchEngineError,
+    JournalError,
+    ManifestError,
+    OutputNotSaved,
+    StagingRefused,
+    UsageError,
+)
 from batch_engine.manifest import load_manifest
 from batch_engine.manifest.schema import manifest_schema
 from batch_engine.report.gallery_files import (
@@ -47,8 +54,10 @@ from batch_engine.report.gallery_files import (
 from batch_engine.report.write import write_reports
 from batch_engine.settings import DEFAULT_BASE_URL, RunSettings
 from batch_engine.sim import SimConfig, Simulator, serve
+from batch_engine.staging.out_store import OutStore, is_store_url
+from batch_engine.staging.s3 import open_store
 from batch_engine.store import open_journal
-from batch_engine.store.files import JOURNAL_NAME
+from batch_engine.store.files import JOURNAL_NAME, safe_stem
 from batch_engine.store.journal import Journal
 from batch_engine.store.lock import OutDirLock
 from batch_engine.store.postgres import (
@@ -149,6 +158,10 @@ def _failure(args: argparse.Namespace, exc: BaseException) -> int:
     if isinstance(exc, ManifestError):
         print(str(exc), file=sys.stderr)
         return EXIT_USAGE
+    if isinstance(exc, StagingRefused | OutputNotSaved):  # the object store of --out, before any submit
+        again = "run again to resume (nothing was sent)" if args.func is cmd_run else "then run this again"
+        print(f"batch-engine: {exc}; check the store and the AWS_* settings, {again}", file=sys.stderr)
+        return EXIT_STOPPED if args.func is cmd_run else EXIT_USAGE
     if isinstance(exc, BatchEngineError):
         print(f"batch-engine: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -244,8 +257,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     _journal_argument(p)
     p.add_argument(
-        "--out", type=Path, help="with --journal: where to write them (default: the out dir the run used)"
+        "--out",
+        type=_out_argument,
+        help="where to write them: with --journal, a folder or s3://bucket/prefix/; without, an s3:// URL "
+        "(default: the out the run used)",
     )
+    _work_dir_argument(p)
     p.set_defaults(func=cmd_report)
 
     p = _command(sub, "schema", help="print the manifest's JSON Schema")
@@ -303,6 +320,44 @@ def _journal_argument(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> N
     )
 
 
+def _work_dir_argument(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    p.add_argument(
+        "--work-dir",
+        type=Path,
+        metavar="DIR",
+        help="with --out s3://...: the local folder the run works in (the SQLite journal, files on their "
+        "way to the store); default $XDG_CACHE_HOME/batch-engine/<name>, else ~/.cache/batch-engine/<name>",
+    )
+
+
+def _out_argument(text: str) -> Path | str:
+    """``--out``: a folder, or an ``s3://bucket/prefix/`` URL (kept as a string)."""
+    if is_store_url(text):
+        return text
+    if "://" in text:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: an out is a folder or an s3://bucket/prefix/ URL (any S3-compatible store)"
+        )
+    return Path(text)
+
+
+def default_work_dir(name: str) -> Path:
+    """Where a run into an object store works: the user's cache dir, a folder named after the run."""
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "batch-engine" / safe_stem(name)
+
+
+def _out_and_work_dir(out: Path | str | None, work_dir: Path | None, name: str) -> tuple[Path, str | None]:
+    """The local folder a run writes in, and the object store URL when the out is one (checked now:
+    the s3 extra, a URL obstore can read); UsageError for --work-dir without an object store."""
+    if isinstance(out, str):
+        open_store(out, setting="--out")
+        return work_dir or default_work_dir(name), out
+    if work_dir is not None:
+        raise UsageError("--work-dir goes with --out s3://...: a local out dir is its own work dir")
+    return out or Path("out") / name, None
+
+
 def _journal_url(args: argparse.Namespace) -> str | None:
     """The shared journal asked for (``--journal``, else $BATCH_ENGINE_JOURNAL), checked; None: SQLite."""
     if args.journal:
@@ -337,7 +392,14 @@ def _run_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sim-seed", type=int, default=0, help="seed of the --simulate simulator (default 0)")
 
     g = p.add_argument_group("the out dir: results, and what to do again")
-    g.add_argument("--out", type=Path, help="out dir (default out/<manifest name>); made when missing")
+    g.add_argument(
+        "--out",
+        type=_out_argument,
+        metavar="DIR|s3://BUCKET/PREFIX/",
+        help="out dir (default out/<manifest name>; made when missing), or a prefix in an S3-compatible "
+        "object store (credentials from the AWS_* environment; needs the s3 extra)",
+    )
+    _work_dir_argument(g)
     _journal_argument(g)
     g.add_argument(
         "--lease",
@@ -449,6 +511,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         return _shared_status(url, args.target, as_json=args.json)
     if args.target is None:
         raise UsageError("name the out dir (or --journal URL and a run's name)")
+    if is_store_url(args.target):
+        raise UsageError(
+            f"{args.target} holds no journal: name the run's work dir (--work-dir; default "
+            f"{default_work_dir('NAME')}), or --journal URL and the run's name"
+        )
     args.out_dir = Path(args.target)
     _journal_dir(args.out_dir, "no run has used it yet")
     try:
@@ -503,31 +570,44 @@ async def _read_shared_status(url: str, run: str) -> tuple[dict[str, int], list[
 def cmd_report(args: argparse.Namespace) -> int:
     url = None if _local_target(args) else _journal_url(args)
     if url is not None:
-        return _shared_report(url, args.target, args.out)
-    if args.out is not None:
-        raise UsageError("--out goes with --journal; without it the reports go into the out dir named")
+        return _shared_report(url, args.target, args.out, args.work_dir)
+    if args.out is not None and not isinstance(args.out, str):
+        raise UsageError(
+            "--out DIR goes with --journal; without it the reports go into the out dir named (or to the "
+            "object store given as --out s3://...)"
+        )
+    if args.work_dir is not None:
+        raise UsageError("--work-dir goes with --journal: without it, the folder named is the work dir")
     args.out_dir = Path(args.target)
     _journal_dir(args.out_dir, "nothing to report")
     _check_writable(args.out_dir, f"{args.out_dir}: the reports cannot be written there", copy_hint="report")
     with OutDirLock(args.out_dir):  # a running run rewrites these files itself: never race it
-        paths, thumbs = anyio.run(_rebuild_reports, args.out_dir)
-    for name, path in paths.items():
-        print(f"{name}: {path}")
-    if thumbs:
-        print(f"thumbnails made: {thumbs}")
+        paths, thumbs = anyio.run(partial(_rebuild_reports, args.out_dir, store_url=args.out))
+    _print_rebuilt(paths, thumbs)
     return EXIT_OK
 
 
-def _shared_report(url: str, run: str, out: Path | None) -> int:
-    paths, thumbs = anyio.run(_rebuild_shared_reports, url, run, out)
+def _print_rebuilt(paths: dict[str, Path | str], thumbs: int | None) -> None:
     for name, path in paths.items():
         print(f"{name}: {path}")
-    if thumbs:
+    if thumbs is None:
+        print(
+            "thumbnails: none made here (the outputs are in the object store, not on this machine); "
+            "the page opens the full picture where one is missing"
+        )
+    elif thumbs:
         print(f"thumbnails made: {thumbs}")
+
+
+def _shared_report(url: str, run: str, out: Path | str | None, work_dir: Path | None) -> int:
+    paths, thumbs = anyio.run(_rebuild_shared_reports, url, run, out, work_dir)
+    _print_rebuilt(paths, thumbs)
     return EXIT_OK
 
 
-async def _rebuild_shared_reports(url: str, run: str, out: Path | None) -> tuple[dict[str, Path], int]:
+async def _rebuild_shared_reports(
+    url: str, run: str, out: Path | str | None, work_dir: Path | None
+) -> tuple[dict[str, Path | str], int | None]:
     probe = await PostgresJournal.open(url, run, out_dir=Path("."), create=False)
     async with probe:
         meta, workers = probe.meta(), probe.live_workers()
@@ -536,13 +616,18 @@ async def _rebuild_shared_reports(url: str, run: str, out: Path | None) -> tuple
             f"run {run!r} is still being worked by {len(workers)} worker(s); the last to finish writes the "
             "reports (run this once they have)"
         )
-    out_dir = out or (Path(meta.out) if meta is not None and meta.out else None)
-    if out_dir is None:
+    recorded = meta.out if meta is not None and meta.out else None
+    out = out or (recorded if recorded is None or is_store_url(recorded) else Path(recorded))
+    if out is None:
         raise UsageError(f"run {run!r} has no out dir recorded yet: name one with --out")
-    _journal_target(out_dir)
+    out_dir, store_url = _out_and_work_dir(out, work_dir, run)
+    if store_url is None:
+        _journal_target(out_dir)
+    else:
+        out_dir.mkdir(parents=True, exist_ok=True)
     _check_writable(out_dir, f"{out_dir}: the reports cannot be written there")
     reopen = partial(PostgresJournal.open, url, run, out_dir=out_dir, create=False)
-    return await _rebuild_reports(out_dir, reopen)
+    return await _rebuild_reports(out_dir, reopen, store_url=store_url)
 
 
 def _journal_target(out_dir: Path) -> None:
@@ -551,19 +636,33 @@ def _journal_target(out_dir: Path) -> None:
 
 
 async def _rebuild_reports(
-    out_dir: Path, opener: Callable[[], Awaitable[Journal]] | None = None
-) -> tuple[dict[str, Path], int]:
-    """Write the reports from the journal, after the thumbnails the page lacks; and how many were made."""
+    out_dir: Path,
+    opener: Callable[[], Awaitable[Journal]] | None = None,
+    *,
+    store_url: str | None = None,
+) -> tuple[dict[str, Path | str], int | None]:
+    """Write the reports from the journal, after the thumbnails the page lacks; and how many were made.
+
+    Into an object store (``store_url``, else the one the run recorded, if any): written in ``out_dir``,
+    then uploaded; no thumbnail is made (the outputs are not here), and None says so."""
     journal = await (opener() if opener is not None else open_journal(out_dir))
     async with journal:
         meta = journal.meta()
         if meta is None:
             raise UsageError(f"{out_dir}'s journal has no run recorded yet")
+        store_url = store_url or (meta.out if is_store_url(meta.out or "") else None)
+        if store_url is not None:
+            store = OutStore(store_url)
+            listed = await page_listings(store, out_dir)
+            not_copied = dict(meta.inputs_not_copied)
+            files = page_files(out_dir, journal.records(), not_copied, listing=listed.__getitem__)
+            written = write_reports(out_dir, meta, journal.records, files=files)
+            return dict(await store.put_reports(out_dir, written)), None
         copies = local_inputs(out_dir, distinct_inputs(journal.records())).values()
         jobs = list(thumb_jobs(journal.records({ItemState.SUCCEEDED}), copies))
         made = await anyio.to_thread.run_sync(make_thumbs, out_dir, jobs)
         files = page_files(out_dir, journal.records(), dict(meta.inputs_not_copied))
-        return write_reports(out_dir, meta, journal.records, files=files), made
+        return dict(write_reports(out_dir, meta, journal.records, files=files)), made
 
 
 def _journal_dir(out_dir: Path, none_yet: str) -> None:
@@ -574,9 +673,9 @@ def _journal_dir(out_dir: Path, none_yet: str) -> None:
         raise UsageError(f"{out_dir} has no journal ({JOURNAL_NAME}): {none_yet}")
 
 
-def _usable_out_dir(out_dir: Path) -> None:
+def _usable_out_dir(out_dir: Path, option: str = "--out") -> None:
     """Make the out dir when it is missing and check it takes files; UsageError saying why it cannot."""
-    flag = f"--out {out_dir}"
+    flag = f"{option} {out_dir}"
     blocker = next((p for p in (out_dir, *out_dir.parents) if p.exists() and not p.is_dir()), None)
     if blocker == out_dir:
         raise UsageError(f"{flag}: is a file, not a folder; name a folder (it is made when missing)")
@@ -619,13 +718,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     started = time.monotonic()
     manifest = load_manifest(args.manifest)
     checked = time.monotonic() - started
-    out_dir: Path = args.out or Path("out") / manifest.name
+    out_dir, args.out_url = _out_and_work_dir(args.out, args.work_dir, manifest.name)
+    shown = args.out_url or out_dir  #: the out as the user named it
     settings = _settings(manifest, args)
     args.journal_url = _journal_url(args)
     if args.journal_url is not None and not 1.0 <= args.lease <= 3600:
         raise UsageError(f"--lease must be from 1 to 3600 seconds, not {args.lease:g}")
     secret = "" if args.simulate or args.dry_run else _api_key()  # a dry run sends nothing
-    secrets = [value for value in (secret, journal_password(args.journal_url or "")) if value]
+    found = (secret, journal_password(args.journal_url or ""), *_aws_secrets())
+    secrets = [value for value in found if value]
     setup_logging(
         verbose=args.verbose,
         json_lines=args.json_logs,
@@ -638,8 +739,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         log.warning("%s", warning)
     if args.dry_run:
         return _dry_run(manifest, out_dir, settings, args)
-    _usable_out_dir(out_dir)
-    if args.fresh and not _confirm_fresh(out_dir, args.yes, shared=args.journal_url is not None):
+    _usable_out_dir(out_dir, "--work-dir" if args.out_url else "--out")
+    shared = args.journal_url is not None
+    if args.fresh and not _confirm_fresh(out_dir, args.yes, shared=shared, shown=args.out_url):
         print("not starting over; nothing changed", file=sys.stderr)
         return EXIT_USAGE
     stream = sys.stderr
@@ -655,8 +757,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
         return EXIT_STOPPED
     stats = dataclasses.replace(result.stats, elapsed=time.time() - args.started)  # the process's time
-    _print_summary(stats, result.report_paths, out_dir, json_lines=args.json_logs)
+    _print_summary(stats, result.report_paths, shown, json_lines=args.json_logs)
     return result.exit_code
+
+
+def _aws_secrets() -> list[str]:
+    """The AWS secrets in the environment: never logged anyway (obstore reads them itself), and redacted
+    from every line should one ever be quoted."""
+    return [os.environ.get(name, "").strip() for name in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")]
 
 
 async def _run(
@@ -693,6 +801,7 @@ async def _run(
             started_at=args.started,
             journal_url=args.journal_url,
             lease=args.lease,
+            out_url=args.out_url,
         )
         return await run_manifest(manifest, options, view=view)
 
@@ -734,24 +843,28 @@ def _api_key() -> str:
     return key
 
 
-def _confirm_fresh(out_dir: Path, yes: bool, *, shared: bool = False) -> bool:
-    if yes or not (shared or (out_dir / JOURNAL_NAME).exists()):
+def _confirm_fresh(out_dir: Path, yes: bool, *, shared: bool = False, shown: str | None = None) -> bool:
+    """Whether to go on with --fresh; ``shown``: an object store's URL, whose outputs it deletes too."""
+    if yes or not (shared or shown or (out_dir / JOURNAL_NAME).exists()):
         return True
+    where = f"{out_dir} and {shown}" if shown else str(out_dir)
     if not sys.stdin.isatty():
         raise UsageError(
-            f"--fresh would forget every result in {out_dir}; add --yes to confirm when not on a terminal"
+            f"--fresh would forget every result in {where}; add --yes to confirm when not on a terminal"
         )
-    answer = input(f"Forget every result and output in {out_dir} and start over? [y/N] ")
+    answer = input(f"Forget every result and output in {where} and start over? [y/N] ")
     return answer.strip().lower() in ("y", "yes")
 
 
 def _dry_run(manifest: Manifest, out_dir: Path, settings: RunSettings, args: argparse.Namespace) -> int:
     use_journal = (args.journal_url is not None or (out_dir / JOURNAL_NAME).exists()) and not args.fresh
     counts = anyio.run(_plan, manifest, out_dir if use_journal else None, settings, args)
+    where = {"out_dir": args.out_url, "work_dir": str(out_dir)} if args.out_url else {"out_dir": str(out_dir)}
     if args.json_logs:
-        print(json.dumps({"event": "dry_run", "out_dir": str(out_dir), **counts}))
+        print(json.dumps({"event": "dry_run", **where, **counts}))
     else:
-        print(f"dry run of {manifest.path} into {out_dir} (nothing sent):")
+        shown = f"{args.out_url} (work dir {out_dir})" if args.out_url else out_dir
+        print(f"dry run of {manifest.path} into {shown} (nothing sent):")
         for key, value in counts.items():
             print(f"  {key.replace('_', ' ')}: {value}")
     return EXIT_OK
@@ -774,7 +887,9 @@ async def _plan(
         return plan_counts(manifest, journal, **options)
 
 
-def _print_summary(stats: RunStats, paths: dict[str, Path], out_dir: Path, *, json_lines: bool) -> None:
+def _print_summary(
+    stats: RunStats, paths: dict[str, Path | str], out_dir: Path | str, *, json_lines: bool
+) -> None:
     out: TextIO = sys.stdout
     if json_lines:
         out.write(summary_json(stats, report_paths=paths) + "\n")

@@ -27,6 +27,8 @@ class StopReason(enum.StrEnum):
     REFUSED = "refused"  #: submit after submit refused alike, for a reason no item can fix (`Breaker`)
     LEASE = "lease"  #: a worker of a shared run could not renew its lease: the others took its items
     STAGING = "staging"
+    #: the object store of ``--out s3://...`` refused the outputs, or kept failing to take one
+    OUT_STORE = "out_store"
 
 
 #: What each stop means, as the log, the summary and the report say it; ``{detail}`` is what the run
@@ -56,6 +58,11 @@ STOP_MESSAGES: dict[str, str] = {
     StopReason.STAGING: (
         "stopped submitting: the object store refused to stage input files (credentials, permission or a "
         "missing bucket; see the log line above); fix the AWS_* settings and run again to resume"
+    ),
+    StopReason.OUT_STORE: (
+        "stopped: outputs could not be saved in the object store of --out (see the log line above: "
+        "credentials, permission, a missing bucket, or a store failing); the items whose outputs are not "
+        "there stay submitted, and the next run saves them without paying again: run again to resume"
     ),
     StopReason.INTERNAL: (
         "stopped early: an internal error (a bug in batch-engine; the log line above names it); the journal "
@@ -250,8 +257,8 @@ class RunControl:
         """Register a scope that `stop_now` cancels (the engine's task group)."""
         self._hard_scopes.append(scope)
 
-    def stop_now(self, reason: StopReason) -> None:
+    def stop_now(self, reason: StopReason, *, detail: str | None = None) -> None:
         """Stop everything at once; whatever was in flight is resumable from the journal."""
-        self.stop_submitting(reason)
+        self.stop_submitting(reason, detail=detail)
         for scope in [*self._hard_scopes, *self._critical]:
             scope.cancel()

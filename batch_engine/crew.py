@@ -92,6 +92,11 @@ class Crew:
     def lease(self) -> float:
         return self.journal.lease
 
+    def taken_for_dead(self) -> bool:
+        """No renewal for longer than a lease: the run has given this worker's items to others (a journal
+        error now is that, not a full disk: its session was ended while it was frozen or cut off)."""
+        return self.lapsed.is_set() or time.monotonic() - self._renewed > self.lease
+
     @contextlib.asynccontextmanager
     async def entering(self, digest: str, *, fresh: bool) -> AsyncIterator[bool]:
         """Hold the run's lock while this worker enters; yields True when it starts the round (it must sync

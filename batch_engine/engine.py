@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import shutil
 import signal
@@ -20,9 +21,9 @@ from batch_engine.api.catalogue import spec_for, submit_path
 from batch_engine.api.client import ApiClient, ClientConfig, public_url
 from batch_engine.control import RunControl, StopReason
 from batch_engine.crew import Crew, manifest_digest
-from batch_engine.errors import JournalError
+from batch_engine.errors import JournalError, OutputNotSaved, StagingRefused
 from batch_engine.ledger import Ledger
-from batch_engine.report.gallery_files import THUMBS_DIR, GalleryFiles, page_files
+from batch_engine.report.gallery_files import THUMBS_DIR, GalleryFiles, folder_listing, page_files
 from batch_engine.report.write import REPORT_FILES, write_reports
 from batch_engine.settings import ROUTE_OPENAI_IMAGES, RunSettings
 from batch_engine.stages.context import StageContext
@@ -30,12 +31,21 @@ from batch_engine.stages.poll import Poller, PollQueue
 from batch_engine.stages.routes import ImagesRoute, PredictionsRoute, Route
 from batch_engine.stages.sink import Sink, SinkPlan
 from batch_engine.stages.submit import SubmitPlan, Submitter
+from batch_engine.staging.out_store import OutStore
 from batch_engine.staging.s3 import S3Inputs, Signer, open_store, sign_get
 from batch_engine.store import Journal, open_journal, sync
-from batch_engine.store.files import IMAGES_DIR, INPUTS_DIR, RESULTS_NAME, OutputTemplate, remove_temp_files
+from batch_engine.store.files import (
+    IMAGES_DIR,
+    INPUTS_DIR,
+    JOURNAL_NAME,
+    RESULTS_NAME,
+    OutputTemplate,
+    remove_temp_files,
+)
 from batch_engine.store.lock import OutDirLock
 from batch_engine.store.out_dir import check_owner, recover_lost_journal, refuse_links
 from batch_engine.store.postgres import DEFAULT_LEASE, PostgresJournal
+from batch_engine.store.rebuild import REPORT_NAME
 from batch_engine.timing.backoff import DEFAULT_POLICY, RetryPolicy
 from batch_engine.timing.due_queue import DueQueue
 from batch_engine.timing.pacing import DEFAULT_PAUSE_INITIAL, PollBudget, SubmitPacer
@@ -65,7 +75,7 @@ _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 class RunOptions:
     """How to run a manifest: where to write, which API, which settings."""
 
-    out_dir: Path
+    out_dir: Path  #: the out dir; with ``out_url``, the local work dir the run writes in before uploading
     settings: RunSettings
     client: ClientConfig
     fresh: bool = False  #: forget the journal and outputs first (the CLI asks before)
@@ -85,13 +95,15 @@ class RunOptions:
     #: a PostgreSQL journal shared by every worker of the run (``--journal``); None: the out dir's SQLite
     journal_url: str | None = None
     lease: float = DEFAULT_LEASE  #: seconds a worker's claims outlive its last heartbeat (shared journal)
+    #: ``s3://bucket/prefix/``: the out dir is in this object store (see `staging.out_store`); None: local
+    out_url: str | None = None
 
 
 @dataclass(frozen=True)
 class RunResult:
     stats: RunStats
     exit_code: int
-    report_paths: dict[str, Path]
+    report_paths: dict[str, Path | str]  #: file name → its path, or its URL in an object store
 
 
 def exit_code(stats: RunStats) -> int:
@@ -104,15 +116,28 @@ def exit_code(stats: RunStats) -> int:
 
 async def run_manifest(manifest: Manifest, options: RunOptions, *, view: ProgressView) -> RunResult:
     """Run (or resume) a manifest into its out dir, holding the out dir's lock throughout; with a shared
-    journal, work the run alongside every other worker started with it (see `crew`)."""
+    journal, work the run alongside every other worker started with it (see `crew`).
+
+    With ``out_url``, the object store is tried first (`OutStore.probe`): StagingRefused, before anything
+    is sent or changed, when it will not take the outputs."""
     options.out_dir.mkdir(parents=True, exist_ok=True)
     refuse_links(options.out_dir)
     if options.journal_url is not None:
-        return await _run_shared(manifest, options, options.journal_url, view=view)
+        store = await _out_store(options, manifest.name)
+        return await _run_shared(manifest, options, options.journal_url, store, view=view)
     with OutDirLock(options.out_dir) as lock:
         if lock.stale_owner:
             log.warning(
                 "took over a stale lock left by pid %s (no longer running)", lock.stale_owner.get("pid")
+            )
+        store = await _out_store(options, manifest.name)
+        if store is not None:
+            log.warning(
+                "the journal is on this machine only (%s): if the machine is lost, the next run rebuilds it "
+                "from the reports in %s, and pays again for what was in flight; to share the run and "
+                "survive a lost machine, give every worker --journal postgresql://...",
+                options.out_dir / JOURNAL_NAME,
+                store.location,
             )
         _remove_leftovers(options.out_dir)
         async with await open_journal(options.out_dir) as journal, ApiClient(options.client) as client:
@@ -120,17 +145,31 @@ async def run_manifest(manifest: Manifest, options: RunOptions, *, view: Progres
                 # The journal first: killed in between, the next run redoes items whose files are still
                 # there, rather than trusting a journal whose outputs are gone.
                 await journal.reset_all()
-                await anyio.to_thread.run_sync(_forget_outputs, options.out_dir)
-            return await Engine(manifest, options, journal=journal, client=client, view=view).run()
+                await _forget_outputs(options.out_dir, store)
+            engine = Engine(manifest, options, journal=journal, client=client, view=view, store=store)
+            return await engine.run()
 
 
-async def _run_shared(manifest: Manifest, options: RunOptions, url: str, *, view: ProgressView) -> RunResult:
+async def _out_store(options: RunOptions, name: str) -> OutStore | None:
+    """The object store of ``--out s3://...``, once it took the probe for run ``name``; None for a local
+    out dir."""
+    if options.out_url is None:
+        return None
+    store = OutStore(options.out_url, retry=options.retry, sleep=options.sleep)
+    await store.probe(name, take_over=options.take_over)
+    log.info("outputs go to %s (work dir %s)", store.location, options.out_dir)
+    return store
+
+
+async def _run_shared(
+    manifest: Manifest, options: RunOptions, url: str, store: OutStore | None, *, view: ProgressView
+) -> RunResult:
     """One worker of a run shared through PostgreSQL: no out-dir lock (the run's database lock and the
     workers' leases take its place), the journal named by the manifest's ``name``."""
     journal = await PostgresJournal.open(url, manifest.name, out_dir=options.out_dir, lease=options.lease)
     async with journal, ApiClient(options.client) as client:
         crew = Crew(journal, resubmit_ambiguous=options.settings.resubmit_ambiguous)
-        engine = Engine(manifest, options, journal=journal, client=client, view=view, crew=crew)
+        engine = Engine(manifest, options, journal=journal, client=client, view=view, crew=crew, store=store)
         return await engine.run()
 
 
@@ -155,7 +194,15 @@ def _remove_leftovers(out_dir: Path) -> None:
         remove_temp_files(folder)
 
 
-def _forget_outputs(out_dir: Path) -> None:
+async def _forget_outputs(out_dir: Path, store: OutStore | None) -> None:
+    """``--fresh``: the outputs, thumbnails and reports go, from the out dir (the work dir) and the store."""
+    await anyio.to_thread.run_sync(_forget_files, out_dir)
+    if store is not None:
+        forgotten = await store.forget()
+        log.info("--fresh: %d object(s) deleted from %s, and the reports", forgotten, store.location)
+
+
+def _forget_files(out_dir: Path) -> None:
     for folder in (IMAGES_DIR, THUMBS_DIR):
         shutil.rmtree(out_dir / folder, ignore_errors=True)
     for name in (*REPORT_FILES, RESULTS_NAME):
@@ -174,9 +221,11 @@ class Engine:
         client: ApiClient,
         view: ProgressView,
         crew: Crew | None = None,
+        store: OutStore | None = None,
     ) -> None:
         settings = options.settings
         self._crew = crew  #: this worker's part in a shared run; None when the run is this process's alone
+        self._store = store  #: the object store the out dir is in; None: the out dir is local
         self._manifest = manifest
         self._manifest_path = str(Path(manifest.path).resolve())  #: as the journal remembers it
         self._options = options
@@ -203,7 +252,12 @@ class Engine:
         self._started = options.started_at or time.time()
         self._ledger: Ledger | None = None
         self._gallery = GalleryFiles(
-            client, options.out_dir, resolve=options.input_source, copy_inputs=options.copy_inputs
+            client,
+            options.out_dir,
+            resolve=options.input_source,
+            copy_inputs=options.copy_inputs,
+            publish=None if store is None else functools.partial(store.put_files, options.out_dir),
+            discard_outputs=store is not None,  # the work dir keeps no output once it is in the store
         )
         self._before = (0, 0)  #: items succeeded and failed when this run began
         self._finish_rate = RecentRate()
@@ -232,6 +286,7 @@ class Engine:
                 )
             self._view.update(self._snapshot())
             self._view.stop()
+            self._gallery.discard_left()
             ledger.close_results()
             if self._plan.gate is not None:
                 self._plan.gate.close()
@@ -239,8 +294,13 @@ class Engine:
                 stats, paths = await self._finish(meta)
         return RunResult(stats=stats, exit_code=exit_code(stats), report_paths=paths)
 
-    async def _finish(self, meta: RunMeta) -> tuple[RunStats, dict[str, Path]]:
+    async def _finish(self, meta: RunMeta) -> tuple[RunStats, dict[str, Path | str]]:
         """Record the run's figures and write the reports; a full disk here is a "disk" stop, not a crash."""
+        crew, control = self._crew, self._control
+        if crew is not None and control.reason is StopReason.DISK and crew.taken_for_dead():
+            # The journal's error was the database ending the session of a worker it took for dead.
+            log.error("this worker was taken for dead (no lease renewal for %.0f s): it stops", crew.lease)
+            control.reason = StopReason.LEASE
         stats = self._stats()
         log.debug("writing the reports from the journal")
         try:
@@ -267,6 +327,14 @@ class Engine:
             rebuild = "OUT_DIR" if self._crew is None else f"--journal URL {self._manifest.name}"
             log.exception("the reports could not be written; `batch-engine report %s` rebuilds them", rebuild)
             self._control.stop_submitting(StopReason.DISK)
+            return self._stats(), {}
+        except (OutputNotSaved, StagingRefused) as exc:
+            log.error(
+                "the reports are in %s but could not be uploaded (%s); `batch-engine report` uploads them",
+                self._options.out_dir,
+                exc,
+            )
+            self._control.stop_submitting(StopReason.OUT_STORE)
             return self._stats(), {}
 
     def _worker_figures(self, stats: RunStats) -> dict[str, Any]:
@@ -304,16 +372,17 @@ class Engine:
             await anyio.to_thread.run_sync(_remove_leftovers, self._options.out_dir)
             if self._options.fresh:
                 await self._journal.reset_all()
-                await anyio.to_thread.run_sync(_forget_outputs, self._options.out_dir)
+                await _forget_outputs(self._options.out_dir, self._store)
             await crew.journal.forget_leases()
             return await self._prepare_run()
 
     async def _prepare_run(self) -> RunMeta:
         journal = self._journal
+        store = self._store
         if self._crew is None:  # a shared run: every worker has its own path to the manifest
             check_owner(journal.meta(), self._manifest_path, take_over=self._options.take_over)
-            await recover_lost_journal(journal, self._options.out_dir)
-        sync = await journal.sync_manifest(self._manifest)
+            await self._recover_lost_journal()
+        sync = await journal.sync_manifest(self._manifest, intact=None if store is None else store.intact)
         log.info(
             "journal: %d new, %d changed, %d unchanged, %d restored from the archive; %d retired (kept in "
             "the archive: they come back with their outputs if they return unchanged)",
@@ -353,11 +422,21 @@ class Engine:
             started_at=self._started,
             output=self._manifest.output,
             inputs_not_copied=previous.inputs_not_copied if previous else {},
-            out=str(self._options.out_dir.resolve()),
+            out=self._options.out_url or str(self._options.out_dir.resolve()),
             runs=[*(previous.history() if previous else []), run_entry(self._started)][-MAX_RUNS:],
         )
         await journal.set_meta(meta)
         return meta
+
+    async def _recover_lost_journal(self) -> None:
+        """A journal missing or empty beside an earlier run's record is rebuilt from it (see `rebuild`).
+        With an object store, that record is the reports there: on a new machine, the work dir has none."""
+        journal, out_dir, store = self._journal, self._options.out_dir, self._store
+        if store is not None and journal.is_empty():
+            for name in (REPORT_NAME, RESULTS_NAME):
+                if not (out_dir / name).exists() and await store.fetch(name, out_dir):
+                    log.info("the journal is empty: %s fetched from %s to rebuild it", name, store.location)
+        await recover_lost_journal(journal, out_dir, found=None if store is None else store.found)
 
     async def _run_stages(self) -> None:
         opts = self._options
@@ -562,7 +641,11 @@ class Engine:
         assert self._ledger is not None
         timeout = max(self._settings.timeout, self._options.client.download_timeout)
         plan = SinkPlan(
-            timeout=timeout, wanted=self._outputs_wanted, outputs=self._outputs, meta=self._ledger.meta_of
+            timeout=timeout,
+            wanted=self._outputs_wanted,
+            outputs=self._outputs,
+            meta=self._ledger.meta_of,
+            keep=self._store,
         )
         return Sink(self._context(), out_dir=self._options.out_dir, plan=plan)
 
@@ -617,9 +700,31 @@ class Engine:
             submit_rate=ledger.submit_rate,
         )
 
-    async def _write_reports(self, meta: RunMeta) -> dict[str, Path]:
-        files = page_files(self._options.out_dir, self._journal.records(), dict(meta.inputs_not_copied))
-        return write_reports(self._options.out_dir, meta, self._journal.records, files=files)
+    async def _write_reports(self, meta: RunMeta) -> dict[str, Path | str]:
+        """Write the reports into the out dir; with an object store, into the work dir, then upload them
+        (the page's input copies and thumbnails are listed from the store: every worker uploaded its own)."""
+        out_dir, store, records = self._options.out_dir, self._store, self._journal.records
+        if store is None:
+            files = page_files(out_dir, records(), dict(meta.inputs_not_copied))
+            return dict(write_reports(out_dir, meta, records, files=files))
+        listed = {} if store.refused else await page_listings(store, out_dir)
+        files = page_files(
+            out_dir, records(), dict(meta.inputs_not_copied), listing=lambda f: listed.get(f, frozenset())
+        )
+        paths = write_reports(out_dir, meta, records, files=files)
+        return dict(await store.put_reports(out_dir, paths))
+
+
+async def page_listings(store: OutStore, out_dir: Path) -> dict[str, frozenset[str]]:
+    """The page's folders in an object store, once the files the work dir holds and the store lacks (the
+    last thumbnails of a run, cut short by its end) are uploaded too."""
+    listed = {}
+    for folder in (INPUTS_DIR, THUMBS_DIR):
+        there = await anyio.to_thread.run_sync(store.listing, folder)
+        here = await anyio.to_thread.run_sync(folder_listing, out_dir, folder)
+        uploaded = await store.put_files(out_dir, sorted(here - there))
+        listed[folder] = there | frozenset(uploaded)
+    return listed
 
 
 def plan_counts(

@@ -6,7 +6,9 @@
     ├── OutDirLocked            lock: another live run holds the out dir
     ├── JournalError            journal: the journal is unreadable or belongs to another manifest
     ├── InputFailed             staging, routes: a local input file cannot be read or staged; its item fails
-    ├── StagingRefused          staging: the object store refuses every upload (credentials, bucket)
+    ├── OutputNotSaved          out_store: an output could not be PUT after retries; its item stays submitted
+    ├── StagingRefused          staging, out_store: the object store refuses every request (credentials,
+    │                           permission, bucket)
     └── ApiError                client: one HTTP exchange went wrong (never raised past the engine)
         ├── RetryLater          5xx, timeout or network error on a request that is safe to repeat
         │   └── NotAccepted     a submit the server certainly never saw (connection refused)
@@ -91,9 +93,16 @@ class InputFailed(BatchEngineError):
     fails with kind ``input``, nothing was sent for it, and the others go on."""
 
 
+class OutputNotSaved(BatchEngineError):
+    """An output could not be PUT in the object store of ``--out s3://...`` after retries. Its item is not
+    recorded as succeeded: it stays ``submitted``, and the next run polls and saves it again (never pays
+    again)."""
+
+
 class StagingRefused(BatchEngineError):
     """The object store refused credentials or permission, or the bucket is missing: every upload would
-    fail the same way, so the run stops submitting (resumable) instead of failing items one by one."""
+    fail the same way, so the run stops (resumable) instead of failing items one by one. Raised for input
+    files staged there and for the outputs of ``--out s3://...`` alike."""
 
 
 class ApiError(BatchEngineError):

@@ -136,7 +136,8 @@ async def test_a_worker_taken_for_dead_stops_and_the_others_finish_its_items_wit
                 assert await frozen.wait() == EXIT_STOPPED, frozen.tail()
                 assert await other.wait() == EXIT_OK, other.tail()
         said = [line for line in frozen.stderr_lines if " DEBUG " not in line and "progress:" not in line]
-        assert "took this worker for dead" in frozen.stderr, said
+        assert "took this worker for dead" in frozen.stderr or "was taken for dead" in frozen.stderr, said
+        assert "stopped early: this worker could not renew its lease" in frozen.stdout + frozen.stderr, said
         report = check_out_dir(out, specs, sim)
         assert set(states(report).values()) == {"succeeded"}
         assert reports_written(other)

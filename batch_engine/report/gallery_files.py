@@ -27,8 +27,9 @@ import logging
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -65,12 +66,24 @@ class PageFiles:
     not_copied: dict[str, str] = field(default_factory=dict)  #: input URL → why it has no copy
 
 
-def page_files(out_dir: Path, records: Iterable[ItemRecord], not_copied: dict[str, str]) -> PageFiles:
-    """The gallery's files as they are on disk now (two directory listings), for the inputs of
-    ``records``; ``not_copied`` keeps only inputs that still have no copy."""
-    inputs = local_inputs(out_dir, distinct_inputs(records))
+#: The files in one folder of the out dir (``thumbs``, ``inputs``), as paths relative to it.
+Listing = Callable[[str], frozenset[str]]
+
+
+def page_files(
+    out_dir: Path,
+    records: Iterable[ItemRecord],
+    not_copied: dict[str, str],
+    *,
+    listing: Listing | None = None,
+) -> PageFiles:
+    """The gallery's files as they are now (two listings: of ``out_dir``'s folders, or ``listing``'s, an
+    object store's), for the inputs of ``records``; ``not_copied`` keeps only inputs that still have no
+    copy."""
+    listed = listing or partial(folder_listing, out_dir)
+    inputs = local_inputs(out_dir, distinct_inputs(records), names=listed(INPUTS_DIR))
     missing = {url: why for url, why in not_copied.items() if url not in inputs}
-    return PageFiles(inputs=inputs, thumbs=_listing(out_dir, THUMBS_DIR), not_copied=missing)
+    return PageFiles(inputs=inputs, thumbs=listed(THUMBS_DIR), not_copied=missing)
 
 
 def input_urls(request: Mapping[str, Any]) -> list[str]:
@@ -92,9 +105,12 @@ def distinct_inputs(records: Iterable[ItemRecord], limit: int = MAX_INPUTS) -> l
     return list(seen)[:limit]
 
 
-def local_inputs(out_dir: Path, urls: Iterable[str]) -> dict[str, str]:
-    """Input URL → path of its copy relative to the out dir, for the inputs already copied."""
-    names = _listing(out_dir, INPUTS_DIR)
+def local_inputs(
+    out_dir: Path, urls: Iterable[str], *, names: frozenset[str] | None = None
+) -> dict[str, str]:
+    """Input URL → path of its copy relative to the out dir, for the inputs already copied (``names``: the
+    copies there, when not listed from ``out_dir``)."""
+    names = folder_listing(out_dir, INPUTS_DIR) if names is None else names
     found: dict[str, str] = {}
     for url in urls:
         stem = input_stem(url)
@@ -105,7 +121,8 @@ def local_inputs(out_dir: Path, urls: Iterable[str]) -> dict[str, str]:
     return found
 
 
-def _listing(out_dir: Path, folder: str) -> frozenset[str]:
+def folder_listing(out_dir: Path, folder: str) -> frozenset[str]:
+    """The files in ``out_dir/folder``, as paths relative to ``out_dir``."""
     try:
         return frozenset(f"{folder}/{entry.name}" for entry in os.scandir(out_dir / folder))
     except OSError:  # not made yet, or unreadable: nothing there to show
@@ -156,18 +173,27 @@ def _thumbnail(out_dir: Path, data: bytes, target: str) -> bool:
     return True
 
 
-def make_thumbs(out_dir: Path, jobs: Iterable[tuple[str, str]], stop: threading.Event | None = None) -> int:
-    """Make the thumbnail of each ``(source, target)`` not made yet; how many were written. A picture that
-    cannot be read is skipped (logged), and ``stop`` ends the batch between two pictures."""
-    made = 0
+def make_thumbs(
+    out_dir: Path,
+    jobs: Iterable[tuple[str, str]],
+    stop: threading.Event | None = None,
+    made: list[str] | None = None,
+) -> int:
+    """Make the thumbnail of each ``(source, target)`` not made yet; how many were written (and each
+    target appended to ``made``). A picture that cannot be read is skipped (logged), and ``stop`` ends the
+    batch between two pictures."""
+    count = 0
     for source, target in jobs:
         if stop is not None and stop.is_set():
             break
         try:
-            made += make_thumb(out_dir, source, target)
+            if make_thumb(out_dir, source, target):
+                count += 1
+                if made is not None:
+                    made.append(target)
         except (OSError, ValueError) as exc:
             log.debug("no thumbnail of %s: %s", source, exc)
-    return made
+    return count
 
 
 def thumb_jobs(records: Iterable[ItemRecord], inputs: Collection[str]) -> Iterable[tuple[str, str]]:
@@ -190,6 +216,11 @@ class GalleryFiles:
     Invariant: a URL is in ``_claimed`` once it is queued for a copy and stays there, so each distinct input
     is tried once a run, and the queue never holds more than ``MAX_INPUTS`` URLs: its capacity, so
     ``send_nowait`` never finds it full.
+
+    When the out dir is an object store, the files made are handed to ``publish`` (which uploads them),
+    and with ``discard_outputs`` each output's local copy is deleted once its thumbnail is made (or none is
+    needed, or it cannot be queued): an output is in ``_discard_due`` or ``_discarding`` until then, and
+    `discard_left` deletes what a stop left there.
     """
 
     def __init__(
@@ -201,6 +232,8 @@ class GalleryFiles:
         copy_inputs: bool = True,
         copiers: int = COPIERS,
         pause: float = THUMB_PAUSE,
+        publish: Callable[[Sequence[str]], Awaitable[object]] | None = None,
+        discard_outputs: bool = False,
     ) -> None:
         self._client = client
         self._out_dir = out_dir
@@ -213,6 +246,10 @@ class GalleryFiles:
         self._send: MemoryObjectSendStream[str] | None = None  #: open while `run` runs
         self._thumbs_due: list[tuple[str, str]] = []  #: thumbnails to make, (source, target), inputs too
         self._thumbs_ready = anyio.Event()
+        self._publish = publish  #: hands files made (relative paths) to the object store; None: local
+        self._discard = discard_outputs
+        self._discard_due: list[str] = []  #: outputs to delete once the batch holding them is done
+        self._discarding: list[str] = []  #: ... and those of the batch being made now
         self.not_copied: dict[str, str] = {}  #: input URL → why its copy failed in this run
         self._copied: set[str] = set()  #: input URLs copied in this run
         self.thumbs = 0  #: thumbnails made in this run
@@ -251,14 +288,27 @@ class GalleryFiles:
         return dict(list(merged.items())[-MAX_INPUTS:])
 
     def succeeded(self, outputs: Sequence[OutputFile]) -> None:
-        """Outputs were saved: their thumbnails go into the next batch."""
+        """Outputs were saved: their thumbnails go into the next batch (the local copies, with
+        ``discard_outputs``, are deleted after it, or now when it cannot take them)."""
         for output in outputs:
-            self._thumb_due(output.path, output_thumb(output))
+            if self._thumb_due(output.path, output_thumb(output)):
+                if self._discard:
+                    self._discard_due.append(output.path)
+            elif self._discard:
+                _unlink(self._out_dir, [output.path])
 
-    def _thumb_due(self, source: str, target: str) -> None:
+    def discard_left(self) -> None:
+        """Delete the local copies of outputs still waiting for a thumbnail (after a stop, or the end)."""
+        if self._discard:
+            left, self._discard_due, self._discarding = self._discard_due + self._discarding, [], []
+            _unlink(self._out_dir, left)
+
+    def _thumb_due(self, source: str, target: str) -> bool:
         if self._send is not None and len(self._thumbs_due) < THUMBS_WAITING:
             self._thumbs_due.append((source, target))
             self._thumbs_ready.set()
+            return True
+        return False
 
     async def run(self) -> None:
         """Copy and make thumbnails until cancelled (the engine cancels at a stop and at the end)."""
@@ -293,6 +343,8 @@ class GalleryFiles:
             return str(exc)
         except OSError as exc:
             return f"cannot be written: {exc.strerror or exc}"
+        if self._publish is not None:
+            await self._publish([copy])
         if len(data) > THUMB_MIN_BYTES:
             self._thumb_due(copy, input_thumb(copy))
         return None
@@ -302,14 +354,31 @@ class GalleryFiles:
             await self._thumbs_ready.wait()
             self._thumbs_ready = anyio.Event()
             batch, self._thumbs_due = self._thumbs_due, []
+            self._discarding, self._discard_due = self._discard_due, []
             stop = threading.Event()
+            made: list[str] = []
             try:
                 self.thumbs += await anyio.to_thread.run_sync(
-                    make_thumbs, self._out_dir, batch, stop, abandon_on_cancel=True
+                    make_thumbs, self._out_dir, batch, stop, made, abandon_on_cancel=True
                 )
             finally:
                 stop.set()  # cancelled: the thread ends after the picture it is on
+            done, self._discarding = self._discarding, []
+            await anyio.to_thread.run_sync(_unlink, self._out_dir, done)
+            if self._publish is not None and made:
+                await self._publish(made)
+                if self._discard:  # in the object store now, where the page finds them
+                    await anyio.to_thread.run_sync(_unlink, self._out_dir, made)
             await anyio.sleep(self._pause)
+
+
+def _unlink(out_dir: Path, relpaths: Iterable[str]) -> None:
+    """Delete local copies that are kept elsewhere now (an object store's); one already gone is fine."""
+    for relpath in relpaths:
+        try:
+            (out_dir / relpath).unlink(missing_ok=True)
+        except OSError as exc:
+            log.debug("%s could not be deleted: %s", relpath, exc)
 
 
 def _store_input(out_dir: Path, url: str, data: bytes) -> str:

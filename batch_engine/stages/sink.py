@@ -6,16 +6,24 @@ import errno
 import functools
 import hashlib
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 from anyio.abc import ObjectReceiveStream
 
 from batch_engine.control import StopReason
-from batch_engine.errors import ItemRejected, JournalError, LeaseLost, RetryLater, SlowDown
+from batch_engine.errors import (
+    ItemRejected,
+    JournalError,
+    LeaseLost,
+    OutputNotSaved,
+    RetryLater,
+    SlowDown,
+    StagingRefused,
+)
 from batch_engine.images import check_complete, decode_b64_output, is_png
 from batch_engine.stages.context import StageContext
 from batch_engine.store.files import DEFAULT_OUTPUTS, OutputTemplate, write_atomic
@@ -41,6 +49,14 @@ class OutputFailed(Exception):
     """An output could not be fetched or verified after every retry (internal to this stage)."""
 
 
+class Keeper(Protocol):
+    """Where outputs must be before their success is recorded, when the out dir is an object store
+    (`staging.out_store.OutStore`): the local files are then only a work copy."""
+
+    async def put_outputs(self, out_dir: Path, outputs: Sequence[OutputFile]) -> None:
+        """Upload them; OutputNotSaved after the retries, StagingRefused when the store refuses."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class SinkPlan:
     """What the sink needs to know of the job: how long an item's downloads may take, how many to keep."""
@@ -51,6 +67,7 @@ class SinkPlan:
     wanted: Callable[[str], int]  #: item id → outputs it asked for (``n``): more are ignored
     outputs: OutputTemplate = DEFAULT_OUTPUTS  #: where an item's output files go
     meta: Callable[[str], Mapping[str, Any]] = lambda item_id: {}  #: item id → its metadata, for the template
+    keep: Keeper | None = None  #: the object store outputs go to; None: the out dir is where they stay
 
 
 class Sink:
@@ -70,11 +87,23 @@ class Sink:
                     # The item stays "submitted" in the journal: a later run polls and saves it again.
                     log.exception("could not save the outputs of item %s", item.item_id)
                     self._ctx.control.stop_now(StopReason.DISK)
+                except (OutputNotSaved, StagingRefused) as exc:
+                    self._not_kept(item.item_id, exc)
                 except LeaseLost as exc:  # taken for dead: another worker saves it (the same prediction)
                     log.warning("%s", exc)
                 except TransitionRefused as exc:
                     log.error("%s", exc)
                     self._ctx.control.stop_now(StopReason.INTERNAL)
+
+    def _not_kept(self, item_id: str, exc: OutputNotSaved | StagingRefused) -> None:
+        """The object store did not take an output: the item stays submitted (its prediction is paid; the
+        next run saves it). A refusal stops the run at once (nothing more can be kept); a store that
+        kept failing stops submitting, and what is in flight is still tried."""
+        log.error("%s; item %s stays submitted: the next run saves it without paying again", exc, item_id)
+        if isinstance(exc, StagingRefused):
+            self._ctx.control.stop_now(StopReason.OUT_STORE)
+        else:
+            self._ctx.control.stop_submitting(StopReason.OUT_STORE)
 
     async def _deliver(self, item: Resolved) -> None:
         prediction = item.prediction
@@ -95,8 +124,12 @@ class Sink:
             await self._ctx.ledger.fail(item.item_id, error, prediction_id=prediction_id)
             return
         # The files are written but not yet fsynced: the journal's writer fsyncs them, in a group with
-        # other items' outputs, before the commit that records this success.
+        # other items' outputs, before the commit that records this success. In an object store, the
+        # success is recorded only once the objects are there, which makes them durable: nothing to fsync.
         files = [self._out_dir / output.path for output in outputs]
+        if self._plan.keep is not None:
+            await self._plan.keep.put_outputs(self._out_dir, outputs)
+            files = []
         await self._ctx.ledger.succeed(
             item.item_id, outputs, prediction.inference_ms, durable=files, answered=item.answered
         )

@@ -39,7 +39,7 @@ from urllib.parse import quote
 import anyio
 import anyio.to_thread
 
-from batch_engine.errors import InputFailed, StagingRefused, UsageError
+from batch_engine.errors import BatchEngineError, InputFailed, StagingRefused, UsageError
 from batch_engine.images import sniff_extension
 from batch_engine.manifest.local_files import MAX_INPUT_BYTES
 from batch_engine.timing.backoff import DEFAULT_POLICY, RetryPolicy, full_jitter
@@ -60,15 +60,16 @@ Signer = Callable[["S3Store", Sequence[str], timedelta], Awaitable[Sequence[str]
 _T = TypeVar("_T")
 
 
-def open_store(url: str) -> S3Store:
-    """The store ``s3://bucket/prefix/`` names, configured from the environment; UsageError when the
-    ``s3`` extra is missing or the environment cannot configure it."""
+def open_store(url: str, *, setting: str = "settings.inputs.upload") -> S3Store:
+    """The store ``s3://bucket/prefix/`` names, configured from the environment; UsageError (naming
+    ``setting``, where the URL came from) when the ``s3`` extra is missing or the environment cannot
+    configure it."""
     try:
         from obstore.exceptions import BaseError
         from obstore.store import S3Store
     except ImportError as exc:
         raise UsageError(
-            f"settings.inputs.upload stages local files with obstore, which is not installed: {INSTALL_HINT}"
+            f"{setting} needs obstore to reach an object store, and it is not installed: {INSTALL_HINT}"
         ) from exc
     options = {"timeout": REQUEST_TIMEOUT, "connect_timeout": CONNECT_TIMEOUT}
     if "AWS_ALLOW_HTTP" in os.environ:  # client options given here replace those obstore reads itself
@@ -81,7 +82,54 @@ def open_store(url: str) -> S3Store:
             **_profile(),
         )
     except (BaseError, ValueError) as exc:
-        raise UsageError(f"settings.inputs.upload {url}: {_first_line(exc)}") from exc
+        raise UsageError(f"{setting} {url}: {first_line(exc)}") from exc
+
+
+def location(store: S3Store) -> str:
+    """``s3://bucket/prefix``, as logs and messages name a store (never with credentials: it has none)."""
+    return f"s3://{store.config.get('bucket', '?')}/{store.prefix or ''}".rstrip("/")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Retrying:
+    """How calls to a store are tried again, and what a call that never succeeds raises.
+
+    Errors are mapped here and nowhere else (see the module's table): refused credentials or permission
+    raise StagingRefused at once; any other store error is retried with the run's backoff, then raises
+    ``gave_up(message)``.
+    """
+
+    where: str  #: the store, as messages name it (`location`)
+    retry: RetryPolicy = DEFAULT_POLICY
+    sleep: Callable[[float], Awaitable[None]] = anyio.sleep
+    rand: Callable[[], float] = random.random
+    gave_up: Callable[[str], BatchEngineError] = InputFailed
+
+    async def __call__(self, call: Callable[[], Awaitable[_T]], what: str) -> _T:
+        """``call()``, tried again after transient store errors; StagingRefused on refused credentials."""
+        from obstore.exceptions import BaseError, PermissionDeniedError, UnauthenticatedError
+
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return await call()
+            except (PermissionDeniedError, UnauthenticatedError) as exc:
+                raise StagingRefused(f"{self.where} refused to {what}: {first_line(exc)}") from exc
+            except (BaseError, ValueError, OSError) as exc:  # OSError: what obstore leaves to the builtins
+                if attempt >= self.retry.attempts:
+                    message = f"could not {what} in {self.where} ({attempt} attempts): {first_line(exc)}"
+                    raise self.gave_up(message) from exc
+                delay = full_jitter(
+                    attempt, initial=self.retry.initial, maximum=self.retry.maximum, rand=self.rand()
+                )
+                log.debug("could not %s in %s (%s); again in %.2fs", what, self.where, exc, delay)
+                await self.sleep(delay)
+
+
+def no_bucket(where: str, exc: FileNotFoundError) -> StagingRefused:
+    """A PUT answered "not found": the bucket does not exist, and no PUT will do better."""
+    return StagingRefused(f"{where}: the bucket does not exist ({first_line(exc)})")
 
 
 async def sign_get(store: S3Store, keys: Sequence[str], expires_in: timedelta) -> Sequence[str]:
@@ -133,10 +181,8 @@ class S3Inputs:
         "_limiter",
         "_location",
         "_public",
-        "_rand",
-        "_retry",
+        "_retrying",
         "_sign",
-        "_sleep",
         "_store",
         "_ttl",
         "found",
@@ -157,13 +203,11 @@ class S3Inputs:
         sign: Signer = sign_get,
     ) -> None:
         self._store = store
-        self._location = f"s3://{store.config.get('bucket', '?')}/{store.prefix or ''}".rstrip("/")
+        self._location = location(store)
         self._ttl = timedelta(seconds=ttl)
         self._public = public_base_url.rstrip("/") if public_base_url else None
         self._limiter = anyio.CapacityLimiter(concurrency)
-        self._retry = retry
-        self._sleep = sleep
-        self._rand = rand
+        self._retrying = Retrying(where=self._location, retry=retry, sleep=sleep, rand=rand)
         self._sign: Signer = sign
         self._known: dict[str, Staged] = {}
         self._busy: dict[str, anyio.Event] = {}
@@ -255,32 +299,9 @@ class S3Inputs:
             except NotSupportedError:  # a store without conditional writes: the same bytes, overwritten
                 await obstore.put_async(self._store, key, data, attributes=attributes, use_multipart=False)
             except FileNotFoundError as exc:
-                message = f"{self._location}: the bucket does not exist ({_first_line(exc)})"
-                raise StagingRefused(message) from exc
+                raise no_bucket(self._location, exc) from exc
 
         await self._retrying(put, f"upload {key}")
-
-    async def _retrying(self, call: Callable[[], Awaitable[_T]], what: str) -> _T:
-        """``call()``, tried again after transient store errors; StagingRefused on refused credentials."""
-        from obstore.exceptions import BaseError, PermissionDeniedError, UnauthenticatedError
-
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                return await call()
-            except (PermissionDeniedError, UnauthenticatedError) as exc:
-                raise StagingRefused(f"{self._location} refused to {what}: {_first_line(exc)}") from exc
-            except (BaseError, ValueError, OSError) as exc:  # OSError: what obstore leaves to the builtins
-                if attempt >= self._retry.attempts:
-                    message = f"could not {what} in {self._location} ({attempt} attempts): {_first_line(exc)}"
-                    raise InputFailed(message) from exc
-                delay = full_jitter(
-                    attempt, initial=self._retry.initial, maximum=self._retry.maximum, rand=self._rand()
-                )
-                log.debug("could not %s in %s (%s); again in %.2fs", what, self._location, exc, delay)
-                await self._sleep(delay)
-
 
 def _read_image(path: Path) -> tuple[bytes, str]:
     """The file's bytes and extension (from its bytes); InputFailed when it is no longer a usable input."""
@@ -297,7 +318,7 @@ def _read_image(path: Path) -> tuple[bytes, str]:
     return data, ext
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     """An obstore message's first line: the rest is a Rust debug dump of the same."""
     text = str(exc).strip().splitlines()
     return text[0][:500] if text else type(exc).__name__

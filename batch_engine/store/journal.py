@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Protocol, Self
@@ -74,7 +74,11 @@ class Journal(Protocol):
     def error_kind_counts(self) -> dict[str, int]: ...
     def possible_duplicate_count(self) -> int: ...
     async def set_meta(self, meta: RunMeta) -> None: ...
-    async def sync_manifest(self, manifest: Manifest) -> SyncResult: ...
+    async def sync_manifest(
+        self, manifest: Manifest, *, intact: Callable[[Sequence[OutputFile]], bool] | None = None
+    ) -> SyncResult:
+        """Make the rows match the manifest; an archived success comes back only when ``intact`` finds
+        its outputs (default: in the out dir, with their sha256)."""
     async def mark_submitting(self, item_id: str) -> int: ...
     async def mark_submitted(self, item_id: str, *, prediction_id: str, submitted_at: float) -> None: ...
     async def mark_succeeded(

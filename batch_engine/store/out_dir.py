@@ -12,7 +12,11 @@
 from __future__ import annotations
 
 import logging
+from functools import partial
 from pathlib import Path
+
+import anyio
+import anyio.to_thread
 
 from batch_engine.errors import UsageError
 from batch_engine.store import rebuild
@@ -73,22 +77,23 @@ def check_owner(previous: RunMeta | None, manifest_path: str, *, take_over: bool
     )
 
 
-async def recover_lost_journal(journal: Journal, out_dir: Path) -> int:
+async def recover_lost_journal(journal: Journal, out_dir: Path, *, found: rebuild.Found | None = None) -> int:
     """Before the first sync of an empty journal: take back what the out dir's files say of an earlier
-    run (see `rebuild`); returns how many items were recovered. JournalError when outputs are there but
-    nothing says which request they answer."""
+    run (see `rebuild`; ``found``: where its outputs are looked for, when not in the out dir); returns how
+    many items were recovered. JournalError when outputs are there but nothing says which request they
+    answer."""
     if not journal.is_empty():
         return 0
-    found = rebuild.evidence(out_dir)
-    if not found.any:
+    evidence = rebuild.evidence(out_dir)
+    if not evidence.any:
         return 0
-    records = rebuild.recovered_records(out_dir)
+    records = await anyio.to_thread.run_sync(partial(rebuild.recovered_records, out_dir, found=found))
     adopted = await journal.adopt(records)
     log.warning(
         "the journal of %s was missing or empty beside %s: %d item(s) recovered from them before anything "
         "is sent (their prediction ids and outputs kept)",
         out_dir,
-        found.describe(out_dir),
+        evidence.describe(out_dir),
         adopted,
     )
     return adopted

@@ -14,9 +14,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -64,30 +65,41 @@ def evidence(out_dir: Path) -> Evidence:
     return Evidence(outputs, lines, (out_dir / REPORT_NAME).is_file())
 
 
-def recovered_records(out_dir: Path) -> list[ItemRecord]:
+#: Which of these output paths are still where the run keeps its outputs (the out dir, or an object store).
+Found = Callable[[Collection[str]], Collection[str]]
+
+
+def recovered_records(out_dir: Path, *, found: Found | None = None) -> list[ItemRecord]:
     """Every item the out dir's results.jsonl and report.yaml can vouch for (newest word wins: a
     results.jsonl line over report.yaml, a later line over an earlier one); JournalError when the out dir
-    holds outputs or reports but none of them carries a request fingerprint."""
-    found: dict[str, ItemRecord] = {}
+    holds outputs or reports but none of them carries a request fingerprint. A success keeps its state
+    only when ``found`` (default: files in the out dir) still finds every output of it."""
+    records: dict[str, ItemRecord] = {}
     for record in _from_report(out_dir / REPORT_NAME):
-        found[record.item_id] = record
+        records[record.item_id] = record
     for record in _from_results(out_dir / RESULTS_NAME):
-        found[record.item_id] = record
-    if not found:
+        records[record.item_id] = record
+    if not records:
         raise JournalError(
             f"the journal of {out_dir} is missing or empty, but the out dir holds "
             f"{evidence(out_dir).describe(out_dir)} from an earlier run, with no record of which request "
             "each answers (written by an older batch-engine). Running now would pay for every item again. "
             "Restore journal.sqlite from a backup, or run with --fresh to start over on purpose"
         )
-    return [_checked(record, out_dir) for record in found.values()]
+    wanted = {o.path for r in records.values() if r.state is ItemState.SUCCEEDED for o in r.outputs}
+    there = set((found or partial(_files_found, out_dir))(wanted))
+    return [_checked(record, there) for record in records.values()]
 
 
-def _checked(record: ItemRecord, out_dir: Path) -> ItemRecord:
+def _files_found(out_dir: Path, relpaths: Collection[str]) -> set[str]:
+    return {path for path in relpaths if (out_dir / path).is_file()}
+
+
+def _checked(record: ItemRecord, there: Collection[str]) -> ItemRecord:
     """A success whose files are gone is taken back as accepted: its prediction is polled again."""
     if record.state is not ItemState.SUCCEEDED:
         return record
-    if record.outputs and all((out_dir / output.path).is_file() for output in record.outputs):
+    if record.outputs and all(output.path in there for output in record.outputs):
         return record
     if record.prediction_id:
         return dataclasses.replace(record, state=ItemState.SUBMITTED, outputs=())

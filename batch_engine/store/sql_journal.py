@@ -280,16 +280,19 @@ class SqlJournal:
         value = dumps({f.name: getattr(meta, f.name) for f in fields(RunMeta)})
         await self._write(lambda tx: put_meta(tx, "run", value), savepoint=False)
 
-    async def sync_manifest(self, manifest: Manifest) -> SyncResult:
+    async def sync_manifest(
+        self, manifest: Manifest, *, intact: sync.IntactCheck | None = None
+    ) -> SyncResult:
         """Make the rows match ``manifest`` (see `sync`): add new items, archive and reset changed
-        ones, retire removed ones to the archive, bring archived versions back; one write per chunk."""
-        out_dir = self._out_dir
+        ones, retire removed ones to the archive, bring archived versions back (a success only when
+        ``intact`` finds its outputs; default: in the out dir); one write per chunk."""
+        check = intact or sync.files_intact(self._out_dir)
         await self._write(sync.begin)
         total, waiting = sync.SyncCounts(), []
         queued: list[asyncio.Future[tuple[sync.SyncCounts, list[Item]]]] = []
         for chunk in sync.chunks(manifest.iter_items()):
             # The writer applies one chunk while the next is read and built: at most two are queued.
-            job = functools.partial(sync.sync_chunk, chunk=chunk, now=self._clock(), out_dir=out_dir)
+            job = functools.partial(sync.sync_chunk, chunk=chunk, now=self._clock(), intact=check)
             queued.append(self._submit(job))
             if len(queued) > 1:
                 waiting += _add_counts(total, await queued.pop(0))
@@ -298,7 +301,7 @@ class SqlJournal:
         now = self._clock()
         total.retired = await self._write(lambda tx: sync.retire_unseen(tx, now))
         if waiting:
-            late = functools.partial(sync.add_waiting, waiting=waiting, now=now, out_dir=out_dir)
+            late = functools.partial(sync.add_waiting, waiting=waiting, now=now, intact=check)
             _add_counts(total, (await self._write(late), []))
         return total.result()
 

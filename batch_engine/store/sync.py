@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -29,9 +29,13 @@ from batch_engine.store import transitions
 from batch_engine.store.dialect import Tx
 from batch_engine.store.files import safe_stem, stem_key
 from batch_engine.store.journal import SyncResult, dumps
-from batch_engine.values import GENERATED_ID_PREFIX, Item
+from batch_engine.values import GENERATED_ID_PREFIX, Item, OutputFile
 
 CHUNK = 2000  #: manifest items per write of the journal
+#: Whether an archived success's outputs are still where it left them, whole (`files_intact` for an out dir,
+#: `staging.out_store.OutStore.intact` for an object store): it comes back succeeded only then. Called in
+#: the journal's writer thread.
+IntactCheck = Callable[[Sequence[OutputFile]], bool]
 _LEGACY_ID = re.compile(r"item-[0-9]+")  #: what such an item was called before: its position
 
 #: The columns an archived version keeps, in this order (its ``row`` is a JSON object of them).
@@ -85,7 +89,9 @@ def begin(tx: Tx) -> None:
     tx.execute("DELETE FROM sync_seen")
 
 
-def sync_chunk(tx: Tx, chunk: Sequence[Item], now: float, out_dir: Path) -> tuple[SyncCounts, list[Item]]:
+def sync_chunk(
+    tx: Tx, chunk: Sequence[Item], now: float, intact: IntactCheck
+) -> tuple[SyncCounts, list[Item]]:
     """Apply one chunk; returns its counts and the new items that must wait for the retirements."""
     counts = SyncCounts()
     ids = [item.id for item in chunk]
@@ -97,8 +103,8 @@ def sync_chunk(tx: Tx, chunk: Sequence[Item], now: float, out_dir: Path) -> tupl
     for item in chunk:
         old = known.get(item.id)
         if old is not None:
-            _sync_known(tx, item, old, now, out_dir, counts)
-    waiting = _add(tx, fresh, now, out_dir, counts)
+            _sync_known(tx, item, old, now, intact, counts)
+    waiting = _add(tx, fresh, now, intact, counts)
     return counts, waiting
 
 
@@ -113,10 +119,10 @@ def retire_unseen(tx: Tx, now: float) -> int:
     return int(tx.execute(f"DELETE FROM items WHERE {_UNSEEN}").rowcount)
 
 
-def add_waiting(tx: Tx, waiting: Sequence[Item], now: float, out_dir: Path) -> SyncCounts:
+def add_waiting(tx: Tx, waiting: Sequence[Item], now: float, intact: IntactCheck) -> SyncCounts:
     """Add the new items held back until the retired rows left; a clash now is a real one."""
     counts = SyncCounts()
-    still = _add(tx, list(waiting), now, out_dir, counts)
+    still = _add(tx, list(waiting), now, intact, counts)
     if still:
         raise _clash(tx, still[0])
     return counts
@@ -130,7 +136,7 @@ def _sync_known(
     item: Item,
     old: tuple[Any, ...],
     now: float,
-    out_dir: Path,
+    intact: IntactCheck,
     counts: SyncCounts,
 ) -> None:
     fingerprint, idx, spec, request = old
@@ -144,7 +150,7 @@ def _sync_known(
             )
         return
     _archive_live(tx, item.id, "changed", now)
-    found = _archived_version(tx, item, out_dir)
+    found = _archived_version(tx, item, intact)
     version = found[1] if found is not None else _new_version(item)
     tx.execute(
         f"UPDATE items SET {_SET_ALL}, updated_at = ? WHERE item_id = ?",
@@ -161,7 +167,7 @@ def _add(
     tx: Tx,
     fresh: list[Item],
     now: float,
-    out_dir: Path,
+    intact: IntactCheck,
     counts: SyncCounts,
 ) -> list[Item]:
     """Insert new items (restored from the archive where it has them); returns those whose output
@@ -171,7 +177,7 @@ def _add(
     archived = {row[0] for row in _select(tx, "DISTINCT item_id", "archive", [i.id for i in fresh])}
     rows, restored = [], {}
     for item in fresh:
-        found = _archived_version(tx, item, out_dir) if item.id in archived else None
+        found = _archived_version(tx, item, intact) if item.id in archived else None
         if found is not None:
             restored[item.id] = found[0]
         version = found[1] if found is not None else _new_version(item)
@@ -228,13 +234,13 @@ def _archive_live(tx: Tx, item_id: str, reason: str, now: float) -> None:
     )
 
 
-def _archived_version(tx: Tx, item: Item, out_dir: Path) -> tuple[int, tuple[Any, ...]] | None:
+def _archived_version(tx: Tx, item: Item, intact: IntactCheck) -> tuple[int, tuple[Any, ...]] | None:
     """The newest archived version of ``item`` with its fingerprint: its archive rowid and the row's
     columns in ``ARCHIVED_COLUMNS`` order (the manifest's index, spec and request); None if none.
 
-    A version that succeeded comes back succeeded only if its files are still there with their sha256
-    (another item may have overwritten them meanwhile); else it comes back ``submitted``, so its paid
-    prediction is polled and downloaded again, never paid again.
+    A version that succeeded comes back succeeded only if ``intact`` finds its files still there with
+    their sha256 (another item may have overwritten them meanwhile); else it comes back ``submitted``, so
+    its paid prediction is polled and downloaded again, never paid again.
     """
     found = tx.execute(
         "SELECT id, row FROM archive WHERE item_id = ? AND fingerprint = ? ORDER BY id DESC LIMIT 1",
@@ -244,21 +250,33 @@ def _archived_version(tx: Tx, item: Item, out_dir: Path) -> tuple[int, tuple[Any
         return None
     row = json.loads(found[1])
     row["idx"], row["spec"], row["request"] = item.index, dumps(item.spec), dumps(item.request)
-    if row["state"] == transitions.SUCCEED.target.value and not _outputs_intact(row["outputs"], out_dir):
+    if row["state"] == transitions.SUCCEED.target.value and not _outputs_intact(row["outputs"], intact):
         row["state"], row["outputs"], row["completed_at"] = transitions.ACCEPTED.target.value, None, None
     return found[0], tuple(row[column] for column in ARCHIVED_COLUMNS)
 
 
-def _outputs_intact(outputs: str | None, out_dir: Path) -> bool:
+def _outputs_intact(outputs: str | None, intact: IntactCheck) -> bool:
     try:
-        listed = json.loads(outputs or "[]")
-        for output in listed:
-            data = (out_dir / output["path"]).read_bytes()
-            if hashlib.sha256(data).hexdigest() != output["sha256"]:
-                return False
-    except (OSError, ValueError, KeyError, TypeError):
+        listed = [OutputFile(str(o["path"]), str(o["sha256"])) for o in json.loads(outputs or "[]")]
+    except (ValueError, KeyError, TypeError):
         return False
-    return bool(listed)
+    return bool(listed) and intact(listed)
+
+
+def files_intact(out_dir: Path) -> IntactCheck:
+    """The check of a local out dir: every output's file is there, with its sha256."""
+
+    def intact(outputs: Sequence[OutputFile]) -> bool:
+        try:
+            return all(_sha256(out_dir / output.path) == output.sha256 for output in outputs)
+        except OSError:
+            return False
+
+    return intact
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _stem_owner(tx: Tx, item_id: str) -> tuple[str, bool] | None:

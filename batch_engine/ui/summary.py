@@ -15,7 +15,9 @@ def stop_sentence(stats: RunStats) -> str | None:
     return stop_message(stats.stopped_reason, stats.stop_detail)
 
 
-def format_summary(stats: RunStats, *, report_paths: Mapping[str, Path], out_dir: Path) -> str:
+def format_summary(
+    stats: RunStats, *, report_paths: Mapping[str, Path | str], out_dir: Path | str
+) -> str:
     """The end-of-run summary for humans: counts, pace, warnings, why it stopped, where the reports are."""
     lines = [_headline(stats), *_count_lines(stats), *_pace_lines(stats), *_warning_lines(stats)]
     lines.append(f"Output in {out_dir}")
@@ -24,7 +26,7 @@ def format_summary(stats: RunStats, *, report_paths: Mapping[str, Path], out_dir
     return "\n".join(lines)
 
 
-def summary_json(stats: RunStats, *, report_paths: Mapping[str, Path]) -> str:
+def summary_json(stats: RunStats, *, report_paths: Mapping[str, Path | str]) -> str:
     """The summary as one JSON line ``{"ts", "event": "summary", ...}``, without the timeline."""
     fields = stats.as_dict()
     fields.pop("timeline", None)
