@@ -23,7 +23,13 @@ from batch_engine.control import RunControl, StopReason
 from batch_engine.crew import Crew, manifest_digest
 from batch_engine.errors import JournalError, OutputNotSaved, StagingRefused
 from batch_engine.ledger import Ledger
-from batch_engine.report.gallery_files import THUMBS_DIR, GalleryFiles, folder_listing, page_files
+from batch_engine.report.gallery_files import (
+    THUMBS_DIR,
+    GalleryFiles,
+    folder_listing,
+    page_files,
+    unlink_copies,
+)
 from batch_engine.report.write import REPORT_FILES, write_reports
 from batch_engine.settings import ROUTE_OPENAI_IMAGES, RunSettings
 from batch_engine.stages.context import StageContext
@@ -724,7 +730,10 @@ async def page_listings(store: OutStore, out_dir: Path) -> dict[str, frozenset[s
         here = await anyio.to_thread.run_sync(folder_listing, out_dir, folder)
         uploaded = await store.put_files(out_dir, sorted(here - there))
         listed[folder] = there | frozenset(uploaded)
+        if folder == THUMBS_DIR:  # a thumbnail in the store needs no local copy (a cut-short batch's)
+            await anyio.to_thread.run_sync(unlink_copies, out_dir, sorted(here & listed[folder]))
     return listed
+
 
 
 def plan_counts(

@@ -295,13 +295,13 @@ class GalleryFiles:
                 if self._discard:
                     self._discard_due.append(output.path)
             elif self._discard:
-                _unlink(self._out_dir, [output.path])
+                unlink_copies(self._out_dir, [output.path])
 
     def discard_left(self) -> None:
         """Delete the local copies of outputs still waiting for a thumbnail (after a stop, or the end)."""
         if self._discard:
             left, self._discard_due, self._discarding = self._discard_due + self._discarding, [], []
-            _unlink(self._out_dir, left)
+            unlink_copies(self._out_dir, left)
 
     def _thumb_due(self, source: str, target: str) -> bool:
         if self._send is not None and len(self._thumbs_due) < THUMBS_WAITING:
@@ -364,15 +364,15 @@ class GalleryFiles:
             finally:
                 stop.set()  # cancelled: the thread ends after the picture it is on
             done, self._discarding = self._discarding, []
-            await anyio.to_thread.run_sync(_unlink, self._out_dir, done)
+            await anyio.to_thread.run_sync(unlink_copies, self._out_dir, done)
             if self._publish is not None and made:
                 await self._publish(made)
                 if self._discard:  # in the object store now, where the page finds them
-                    await anyio.to_thread.run_sync(_unlink, self._out_dir, made)
+                    await anyio.to_thread.run_sync(unlink_copies, self._out_dir, made)
             await anyio.sleep(self._pause)
 
 
-def _unlink(out_dir: Path, relpaths: Iterable[str]) -> None:
+def unlink_copies(out_dir: Path, relpaths: Iterable[str]) -> None:
     """Delete local copies that are kept elsewhere now (an object store's); one already gone is fine."""
     for relpath in relpaths:
         try:
