@@ -379,7 +379,12 @@ class Engine:
             if self._options.fresh:
                 await self._journal.reset_all()
                 await _forget_outputs(self._options.out_dir, self._store)
-            await crew.journal.forget_leases()
+            left = await crew.journal.forget_leases()
+            if left:  # workers of the last round died or froze with these: said, as a takeover mid-round is
+                log.warning(
+                    "%d item(s) held by workers that stopped renewing their lease: taking over their items",
+                    left,
+                )
             return await self._prepare_run()
 
     async def _prepare_run(self) -> RunMeta:
