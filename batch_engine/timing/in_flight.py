@@ -23,7 +23,7 @@ CEILING = 10_000  #: the largest concurrency tier known (settings.SETTING_RANGES
 WINDOW = 512  #: hold times the p90 is taken over (the most recent)
 CUT = 0.9  #: a concurrency 429 sets the cap to this fraction of the level where it came
 GROW_EVERY = 8  #: after a concurrency cut, one more slot per this many clean completions
-SAME_LEVEL = 0.15  #: 429s at in-flight levels within this fraction of each other are "the same level"
+SAME_LEVEL = 0.25  #: 429s at in-flight levels within this fraction of each other are "the same level"
 
 
 def little_cap(
@@ -94,7 +94,7 @@ class AutoCap:
         """A 429 came with ``level`` slots held; True when it is read as the concurrency limit (the cap
         is cut), False when the rate should be cut instead."""
         previous, self._last_429_level = self._last_429_level, level
-        at_cap = self._cap_limit is not None and level >= self._cap_limit
+        at_cap = self._cap_limit is not None and level >= (1.0 - SAME_LEVEL) * self._cap_limit
         if not at_cap and (previous is None or not same_level(previous, level)):
             return False
         self._cap_limit = max(1, min(self._cap_limit or level, math.floor(level * CUT)))
