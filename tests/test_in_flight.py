@@ -11,8 +11,9 @@ from batch_engine.errors import UsageError
 from batch_engine.settings import RunSettings
 from batch_engine.timing.in_flight import CEILING, FLOOR, AutoCap, little_cap, p90, same_level
 from batch_engine.ui.summary import format_summary
-from tests.helpers import Harness, edit_items, fast_settings, harness  # noqa: F401  (a fixture)
+from tests.helpers import Harness, edit_items, fast_settings
 
+pytest_plugins = ("tests.helpers",)
 pytestmark = pytest.mark.anyio
 
 #: Predictions that take a fixed 0.15 s of (simulated) inference: at 600 submits/s that is ~90 in flight.
@@ -33,7 +34,9 @@ def test_p90_and_same_level() -> None:
     assert p90([1.0]) == 1.0
     assert p90([float(n) for n in range(1, 11)]) == 9.0
     assert p90([float(n) for n in range(1, 101)]) == 90.0
-    assert same_level(40, 42) and not same_level(40, 60) and same_level(1, 2)
+    assert same_level(40, 42)
+    assert not same_level(40, 60)
+    assert same_level(1, 2)
 
 
 def test_auto_cap_starts_from_the_prior_then_follows_the_hold_times_seen() -> None:
@@ -54,7 +57,8 @@ def test_auto_cap_reads_429s_at_one_level_as_concurrency_and_grows_back_slowly()
     assert not cap.rate_limited(40)  # a first 429: the rate's, as far as anyone knows
     assert not cap.rate_limited(200)  # another level: still the rate
     assert cap.rate_limited(205)  # the same level again: concurrency
-    assert cap.concurrency_limited and cap.cap == math.floor(205 * 0.9)
+    assert cap.concurrency_limited
+    assert cap.cap == math.floor(205 * 0.9)
     assert cap.rate_limited(cap.cap)  # at the cut cap: concurrency at once, cut again
     cut = cap.cap
     for _ in range(80):
@@ -67,7 +71,8 @@ async def test_auto_cap_keeps_more_in_flight_than_the_old_default(harness: Harne
     outcome = await harness.run(
         harness.manifest(edit_items(sim, 200)), sim, settings=fast_settings(max_in_flight=None, rate=600.0)
     )
-    assert outcome.exit_code == 0 and sim.stats.accepted == 200
+    assert outcome.exit_code == 0
+    assert sim.stats.accepted == 200
     assert sim.stats.max_concurrent_seen > 50  # 600/s x 0.15 s needs ~90; the old fixed cap was 50
     assert outcome.result.stats.in_flight_auto
 
@@ -79,7 +84,8 @@ async def test_a_cap_the_user_sets_is_never_exceeded(harness: Harness) -> None:
     )
     assert outcome.exit_code == 0
     assert sim.stats.max_concurrent_seen <= 7
-    assert not outcome.result.stats.in_flight_auto and outcome.result.stats.in_flight_cap == 7
+    assert not outcome.result.stats.in_flight_auto
+    assert outcome.result.stats.in_flight_cap == 7
 
 
 async def test_an_api_concurrency_limit_cuts_the_cap_not_the_rate(harness: Harness) -> None:
@@ -87,9 +93,11 @@ async def test_an_api_concurrency_limit_cuts_the_cap_not_the_rate(harness: Harne
     settings = fast_settings(max_in_flight=None, rate_min=1.0)
     outcome = await harness.run(harness.manifest(edit_items(sim, 80)), sim, settings=settings)
     stats = outcome.result.stats
-    assert outcome.exit_code == 0 and set(outcome.statuses.values()) == {"succeeded"}
+    assert outcome.exit_code == 0
+    assert set(outcome.statuses.values()) == {"succeeded"}
     assert sim.stats.accepted == 80  # nothing paid twice
-    assert stats.rate_limited > 0 and stats.in_flight_cap <= 16  # near the API's 12, probing slowly
+    assert stats.rate_limited > 0
+    assert stats.in_flight_cap <= 16
     assert stats.rate_final > settings.rate_min  # the rate was not cut to the floor
     summary = format_summary(stats, report_paths={}, out_dir="out")
     assert "held back by: the in-flight cap" in summary
