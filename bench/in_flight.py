@@ -25,12 +25,12 @@ from bench.simproc import SimProcess
 RATE = 20.0  #: (a) submits/s
 MEDIAN = 3.0  #: (a) seconds of inference, lognormal median (60 s real / 20)
 SPREAD = 0.4
-ITEMS = 360  #: (a) 18 s of submits at RATE
+ITEMS = 240  #: (a) 12 s of submits at RATE
 OLD_DEFAULT = 50
 LIMIT = 40  #: (b) the server's concurrency cap
 LIMIT_MEDIAN = 1.0  #: (b) seconds of inference
 LIMIT_RATE = 150.0  #: (b) a rate far above C / M = 40/s
-LIMIT_ITEMS = 480
+LIMIT_ITEMS = 320
 
 
 def measure(*, runs: int = 2) -> Figure:
