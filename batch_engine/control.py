@@ -244,10 +244,10 @@ class RunControl:
             self.auto.resolved(seconds)
             self._resize()
 
-    def concurrency_limited(self) -> bool:
+    def concurrency_limited(self, rate: float) -> bool:
         """A submit got 429: True when an auto cap reads it as the API's concurrency limit (and cut
         itself below it), False when the rate should be cut instead."""
-        if self.auto is None or not self.auto.rate_limited(self.predictions):
+        if self.auto is None or not self.auto.rate_limited(self.predictions, rate):
             return False
         self._resize()
         log.info(

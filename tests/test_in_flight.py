@@ -54,12 +54,13 @@ def test_auto_cap_starts_from_the_prior_then_follows_the_hold_times_seen() -> No
 
 def test_auto_cap_reads_429s_at_one_level_as_concurrency_and_grows_back_slowly() -> None:
     cap = AutoCap(rate=100.0, prior=10.0)
-    assert not cap.rate_limited(40)  # a first 429: the rate's, as far as anyone knows
-    assert not cap.rate_limited(200)  # another level: still the rate
-    assert cap.rate_limited(205)  # the same level again: concurrency
+    assert not cap.rate_limited(40, 100.0)  # a first 429: the rate's, as far as anyone knows
+    assert not cap.rate_limited(200, 100.0)  # another level: still the rate
+    assert not cap.rate_limited(205, 95.0)  # the same level at about the same rate: a rate limit
+    assert cap.rate_limited(205, 50.0)  # the same level though the rate was halved: concurrency
     assert cap.concurrency_limited
     assert cap.cap == math.floor(205 * 0.9)
-    assert cap.rate_limited(cap.cap)  # at the cut cap: concurrency at once, cut again
+    assert cap.rate_limited(cap.cap, 50.0)  # at the cut cap: concurrency at once, cut again
     cut = cap.cap
     for _ in range(80):
         cap.resolved(10.0)

@@ -285,7 +285,7 @@ class Submitter:
         # 429s at the same in-flight level are the API's concurrency limit, not the rate: the auto cap
         # was cut below it, the rate stays, and the item waits for a slot like any other.
         pause = 0.0
-        if not self._ctx.control.concurrency_limited():
+        if not self._ctx.control.concurrency_limited(self._pacer.rate):
             rate_before = self._pacer.rate
             pause = self._pacer.on_rate_limited(exc.retry_after)
             if self._plan.gate is not None:  # the key is every worker's: they all pause, and adopt a cut

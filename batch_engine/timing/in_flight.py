@@ -6,10 +6,12 @@ fixed cap below that throttles the run to ``cap / hold`` whatever the rate; so t
 ``rate * p90(hold) * MARGIN``, bounded by ``FLOOR`` and ``CEILING``. Before anything has finished, the
 model's typical inference time (``catalogue.ModelSpec.expected_seconds``) stands in for the hold time.
 
-An API that caps concurrent predictions answers a submit beyond its cap with 429, like a rate limit. A
-429 that comes while as many slots are held as at the previous 429s points at concurrency, not the rate:
-then the cap is cut below that level (AIMD: multiplicative cut, growing back by one slot per
-``GROW_EVERY`` clean completions) and the pacer's rate is left alone.
+An API that caps concurrent predictions answers a submit beyond its cap with 429, like a rate limit. The
+first 429 goes to the pacer (its rate is cut). Under a rate limit the level in flight follows the rate
+down (Little's law) and the 429s stop; a 429 that comes again at the same level although the rate was cut
+well below the rate of the previous one points at concurrency: then the cap is cut below that level
+(AIMD: multiplicative cut, growing back by one slot per ``GROW_EVERY`` clean completions) and the pacer's
+rate is left alone. Once cut, a 429 near the cut cap is the concurrency limit's at once.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ WINDOW = 512  #: hold times the p90 is taken over (the most recent)
 CUT = 0.9  #: a concurrency 429 sets the cap to this fraction of the level where it came
 GROW_EVERY = 8  #: after a concurrency cut, one more slot per this many clean completions
 SAME_LEVEL = 0.25  #: 429s at in-flight levels within this fraction of each other are "the same level"
+RATE_DROP = 0.8  #: ... while the rate was cut to at most this fraction of the previous 429's: concurrency
 
 
 def little_cap(
@@ -52,7 +55,7 @@ class AutoCap:
     ``cap`` is read by `control.RunControl` after every event that may change it.
     """
 
-    __slots__ = ("_cap_limit", "_clean", "_holds", "_last_429_level", "ceiling", "floor", "prior", "rate")
+    __slots__ = ("_cap_limit", "_clean", "_holds", "_last_429", "ceiling", "floor", "prior", "rate")
 
     def __init__(self, *, rate: float, prior: float, floor: int = FLOOR, ceiling: int = CEILING) -> None:
         self.rate = rate
@@ -61,7 +64,7 @@ class AutoCap:
         self.ceiling = ceiling
         self._holds: deque[float] = deque(maxlen=WINDOW)
         self._cap_limit: int | None = None  #: learned concurrency limit (cut after 429s), grows slowly
-        self._last_429_level: int | None = None
+        self._last_429: tuple[int, float] | None = None  #: (level, submit rate) at the last 429
         self._clean = 0
 
     def __repr__(self) -> str:
@@ -90,12 +93,13 @@ class AutoCap:
                 self._clean = 0
                 self._cap_limit += 1
 
-    def rate_limited(self, level: int) -> bool:
-        """A 429 came with ``level`` slots held; True when it is read as the concurrency limit (the cap
-        is cut), False when the rate should be cut instead."""
-        previous, self._last_429_level = self._last_429_level, level
+    def rate_limited(self, level: int, rate: float) -> bool:
+        """A 429 came with ``level`` predictions in flight, submits paced at ``rate``; True when it is read
+        as the concurrency limit (the cap is cut), False when the rate should be cut instead."""
+        previous, self._last_429 = self._last_429, (level, rate)
         at_cap = self._cap_limit is not None and level >= (1.0 - SAME_LEVEL) * self._cap_limit
-        if not at_cap and (previous is None or not same_level(previous, level)):
+        stuck = previous is not None and same_level(previous[0], level) and rate <= RATE_DROP * previous[1]
+        if not (at_cap or stuck):
             return False
         self._cap_limit = max(1, min(self._cap_limit or level, math.floor(level * CUT)))
         self._clean = 0
