@@ -435,7 +435,9 @@ def _run_arguments(p: argparse.ArgumentParser) -> None:
         help="keep the rate fixed instead of slowing down on 429 and speeding up again",
     )
     g.add_argument(
-        "--max-in-flight", type=int, help="predictions submitted and not yet finished (default 50)"
+        "--max-in-flight",
+        type=int,
+        help="predictions submitted and not yet finished (default: auto, rate x p90 latency seen x 1.4)",
     )
     g.add_argument("--timeout", type=float, help="seconds one prediction may take (default 600)")
     g.add_argument(

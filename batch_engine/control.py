@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import enum
 import logging
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import anyio
+import anyio.lowlevel
 
 from batch_engine.stages.breaker import Breaker
+from batch_engine.timing.in_flight import AutoCap
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +87,19 @@ def stop_message(reason: str | None, detail: str | None = None) -> str | None:
     return template.replace("{detail}", detail or "no detail recorded")
 
 
+#: What a run's stages wait for (`RunControl.waited`): a pacing turn at the rate, a free in-flight slot,
+#: the pause after a 429, a poll turn within the poll budget.
+WAIT_KINDS = ("rate", "in_flight", "rate_limits", "polls")
+
+#: How the summary names each (`RunControl.held_back`).
+WAIT_NAMES = {
+    "rate": "the rate (submits waited for their pacing turn)",
+    "in_flight": "the in-flight cap (submits waited for a free slot)",
+    "rate_limits": "429s (submits paused after rate limits)",
+    "polls": "the poll budget (polls waited for the poll rate)",
+}
+
+
 class Slot:
     """One in-flight place: taken before a submit, given back exactly once.
 
@@ -92,11 +108,12 @@ class Slot:
     A second give-back is a bug and raises RuntimeError.
     """
 
-    __slots__ = ("_control", "_held")
+    __slots__ = ("_control", "_held", "taken_at")
 
-    def __init__(self, control: RunControl) -> None:
+    def __init__(self, control: RunControl, taken_at: float) -> None:
         self._control = control
         self._held = True
+        self.taken_at = taken_at  #: clock time it was taken: the hold time an auto cap is sized from
 
     def __repr__(self) -> str:
         return f"<Slot {'held' if self._held else 'given back'}>"
@@ -113,6 +130,7 @@ class Slot:
         """Give the slot back because its prediction's final status was seen (done, failed or timed out)."""
         self._give_back()
         self._control.resolved += 1
+        self._control.held_for(self._control.clock() - self.taken_at)
 
     def _give_back(self) -> None:
         if not self._held:
@@ -131,13 +149,18 @@ class RunControl:
     """
 
     __slots__ = (
+        "_changed",
         "_critical",
         "_hard_scopes",
         "_max_submits",
-        "_slots",
+        "auto",
         "breaker",
+        "clock",
         "detail",
+        "fixed",
         "in_flight",
+        "max_in_flight",
+        "most_in_flight",
         "pacing",
         "reason",
         "resolved",
@@ -145,10 +168,27 @@ class RunControl:
         "submits_reserved",
         "submitters_done",
         "submitting_closed",
+        "waited",
     )
 
-    def __init__(self, *, max_in_flight: int, max_submits: int | None = None) -> None:
-        self._slots = anyio.Semaphore(max_in_flight)
+    def __init__(
+        self,
+        *,
+        max_in_flight: int | None = None,
+        max_submits: int | None = None,
+        auto: AutoCap | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if max_in_flight is None and auto is None:
+            raise ValueError("RunControl needs max_in_flight or an AutoCap")
+        self.fixed = max_in_flight  #: the user's cap; None: ``auto`` sizes it (and resizes it while running)
+        self.auto = auto if max_in_flight is None else None
+        self.clock = clock
+        self.max_in_flight = self.auto.cap if self.auto is not None else max(1, max_in_flight or 1)
+        self.most_in_flight = 0  #: the highest ``in_flight`` seen
+        #: seconds spent waiting, by what was waited for: the summary names the largest (`held_back`)
+        self.waited: dict[str, float] = dict.fromkeys(WAIT_KINDS, 0.0)
+        self._changed = anyio.Event()  #: set (and replaced) whenever a slot frees or the cap grows
         self._max_submits = max_submits
         self.in_flight = 0  #: slots held
         self.pacing = 0  #: slots held by submitters still waiting for their pacing turn
@@ -171,24 +211,66 @@ class RunControl:
 
     async def take_slot(self) -> Slot:
         """Wait for a free in-flight place; the caller must give it back through the returned `Slot`."""
-        await self._slots.acquire()
+        await self.wait_for_free_slot()
         self.in_flight += 1
-        return Slot(self)
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        return Slot(self, self.clock())
 
     @property
     def free_slots(self) -> int:
-        """In-flight places nobody holds now."""
-        return int(self._slots.value)
+        """In-flight places nobody holds now (none while a cut cap is below what is held)."""
+        return max(0, self.max_in_flight - self.in_flight)
 
     async def wait_for_free_slot(self) -> None:
-        """Until an in-flight place is free (without taking it)."""
-        await self._slots.acquire()
-        self._slots.release()
+        """Until an in-flight place is free (without taking it); the wait counts as the cap's."""
+        if self.in_flight < self.max_in_flight:
+            await anyio.lowlevel.checkpoint()
+            return
+        started = self.clock()
+        try:
+            while self.in_flight >= self.max_in_flight:
+                await self._changed.wait()
+        finally:
+            self.waited["in_flight"] += self.clock() - started
 
     def slot_given_back(self) -> None:
         self.in_flight -= 1
-        self._slots.release()
+        self._wake()
         self._check_settled()
+
+    def held_for(self, seconds: float) -> None:
+        """A slot's prediction resolved after ``seconds``: an auto cap learns from it."""
+        if self.auto is not None:
+            self.auto.resolved(seconds)
+            self._resize()
+
+    def concurrency_limited(self, rate: float) -> bool:
+        """A submit got 429: True when an auto cap reads it as the API's concurrency limit (and cut
+        itself below it), False when the rate should be cut instead."""
+        if self.auto is None or not self.auto.rate_limited(self.predictions, rate):
+            return False
+        self._resize()
+        log.info(
+            "429 at %d predictions in flight: read as a concurrency limit; in-flight cap now %d",
+            self.predictions,
+            self.max_in_flight,
+        )
+        return True
+
+    def waited_for(self, kind: str, seconds: float) -> None:
+        """Count time a stage spent waiting for ``kind`` (one of `WAIT_KINDS`)."""
+        self.waited[kind] += seconds
+
+    def _resize(self) -> None:
+        if self.auto is None:
+            return
+        cap, self.max_in_flight = self.max_in_flight, self.auto.cap
+        if self.max_in_flight > cap:
+            self._wake()
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = anyio.Event()
 
     @property
     def predictions(self) -> int:

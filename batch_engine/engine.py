@@ -54,6 +54,7 @@ from batch_engine.store.postgres import DEFAULT_LEASE, PostgresJournal
 from batch_engine.store.rebuild import REPORT_NAME
 from batch_engine.timing.backoff import DEFAULT_POLICY, RetryPolicy
 from batch_engine.timing.due_queue import DueQueue
+from batch_engine.timing.in_flight import AutoCap
 from batch_engine.timing.pacing import DEFAULT_PAUSE_INITIAL, PollBudget, SubmitPacer
 from batch_engine.timing.poll_plan import PollPlanner
 from batch_engine.ui.progress import ProgressView, RecentRate
@@ -239,7 +240,13 @@ class Engine:
         self._journal = journal
         self._client = client
         self._view = view
-        self._control = RunControl(max_in_flight=settings.max_in_flight, max_submits=settings.max_submits)
+        self._control = RunControl(
+            max_in_flight=settings.max_in_flight,
+            max_submits=settings.max_submits,
+            # unless the user set a cap: Little's law from the rate and the model's typical time, then
+            # from the hold times this run sees (`timing.in_flight`)
+            auto=AutoCap(rate=settings.rate, prior=spec_for(manifest.model).expected_seconds),
+        )
         self._pacer = SubmitPacer(
             rate=settings.rate,
             rate_min=settings.rate_min,
@@ -709,6 +716,10 @@ class Engine:
             run_succeeded=ledger.succeeded - self._before[0],
             run_failed=ledger.failed - self._before[1],
             submit_rate=ledger.submit_rate,
+            in_flight_cap=self._control.max_in_flight,
+            in_flight_auto=self._control.auto is not None,
+            in_flight_max=self._control.most_in_flight,
+            waited=dict(self._control.waited),
         )
 
     async def _write_reports(self, meta: RunMeta) -> dict[str, Path | str]:

@@ -72,7 +72,7 @@ class RunSettings:
     rate: float = DEFAULT_RATE  #: submits per second; the ceiling when ``adapt`` is on
     rate_min: float = DEFAULT_RATE_MIN  #: the floor adaptation never goes below
     adapt: bool = True  #: slow down on 429 and speed up again after clean submits
-    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT  #: predictions submitted and not yet finished
+    max_in_flight: int | None = None  #: predictions submitted and not finished; absent: rate x latency seen
     timeout: float = DEFAULT_TIMEOUT  #: seconds from submit until a prediction counts as failed
     poll_after: float | None = None  #: seconds from submit to the first poll; None: the model's prior
     poll_interval: float = DEFAULT_POLL_INTERVAL  #: seconds between later polls, at first

@@ -252,6 +252,20 @@ class RunStats:
     run_succeeded: int = 0  #: items that succeeded in this run (``by_state`` counts every run)
     run_failed: int = 0  #: items that failed in this run
     submit_rate: float | None = None  #: accepted submits per second while submitting; None below two
+    in_flight_cap: int = 0  #: the in-flight cap at the end (the user's, or the auto cap as it last was)
+    in_flight_auto: bool = False  #: True when the cap followed rate x latency (no max_in_flight set)
+    in_flight_max: int = 0  #: the most slots held at once
+    #: seconds waited, by limit: ``rate``, ``in_flight``, ``rate_limits``, ``polls`` (see `held_back`)
+    waited: Mapping[str, float] = field(default_factory=dict)
+
+    @property
+    def held_back(self) -> tuple[str, float] | None:
+        """The limit waited on most, with its share of all waiting; None when nothing waited."""
+        total = sum(self.waited.values())
+        if total <= 0:
+            return None
+        kind = max(self.waited, key=lambda k: self.waited[k])
+        return kind, self.waited[kind] / total
 
     @property
     def run_finished(self) -> int:
@@ -284,6 +298,11 @@ class RunStats:
             "stop_detail": self.stop_detail,
             "timeline": {k: list(v) for k, v in self.timeline.items()},
             "timeline_step": self.timeline_step,
+            "in_flight_cap": self.in_flight_cap,
+            "in_flight_auto": self.in_flight_auto,
+            "in_flight_max": self.in_flight_max,
+            "waited": {k: round(v, 3) for k, v in self.waited.items()},
+            "held_back_by": None if self.held_back is None else self.held_back[0],
         }
 
 

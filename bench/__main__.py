@@ -14,11 +14,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bench import overhead, pacing, polling, scale, sources, workers
+from bench import in_flight, overhead, pacing, polling, scale, sources, workers
 from bench.common import Figure, Row
 
 RESULTS = Path(__file__).parent / "results.json"
-FIGURES = ("overhead", "pacing", "polling", "scale", "sources", "workers")
+FIGURES = ("overhead", "pacing", "polling", "in_flight", "scale", "sources", "workers")
 
 
 @dataclass(frozen=True)
@@ -115,6 +115,7 @@ def _measure(name: str, args: argparse.Namespace, sizes: Sizes, work: Path) -> F
             rate=args.rate, fixed_items=sizes.fixed_submits, adaptive_items=sizes.adaptive_submits
         ),
         "polling": lambda: polling.measure(items=sizes.poll_items),
+        "in_flight": lambda: in_flight.measure(runs=2),
         "scale": lambda: scale.measure(sizes=list(sizes.scale_sizes), submits=sizes.scale_submits, work=work),
         "sources": lambda: sources.measure(sizes=list(sizes.source_sizes), work=work),
         "workers": lambda: workers.measure(

@@ -35,6 +35,9 @@ SUMMARY_KEYS = (
     "rate_ceiling",
     "run_succeeded",
     "run_failed",
+    "in_flight_cap",  #: the in-flight cap at the end (auto or the user's), and the most held at once
+    "in_flight_max",
+    "held_back_by",  #: the limit the run waited on most: rate, in_flight, rate_limits or polls
     "workers",  #: a shared run: the workers that worked it (listed only then)
     "workers_died",  #: ... and those that died on the way (their counts went with them)
 )

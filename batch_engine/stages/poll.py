@@ -76,7 +76,9 @@ class Poller:
 
     async def _poll(self, tracked: Tracked, done: ObjectSendStream[Resolved]) -> None:
         ctx = self._ctx
+        started = ctx.monotonic()
         await self._budget.acquire()
+        ctx.control.waited_for("polls", ctx.monotonic() - started)  # the summary's "held back by"
         ctx.ledger.polls += 1
         try:
             prediction = await ctx.client.poll(tracked.prediction_id)

@@ -145,9 +145,7 @@ class Submitter:
             slot = await control.take_slot()
             try:
                 with control.pacing_turn():
-                    await self._pacer.acquire()
-                    if self._plan.gate is not None:
-                        await self._plan.gate.turn(self._pacer)
+                    await self._paced()
             except BaseException:  # a graceful stop cancels waiting submitters: the slot must go back
                 slot.release()
                 raise
@@ -172,6 +170,19 @@ class Submitter:
             if step is _Next.DONE:
                 return
             await self._ctx.sleep(state.delay)
+
+    async def _paced(self) -> None:
+        """Wait for this submit's pacing turn; the time counts as the rate's, or as 429s' while paused."""
+        control, started = self._ctx.control, self._ctx.clock()
+        paused = max(0.0, self._pacer.paused_until - started)
+        try:
+            await self._pacer.acquire()
+            if self._plan.gate is not None:
+                await self._plan.gate.turn(self._pacer)
+        finally:
+            waited = self._ctx.clock() - started
+            control.waited_for("rate_limits", min(paused, waited))
+            control.waited_for("rate", max(0.0, waited - paused))
 
     async def _staged(self, record: ItemRecord) -> bool:
         """Stage the item's inputs; False when it cannot go on (failed as ``input``, or the run stops)."""
@@ -271,10 +282,14 @@ class Submitter:
     async def _rate_limited(self, item_id: str, state: _Attempts, exc: SlowDown) -> _Next:
         await self._unpaid(item_id, state)
         self._ctx.ledger.saw_rate_limit()
-        rate_before = self._pacer.rate
-        pause = self._pacer.on_rate_limited(exc.retry_after)
-        if self._plan.gate is not None:  # the key is every worker's: they all pause, and adopt a cut
-            await self._plan.gate.rate_limited(self._pacer, rate_before, pause)
+        # 429s at the same in-flight level are the API's concurrency limit, not the rate: the auto cap
+        # was cut below it, the rate stays, and the item waits for a slot like any other.
+        pause = 0.0
+        if not self._ctx.control.concurrency_limited(self._pacer.rate):
+            rate_before = self._pacer.rate
+            pause = self._pacer.on_rate_limited(exc.retry_after)
+            if self._plan.gate is not None:  # the key is every worker's: they all pause, and adopt a cut
+                await self._plan.gate.rate_limited(self._pacer, rate_before, pause)
         if self._run_throttled(state):
             self._ctx.control.stop_submitting(StopReason.THROTTLED)  # the item stays pending
             return _Next.DONE

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-from batch_engine.control import stop_message
+from batch_engine.control import WAIT_NAMES, stop_message
 from batch_engine.ui.progress import event_line, format_duration
 from batch_engine.values import ItemState, RunStats
 
@@ -74,7 +74,21 @@ def _pace_lines(stats: RunStats) -> list[str]:
         f"ceiling {stats.rate_ceiling:.2f})",
         f"  429s: {stats.rate_limited}",
         f"  polls: {stats.polls} ({stats.polls_per_prediction:.1f} per prediction)",
+        *_limit_lines(stats),
     ]
+
+
+def _limit_lines(stats: RunStats) -> list[str]:
+    """The in-flight cap, and which limit held the run back most (where the stages waited longest)."""
+    if not stats.in_flight_cap:
+        return []
+    how = "auto: rate x p90 latency seen" if stats.in_flight_auto else "max_in_flight"
+    lines = [f"  in flight: at most {stats.in_flight_max} (cap {stats.in_flight_cap}, {how})"]
+    held = stats.held_back
+    if held is not None:
+        kind, share = held
+        lines.append(f"  held back by: {WAIT_NAMES.get(kind, kind)}, {share:.0%} of the time waited")
+    return lines
 
 
 def _warning_lines(stats: RunStats) -> list[str]:

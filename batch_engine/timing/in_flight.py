@@ -1,0 +1,106 @@
+"""The in-flight cap when the user sets none: Little's law from the rate and the slot hold time seen.
+
+A run at ``rate`` submits/s whose slots are each held ``hold`` seconds (submit, inference, the lag before
+the engine notices, the download) keeps ``rate * hold`` slots busy on average (Little's law, L = λW). A
+fixed cap below that throttles the run to ``cap / hold`` whatever the rate; so the cap follows
+``rate * p90(hold) * MARGIN``, bounded by ``FLOOR`` and ``CEILING``. Before anything has finished, the
+model's typical inference time (``catalogue.ModelSpec.expected_seconds``) stands in for the hold time.
+
+An API that caps concurrent predictions answers a submit beyond its cap with 429, like a rate limit. The
+first 429 goes to the pacer (its rate is cut). Under a rate limit the level in flight follows the rate
+down (Little's law) and the 429s stop; a 429 that comes again at the same level although the rate was cut
+well below the rate of the previous one points at concurrency: then the cap is cut below that level
+(AIMD: multiplicative cut, growing back by one slot per ``GROW_EVERY`` clean completions) and the pacer's
+rate is left alone. Once cut, a 429 near the cut cap is the concurrency limit's at once.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+
+MARGIN = 1.4  #: headroom over rate x p90 hold: bursts and a tail the p90 does not see
+FLOOR = 4  #: never fewer slots than this on auto
+CEILING = 10_000  #: the largest concurrency tier known (settings.SETTING_RANGES)
+WINDOW = 512  #: hold times the p90 is taken over (the most recent)
+CUT = 0.9  #: a concurrency 429 sets the cap to this fraction of the level where it came
+GROW_EVERY = 8  #: after a concurrency cut, one more slot per this many clean completions
+SAME_LEVEL = 0.25  #: 429s at in-flight levels within this fraction of each other are "the same level"
+RATE_DROP = 0.8  #: ... while the rate was cut to at most this fraction of the previous 429's: concurrency
+
+
+def little_cap(
+    rate: float, hold: float, *, margin: float = MARGIN, floor: int = FLOOR, ceiling: int = CEILING
+) -> int:
+    """Slots a run at ``rate``/s needs when each is held ``hold`` s, with ``margin``, within the bounds."""
+    if not (rate > 0 and hold > 0) or math.isinf(rate * hold):
+        return ceiling if rate > 0 and (math.isinf(rate) or math.isinf(hold)) else floor
+    return max(floor, min(ceiling, math.ceil(rate * hold * margin)))
+
+
+def p90(samples: list[float]) -> float:
+    """The 90th percentile (nearest rank) of a non-empty list."""
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, math.ceil(0.9 * len(ordered)) - 1)]
+
+
+def same_level(a: int, b: int) -> bool:
+    """Whether two in-flight levels are close enough to be one concurrency limit."""
+    return abs(a - b) <= max(1, SAME_LEVEL * max(a, b))
+
+
+class AutoCap:
+    """The cap of an auto run: Little's law from hold times, cut to below a concurrency limit it meets.
+
+    ``cap`` is read by `control.RunControl` after every event that may change it.
+    """
+
+    __slots__ = ("_cap_limit", "_clean", "_holds", "_last_429", "ceiling", "floor", "prior", "rate")
+
+    def __init__(self, *, rate: float, prior: float, floor: int = FLOOR, ceiling: int = CEILING) -> None:
+        self.rate = rate
+        self.prior = prior
+        self.floor = floor
+        self.ceiling = ceiling
+        self._holds: deque[float] = deque(maxlen=WINDOW)
+        self._cap_limit: int | None = None  #: learned concurrency limit (cut after 429s), grows slowly
+        self._last_429: tuple[int, float] | None = None  #: (level, submit rate) at the last 429
+        self._clean = 0
+
+    def __repr__(self) -> str:
+        return f"AutoCap(cap={self.cap}, limit={self._cap_limit}, holds={len(self._holds)})"
+
+    @property
+    def hold(self) -> float:
+        """The hold time the cap is sized for: p90 of those seen, the prior before any."""
+        return p90(list(self._holds)) if self._holds else self.prior
+
+    @property
+    def cap(self) -> int:
+        little = little_cap(self.rate, self.hold, floor=self.floor, ceiling=self.ceiling)
+        return little if self._cap_limit is None else max(1, min(little, self._cap_limit))
+
+    @property
+    def concurrency_limited(self) -> bool:
+        return self._cap_limit is not None
+
+    def resolved(self, hold: float) -> None:
+        """A slot's prediction resolved after ``hold`` s; after a cut, every few grow the cap back by one."""
+        self._holds.append(hold)
+        if self._cap_limit is not None:
+            self._clean += 1
+            if self._clean >= GROW_EVERY:
+                self._clean = 0
+                self._cap_limit += 1
+
+    def rate_limited(self, level: int, rate: float) -> bool:
+        """A 429 came with ``level`` predictions in flight, submits paced at ``rate``; True when it is read
+        as the concurrency limit (the cap is cut), False when the rate should be cut instead."""
+        previous, self._last_429 = self._last_429, (level, rate)
+        at_cap = self._cap_limit is not None and level >= (1.0 - SAME_LEVEL) * self._cap_limit
+        stuck = previous is not None and same_level(previous[0], level) and rate <= RATE_DROP * previous[1]
+        if not (at_cap or stuck):
+            return False
+        self._cap_limit = max(1, min(self._cap_limit or level, math.floor(level * CUT)))
+        self._clean = 0
+        return True
