@@ -19,7 +19,9 @@ from batch_engine.timing.pacing import (
     cut_factor,
     pause_after_429,
 )
+from tests.helpers import Harness, edit_items, fast_settings
 
+pytest_plugins = ("tests.helpers",)
 pytestmark = pytest.mark.anyio
 
 
@@ -234,7 +236,8 @@ def test_429s_coming_often_at_the_plateau_do_cut_but_not_below_the_proven_rate()
     pacer = make_pacer(clock, rate=20.0)
     plateau = settled(pacer, clock)
     proven = pacer.proven
-    assert proven is not None and proven < plateau
+    assert proven is not None
+    assert proven < plateau
     pacer.on_rate_limited(None)  # noise: nothing cut
     clock.now = pacer.paused_until
     pacer.on_success()
@@ -471,3 +474,25 @@ def test_poll_budget_repr_and_rate() -> None:
     budget = PollBudget(rate=4.0, clock=FakeClock())
     assert budget.rate == 4.0
     assert "rate=4/s" in repr(budget)
+
+
+# --- the engine behind a strict limiter, over real sockets -------------------------------------------
+
+ENGINE_ITEMS = 120
+
+
+async def test_engine_behind_a_strict_no_burst_limiter_pays_once_and_is_rarely_refused(
+    harness: Harness,
+) -> None:
+    """Told 5x the limit of an nginx-like limiter (no burst, no Retry-After, HTML 429), the run finishes
+    with every item billed once, and few of its submit attempts refused."""
+    sim = await harness.sim(submit_rate=100.0, submit_burst=1, html_429=True)
+    settings = fast_settings(rate=500.0, rate_min=1.0, max_in_flight=200)
+    outcome = await harness.run(harness.manifest(edit_items(sim, ENGINE_ITEMS)), sim, settings=settings)
+
+    assert outcome.exit_code == 0
+    assert sim.stats.accepted == ENGINE_ITEMS
+    assert sim.stats.duplicate_bodies == 0
+    assert outcome.duplicates() == []
+    share = sim.stats.rate_limited_submits / sim.stats.submit_requests
+    assert 0 < share < 0.15, f"{share:.1%} of submit attempts refused"

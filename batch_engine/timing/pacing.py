@@ -44,17 +44,22 @@ HOLD_PAUSES = 60.0  #: hold at the plateau for this many times the last pause be
 HOLD_SUBMITS = 50  #: ... and for at least this many clean submits
 PROBE = 0.002  #: above the plateau, each clean submit adds this fraction of known_bad (additive)
 # Holding every time, not on average. Behind a strict limiter (nginx ``limit_req`` with no burst refuses a
-# request sooner than 1 / L after the last accepted one), a rate just under L still meets the odd 429: the
-# wire is not a clock, and one request that left a few milliseconds early is refused. Taken as an overload,
-# each such 429 lowered ``known_bad`` and so the plateau by 7%, and the rate ratcheted down run after run
-# (0.93, 0.82, 0.61 L). So a 429 after NOISE_CLEAN clean submits at or below the plateau is noise: the rate
-# and the plateau stay (the 429 share that costs is under 1 / NOISE_CLEAN). The rate PROVE clean submits
-# sustained is remembered (``proven``): a real cut never goes below it unless a 429 comes at it. And the
-# first pause of a 429 without Retry-After is a couple of slots, not the backoff: a limiter that gives no
-# Retry-After refused a request that came too soon, and the cut already spaces the next ones further apart;
-# only 429s in a row (no accepted submit between) start the growing, jittered backoff.
-NOISE_CLEAN = 40  #: a 429 after at least this many clean submits at the plateau does not cut
-PROVE = 20  #: clean submits in a row that prove the rate they were sent at
+# request sooner than 1 / L after the last accepted one), a rate well under L still meets the odd 429: the
+# wire is not a clock, and a request that reached the server a few milliseconds early is refused. Taken as
+# an overload, each such 429 lowered ``known_bad`` and so the plateau by 7%, and the rate ratcheted down run
+# after run (0.93, 0.82, 0.61 L). Sent above such a limit, every other request is refused: a real overload
+# gives a 429 after a clean submit or two. So without Retry-After a 429 after NOISE_CLEAN clean submits, at
+# or under the plateau, is jitter: the rate dips by JITTER_CUT and climbs back, and the plateau eases by 1% only. (With
+# Retry-After each 429 costs its whole pause, and a token bucket's burst absorbs jitter: every 429 cuts.)
+# The rate PROVE clean submits in a row sustained is remembered (``proven``): a cut never goes below it
+# unless a 429 comes at it. And the first pause of a 429 without Retry-After is a couple of slots, not the
+# backoff: such a limiter refused a request that came too soon, and the cut already spaces the next ones
+# further apart; only 429s in a row (no accepted submit between) start the growing, jittered backoff.
+NOISE_CLEAN = 4  #: a 429 (without Retry-After) after this many clean submits under the plateau is jitter
+JITTER_CUT = 0.98  #: ... and dips the rate this much: clean submits climb back to the plateau
+JITTER_EASE = 0.99  #: ... which itself comes down a little: jitter that keeps coming settles it lower
+PROVE = 50  #: clean submits in a row that prove their rate (a burst-2 bucket lets ~1 / (r / R - 1) through)
+GATE_SLACK = 0.95  #: departures are never closer than this many slots (jitter absorbed, the average kept)
 PAUSE_SLOTS = 2.0  #: a first 429 without Retry-After pauses this many slots of the new rate (plus jitter)
 
 
@@ -217,7 +222,9 @@ class SubmitPacer:
         answer's :meth:`on_success` or :meth:`on_rate_limited` (called from the same task) can tell a
         request sent before the last cut from one sent after it, whenever its answer comes.
         """
-        while (delay := max(self._last_sent + 1.0 / self._rate, self._paused_until) - self._clock()) > 0:
+        while (
+            delay := max(self._last_sent + GATE_SLACK / self._rate, self._paused_until) - self._clock()
+        ) > 0:
             await self._sleep(delay)
         now = self._last_sent = self._clock()
         task = _task()
@@ -272,14 +279,19 @@ class SubmitPacer:
         return max(0.0, self._paused_until - now)
 
     def _start_epoch(self, now: float, retry_after: float | None) -> None:
-        if self._adapt and not self._noise():
+        if self._adapt and retry_after is None and self._noise():
+            self._rate = max(self._floor, self._rate * JITTER_CUT)
+            assert self._known_bad is not None  # (as _noise checked)
+            self._known_bad *= JITTER_EASE
+        elif self._adapt:
             self._cut()
         pause = self._pause_for(retry_after)
         self._streak += 1
         self._clean = 0
         self._recent.clear()
         self._epoch_started = now
-        self._hold = HOLD_PAUSES * max(pause, self._pause_initial)
+        # a pause of a few slots (no Retry-After) holds for as many pauses, not for as many seconds
+        self._hold = HOLD_PAUSES * (pause if retry_after is None else max(pause, self._pause_initial))
         self._pause(now + pause)
 
     def _noise(self) -> bool:
