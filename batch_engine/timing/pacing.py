@@ -49,8 +49,9 @@ PROBE = 0.002  #: above the plateau, each clean submit adds this fraction of kno
 # an overload, each such 429 lowered ``known_bad`` and so the plateau by 7%, and the rate ratcheted down run
 # after run (0.93, 0.82, 0.61 L). Sent above such a limit, every other request is refused: a real overload
 # gives a 429 after a clean submit or two. So without Retry-After a 429 after NOISE_CLEAN clean submits, at
-# or under the plateau, is jitter: the rate dips by JITTER_CUT and climbs back, and the plateau eases by 1% only. (With
-# Retry-After each 429 costs its whole pause, and a token bucket's burst absorbs jitter: every 429 cuts.)
+# or under the plateau, is jitter: the rate dips by JITTER_CUT and climbs back, and the plateau eases by 1%
+# only. (With Retry-After each 429 costs its whole pause, and a token bucket's burst absorbs jitter: every
+# 429 cuts.)
 # The rate PROVE clean submits in a row sustained is remembered (``proven``): a cut never goes below it
 # unless a 429 comes at it. And the first pause of a 429 without Retry-After is a couple of slots, not the
 # backoff: such a limiter refused a request that came too soon, and the cut already spaces the next ones
