@@ -18,6 +18,7 @@ import pytest
 from batch_engine.images import decode_b64_output, sniff_extension, verify_image
 from batch_engine.sim import SimConfig, Simulator, serve
 from batch_engine.sim.drawing import render_output
+from batch_engine.sim.server import _Gcra
 
 pytestmark = pytest.mark.anyio
 
@@ -651,8 +652,6 @@ def test_decode_b64_output_takes_raw_or_prefixed_and_refuses_junk() -> None:
 def test_submit_burst_1_is_nginx_limit_req_without_burst() -> None:
     """burst 1 refuses a request sooner than 1 / rate after the last accepted one, and a refused request
     moves nothing (nginx ``limit_req`` with no burst): the limiter figure 2c and its tests rely on it."""
-    from batch_engine.sim.server import _Gcra  # noqa: PLC0415 - the limiter alone, with times made up
-
     gcra = _Gcra()
     assert gcra.allow(0.0, rate=10.0, burst=1)
     assert not gcra.allow(0.099, rate=10.0, burst=1)  # 1 ms early
