@@ -49,16 +49,16 @@ PROBE = 0.002  #: above the plateau, each clean submit adds this fraction of kno
 # an overload, each such 429 lowered ``known_bad`` and so the plateau by 7%, and the rate ratcheted down run
 # after run (0.93, 0.82, 0.61 L). Sent above such a limit, every other request is refused: a real overload
 # gives a 429 after a clean submit or two. So without Retry-After a 429 after NOISE_CLEAN clean submits, at
-# or under the plateau, is jitter: the rate dips by JITTER_CUT and climbs back, and the plateau eases by 1%
-# only. (With Retry-After each 429 costs its whole pause, and a token bucket's burst absorbs jitter: every
-# 429 cuts.)
+# or under the plateau, is jitter: the rate dips by JITTER_CUT and climbs back, the plateau eases by 0.5%
+# only, and the pause is one slot. (With Retry-After each 429 costs its whole pause, and a token bucket's
+# burst absorbs jitter: every 429 cuts.)
 # The rate PROVE clean submits in a row sustained is remembered (``proven``): a cut never goes below it
 # unless a 429 comes at it. And the first pause of a 429 without Retry-After is a couple of slots, not the
 # backoff: such a limiter refused a request that came too soon, and the cut already spaces the next ones
 # further apart; only 429s in a row (no accepted submit between) start the growing, jittered backoff.
 NOISE_CLEAN = 4  #: a 429 (without Retry-After) after this many clean submits under the plateau is jitter
 JITTER_CUT = 0.98  #: ... and dips the rate this much: clean submits climb back to the plateau
-JITTER_EASE = 0.99  #: ... which itself comes down a little: jitter that keeps coming settles it lower
+JITTER_EASE = 0.995  #: ... which itself comes down a little: jitter that keeps coming settles it lower
 PROVE = 50  #: clean submits in a row that prove their rate (a burst-2 bucket lets ~1 / (r / R - 1) through)
 GATE_SLACK = 0.95  #: departures are never closer than this many slots (jitter absorbed, the average kept)
 PAUSE_SLOTS = 2.0  #: a first 429 without Retry-After pauses this many slots of the new rate (plus jitter)
@@ -280,13 +280,15 @@ class SubmitPacer:
         return max(0.0, self._paused_until - now)
 
     def _start_epoch(self, now: float, retry_after: float | None) -> None:
-        if self._adapt and retry_after is None and self._noise():
+        jitter = self._adapt and retry_after is None and self._noise()
+        if jitter:
             self._rate = max(self._floor, self._rate * JITTER_CUT)
             assert self._known_bad is not None  # (as _noise checked)
             self._known_bad *= JITTER_EASE
         elif self._adapt:
             self._cut()
-        pause = self._pause_for(retry_after)
+        # jitter: one request came early, the next one's slot is all it takes (a pause costs slots)
+        pause = 1.0 / self._rate if jitter else self._pause_for(retry_after)
         self._streak += 1
         self._clean = 0
         self._recent.clear()
