@@ -60,7 +60,7 @@ NOISE_CLEAN = 4  #: a 429 (without Retry-After) after this many clean submits un
 JITTER_CUT = 0.98  #: ... and dips the rate this much: clean submits climb back to the plateau
 JITTER_EASE = 0.995  #: ... which itself comes down a little: jitter that keeps coming settles it lower
 PROVE = 50  #: clean submits in a row that prove their rate (a burst-2 bucket lets ~1 / (r / R - 1) through)
-GATE_SLACK = 0.95  #: departures are never closer than this many slots (jitter absorbed, the average kept)
+GATE_SLACK = 1.0  #: departures are never closer than this many slots (less lets a lag catch up in a burst)
 PAUSE_SLOTS = 2.0  #: a first 429 without Retry-After pauses this many slots of the new rate (plus jitter)
 
 
