@@ -18,6 +18,7 @@ import pytest
 from batch_engine.images import decode_b64_output, sniff_extension, verify_image
 from batch_engine.sim import SimConfig, Simulator, serve
 from batch_engine.sim.drawing import render_output
+from batch_engine.sim.server import _Gcra
 
 pytestmark = pytest.mark.anyio
 
@@ -646,3 +647,15 @@ def test_decode_b64_output_takes_raw_or_prefixed_and_refuses_junk() -> None:
     for junk in ("", "not base64 at all!", "data:image/png;base64,"):
         with pytest.raises(ValueError, match="base64"):
             decode_b64_output(junk)
+
+
+def test_submit_burst_1_is_nginx_limit_req_without_burst() -> None:
+    """burst 1 refuses a request sooner than 1 / rate after the last accepted one, and a refused request
+    moves nothing (nginx ``limit_req`` with no burst): the limiter figure 2c and its tests rely on it."""
+    gcra = _Gcra()
+    assert gcra.allow(0.0, rate=10.0, burst=1)
+    assert not gcra.allow(0.099, rate=10.0, burst=1)  # 1 ms early
+    assert gcra.allow(0.1, rate=10.0, burst=1)  # on time, the refused one notwithstanding
+    assert not gcra.allow(0.19, rate=10.0, burst=1)
+    assert gcra.allow(0.5, rate=10.0, burst=1)  # idle time banks no burst
+    assert not gcra.allow(0.55, rate=10.0, burst=1)
