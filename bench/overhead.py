@@ -334,7 +334,7 @@ async def _bare_worker(
             async with session.get(url) as resp:
                 png = await resp.read()
             # a tiny file written in place, as the plainest script would: no thread hop, no fsync
-            (out / f"{item_id}-{k}.png").write_bytes(png)  # noqa: ASYNC240
+            (out / f"{item_id}-{k}.png").write_bytes(png)
         finished[0] += data["status"] == "completed"
 
 
