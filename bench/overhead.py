@@ -1,5 +1,9 @@
 """Figure 1, overhead: the engine's items per second next to a minimal aiohttp loop doing the same requests.
 
+Rows 1b: the simulator costs more CPU than either client, which hides the client's cost; so the CLI and a
+bare loop, each in a process of its own, also run against `bench.light_server` (answers at once, tiny
+outputs), interleaved A/B, with the worst and the spread of the ratio and each child's CPU ms per item.
+
 Each run (the loop, the loop saving outputs, the engine in-process, the engine through the CLI) gets a
 fresh simulator process of its own with the same knobs: inference done at the first poll, 64x64 outputs,
 no limits. Runs are interleaved ``repeat`` times and the best of each kind is compared, so a noisy moment
@@ -68,7 +72,11 @@ def measure(*, items: int, concurrency: int, repeat: int, work: Path) -> Figure:
         runs["loop_files"].append(_loop_run(items, concurrency, save_to=work / f"loop-{round_}"))
         runs["engine"].append(_engine_run(items, concurrency, work / f"engine-{round_}"))
         runs["cli"].append(_cli_run(items, concurrency, work / f"cli-{round_}"))
-    return _figure(runs, items=items, concurrency=concurrency, startup=_startup_seconds())
+    figure = _figure(runs, items=items, concurrency=concurrency, startup=_startup_seconds())
+    light = measure_light(items=items, concurrency=concurrency, repeat=repeat, work=work / "light")
+    figure.rows += light_rows(light)
+    figure.data["light"] = {kind: [asdict(t) for t in timings] for kind, timings in light.items()}
+    return figure
 
 
 def _figure(runs: dict[str, list[Timing]], *, items: int, concurrency: int, startup: float) -> Figure:
