@@ -1,5 +1,9 @@
 """Figure 1, overhead: the engine's items per second next to a minimal aiohttp loop doing the same requests.
 
+Rows 1b: the simulator costs more CPU than either client, which hides the client's cost; so the CLI and a
+bare loop, each in a process of its own, also run against `bench.light_server` (answers at once, tiny
+outputs), interleaved A/B, with the worst and the spread of the ratio and each child's CPU ms per item.
+
 Each run (the loop, the loop saving outputs, the engine in-process, the engine through the CLI) gets a
 fresh simulator process of its own with the same knobs: inference done at the first poll, 64x64 outputs,
 no limits. Runs are interleaved ``repeat`` times and the best of each kind is compared, so a noisy moment
@@ -68,7 +72,11 @@ def measure(*, items: int, concurrency: int, repeat: int, work: Path) -> Figure:
         runs["loop_files"].append(_loop_run(items, concurrency, save_to=work / f"loop-{round_}"))
         runs["engine"].append(_engine_run(items, concurrency, work / f"engine-{round_}"))
         runs["cli"].append(_cli_run(items, concurrency, work / f"cli-{round_}"))
-    return _figure(runs, items=items, concurrency=concurrency, startup=_startup_seconds())
+    figure = _figure(runs, items=items, concurrency=concurrency, startup=_startup_seconds())
+    light = measure_light(items=items, concurrency=concurrency, repeat=repeat, work=work / "light")
+    figure.rows += light_rows(light)
+    figure.data["light"] = {kind: [asdict(t) for t in timings] for kind, timings in light.items()}
+    return figure
 
 
 def _figure(runs: dict[str, list[Timing]], *, items: int, concurrency: int, startup: float) -> Figure:
@@ -216,3 +224,137 @@ async def _loop_worker(
             if save_to is not None:
                 await anyio.to_thread.run_sync(write_atomic, save_to, output_relpath(item_id, k, "png"), png)
         finished[0] += data["status"] == "completed"
+
+
+# ---- against a light server, both clients in their own process ---------------------------------------
+
+LIGHT_KINDS = ("light_loop", "light_cli")
+
+
+def measure_light(*, items: int, concurrency: int, repeat: int, work: Path) -> dict[str, list[Timing]]:
+    """The CLI and a bare loop process against `bench.light_server`, interleaved A/B ``repeat`` times.
+
+    Why: the simulator costs more CPU than either client, so against it the ratio hides the client's
+    cost. Each run gets a fresh light server; CPU is the child's own (``RUSAGE_CHILDREN``), not wall.
+    """
+    from bench.light_server import LightServerProcess
+
+    runs: dict[str, list[Timing]] = {kind: [] for kind in LIGHT_KINDS}
+    for round_ in range(repeat):
+        for kind in LIGHT_KINDS:
+            with LightServerProcess() as server:
+                manifest = write_manifest(
+                    work / f"{kind}-{round_}" / "bench.yaml", count=items, base_url=server.base_url
+                )
+                out = work / f"{kind}-{round_}" / "out"
+                if kind == "light_loop":
+                    cmd = [
+                        sys.executable,
+                        "-m",
+                        "bench.overhead",
+                        "loop",
+                        server.base_url,
+                        str(manifest),
+                        str(concurrency),
+                        str(out),
+                    ]
+                else:
+                    flags = ["--rate", str(UNLIMITED), "--poll-rate", str(UNLIMITED), "--poll-after", "0"]
+                    flags += ["--max-in-flight", str(concurrency), "--fresh", "--yes", "-q"]
+                    cmd = [
+                        *_cli(),
+                        "run",
+                        str(manifest),
+                        "--base-url",
+                        server.base_url,
+                        "--out",
+                        str(out),
+                        *flags,
+                    ]
+                runs[kind].append(_timed(cmd, items))
+    return runs
+
+
+def light_rows(runs: dict[str, list[Timing]]) -> list[Row]:
+    """Worst and spread of the CLI / loop ratio over the interleaved pairs, and CPU ms per item."""
+    pairs = list(zip(runs["light_loop"], runs["light_cli"], strict=True))
+    ratios = [cli.rate / loop.rate for loop, cli in pairs]
+    cpu = [cli.cpu_ms() / loop.cpu_ms() for loop, cli in pairs]
+    loop_ms = [loop.cpu_ms() for loop, _ in pairs]
+    cli_ms = [cli.cpu_ms() for _, cli in pairs]
+    return [
+        Row(
+            "1b CLI / bare loop process items/s, light server (worst, spread)",
+            f"{min(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})",
+            f">= {TARGET}",
+            min(ratios) >= TARGET,
+        ),
+        Row(
+            "  client CPU ms/item: CLI vs loop (worst; CLI/loop worst)",
+            f"{max(cli_ms):.2f} ({min(cli_ms):.2f}-{max(cli_ms):.2f}) vs {max(loop_ms):.2f}"
+            f" ({min(loop_ms):.2f}-{max(loop_ms):.2f}); x{max(cpu):.2f}",
+            "<= x2",
+            max(cpu) <= 2,
+        ),
+    ]
+
+
+def _loop_main(base_url: str, manifest_path: str, concurrency: int, out: str) -> None:
+    """The bare loop as its own process: submit, poll until done, download, write the file; nothing more."""
+    manifest = load_manifest(Path(manifest_path))
+    spec = spec_for(MODEL)
+    bodies = [(item.id, wire_body(spec, item.request)) for item in manifest.iter_items()]
+    Path(out).mkdir(parents=True, exist_ok=True)
+    done = anyio.run(_bare_loop, base_url, bodies, concurrency, Path(out))
+    if done != len(bodies):
+        raise SystemExit(f"the loop finished {done} of {len(bodies)} items")
+
+
+async def _bare_loop(
+    base_url: str, bodies: list[tuple[str, dict[str, Any]]], concurrency: int, out: Path
+) -> int:
+    connector = aiohttp.TCPConnector(limit=DEFAULT_CONNECTIONS, limit_per_host=0)
+    queue = iter(bodies)
+    finished = [0]
+    async with aiohttp.ClientSession(connector=connector) as session, anyio.create_task_group() as tg:
+        for _ in range(concurrency):
+            tg.start_soon(_bare_worker, session, base_url, queue, finished, out)
+    return finished[0]
+
+
+async def _bare_worker(
+    session: aiohttp.ClientSession,
+    base_url: str,
+    queue: Iterator[tuple[str, dict[str, Any]]],
+    finished: list[int],
+    out: Path,
+) -> None:
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    submit_url = base_url + submit_path(MODEL, "image-edit")
+    for item_id, body in queue:
+        async with session.post(submit_url, json=body, headers=headers) as resp:
+            data = (await resp.json())["data"]
+        poll_url = f"{base_url}/api/v3/predictions/{data['id']}/result"
+        while data["status"] not in FINAL:
+            async with session.get(poll_url, headers=headers) as resp:
+                data = (await resp.json())["data"]
+        for k, url in enumerate(data["outputs"]):
+            async with session.get(url) as resp:
+                png = await resp.read()
+            # a tiny file written in place, as the plainest script would: no thread hop, no fsync
+            (out / f"{item_id}-{k}.png").write_bytes(png)
+        finished[0] += data["status"] == "completed"
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["loop"]:
+        _loop_main(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5])
+    elif sys.argv[1:2] == ["light"]:
+        n, c, r = (int(a) for a in sys.argv[2:5])
+        with tempfile.TemporaryDirectory() as tmp:
+            light = measure_light(items=n, concurrency=c, repeat=r, work=Path(tmp))
+        for kind, timings in light.items():
+            for t in timings:
+                print(kind, f"{t.rate:.0f}/s", f"{t.cpu_ms():.3f} ms/item", f"wall {t.seconds:.2f}")
+        for row in light_rows(light):
+            print(row)
