@@ -33,7 +33,7 @@ from batch_engine.timing.poll_plan import best_schedule
 from bench.common import TINY_SCALE, Figure, Row, percentile, run_engine, write_manifest
 from bench.simproc import SimProcess
 
-SCALED_MEDIAN = 0.5  #: seconds: every row's median inference after scaling
+SCALED_MEDIAN = 2.0  #: seconds: every row's median inference after scaling
 MAX_POLLS = 3.0  #: target: polls per prediction
 MAX_LAG = 0.12  #: target: median detection lag, as a share of the median inference
 IN_FLIGHT = 50

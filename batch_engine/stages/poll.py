@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 
 import anyio
 from anyio.abc import ObjectSendStream
@@ -49,7 +50,9 @@ class PollQueue:
         probe = self.planner.track()
         if probe:
             self.probes.add(tracked.prediction_id)
-        wait = self.planner.wake_in(age=0.0, polls=0, running_at=0.0, probe=probe)
+        # its age counts from the submit, not from now: recording the submit in the journal takes a while
+        age = max(0.0, time.time() - tracked.submitted_at)
+        wait = self.planner.wake_in(age=age, polls=0, running_at=0.0, probe=probe)
         self.due.push(tracked, now + wait)
 
     def wait(self, tracked: Tracked, *, age: float) -> float:
@@ -137,7 +140,7 @@ class Poller:
             await self._fail(tracked, ItemError(ErrorKind.INFERENCE_FAILED, message))
             return
         # Done somewhere between the last "still running" answer and now: the planner needs both ends.
-        self._queue.planner.observe(age, not_done_at=tracked.running_at)
+        self._queue.planner.observe(age, not_done_at=tracked.running_at, polls=tracked.polls + 1)
         self._queue.forget(tracked)
         tracked.slot.resolve()
         await done.send(Resolved(tracked.item_id, prediction))

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from statistics import NormalDist
 
 DEFAULT_GROWTH = 1.5  #: the cadence after a user's first poll (--poll-after): interval * growth**k, capped
-DEFAULT_BUDGET = 2.7  #: polls per learned prediction: the probes and the first wave spend a little more
+DEFAULT_BUDGET = 2.8  #: target polls per prediction over the run (probes and the first wave included)
 PROBES = 4  #: predictions polled at geometric times from a small start, before anything is learned
 PROBE_DIVISOR = 64.0  #: the probes start at the prior / this
 PROBE_GROWTH = 2.0  #: each probe poll comes this many times later than the last
@@ -78,6 +78,8 @@ class PollPlanner:
         "_intervals",
         "_prior",
         "_since_fit",
+        "_spent",
+        "_spent_count",
         "_tracked",
         "observed",
     )
@@ -113,6 +115,8 @@ class PollPlanner:
         self._intervals: deque[tuple[float, float]] = deque(maxlen=WINDOW)
         self._fit: tuple[float, float] | None = None  #: (mu, sigma) of log seconds
         self._since_fit = 0
+        self._spent = 0  #: polls the observed predictions took, all told
+        self._spent_count = 0  #: predictions whose polls were told
         self._tracked = 0
         self.observed = 0
 
@@ -138,19 +142,23 @@ class PollPlanner:
         first, step = self._learned_schedule()
         if running_at < first:
             return first
-        k = math.floor((running_at - first) / step) + 1
-        return max(first + k * step, running_at + _TINY)
+        # the small slack: a poll made at first + k * step (rounded) must count as poll k, not k - 1
+        k = math.floor((running_at - first) / step + 1e-6) + 1
+        return max(first + k * step, running_at + 0.5 * step)
 
     def wake_in(self, *, age: float, polls: int, running_at: float, probe: bool = False) -> float:
         """Seconds until this prediction should be looked at again; 0.0: poll it now.
 
-        A look that is not a poll costs nothing but a heap entry; waking at least every ``WAKE_GROWTH``
-        in age lets a prediction planned on the prior move to the learned schedule soon after it exists.
+        A look that is not a poll costs nothing but a heap entry; before anything is learned, waking at
+        least every ``WAKE_GROWTH`` in age (and every probe start) lets a prediction planned on the prior
+        move to the learned schedule soon after it exists. Once learned, it is woken when its poll is due.
         """
         due = self.next_poll(polls=polls, running_at=running_at, probe=probe)
         if due <= age:
             return 0.0
-        return min(due - age, max(age * (WAKE_GROWTH - 1.0), _TINY))
+        if self._fit is not None:  # learned: the schedule moves little from here on
+            return due - age
+        return min(due - age, max(age * (WAKE_GROWTH - 1.0), self._prior / PROBE_DIVISOR))
 
     def next_delay(self, polls_done: int) -> float:
         """The user's cadence: seconds after poll ``polls_done`` (1-based): interval * growth**k, capped."""
@@ -162,9 +170,12 @@ class PollPlanner:
 
     # --- what the poll and submit stages tell -------------------------------------------------------
 
-    def observe(self, duration: float, *, not_done_at: float | None = None) -> None:
+    def observe(self, duration: float, *, not_done_at: float | None = None, polls: int | None = None) -> None:
         """A prediction seen done at age ``duration``, last seen running at age ``not_done_at`` (0.0 or
-        None: its first poll found it done)."""
+        None: its first poll found it done), after ``polls`` polls (counted against the budget)."""
+        if polls is not None:
+            self._spent += polls
+            self._spent_count += 1
         lo = 0.0 if not_done_at is None else max(0.0, min(not_done_at, duration))
         self._add(lo, max(duration, _TINY))
 
@@ -195,7 +206,20 @@ class PollPlanner:
         """The learned schedule in units of the learned median, or None before anything is learned."""
         if self._fit is None:
             return None
-        return best_schedule(_round_sigma(self._fit[1]), self._budget)
+        return best_schedule(_round_sigma(self._fit[1]), self.budget_now())
+
+    def budget_now(self) -> float:
+        """Polls per prediction the schedule may spend now, so the run's mean lands on the budget.
+
+        The probes, the first wave planned on the prior and polls made late (a busy loop) spend more or
+        less than planned; the schedule for new predictions makes up for it (a ratio, rounded so the
+        schedule cache stays small).
+        """
+        if self._spent_count < 10:
+            return self._budget
+        mean = self._spent / self._spent_count
+        ratio = min(max(self._budget / mean, 0.6), 1.4)
+        return round(self._budget * ratio * 20) / 20
 
     # --- inside -------------------------------------------------------------------------------------
 
@@ -210,7 +234,7 @@ class PollPlanner:
         assert self._fit is not None
         mu, sigma = self._fit
         median = math.exp(mu)
-        plan = best_schedule(_round_sigma(sigma), self._budget)
+        plan = best_schedule(_round_sigma(sigma), self.budget_now())
         first = self._fixed_first if self._fixed_first is not None else max(plan.first * median, _TINY)
         return first, max(plan.step * median, _TINY)
 
@@ -276,30 +300,57 @@ def _round_sigma(sigma: float) -> float:
 
 
 @functools.lru_cache(maxsize=128)
-def best_schedule(sigma: float, budget: float, samples: int = 200) -> Schedule:
+def best_schedule(sigma: float, budget: float, samples: int = 400) -> Schedule:
     """The fixed schedule (first poll, then even steps) with the least median detection lag at no more
     than ``budget`` polls per prediction, for a lognormal of spread ``sigma``; in units of its median.
 
-    Numerical, over a grid; cached, so a run computes it once per spread it meets.
+    Numerical: for each first poll on a grid, the smallest step within the budget (mean polls is exact,
+    from the CDF, and falls as the step grows: a bisection), then its lags from ``samples`` quantiles.
+    Cached, so a run computes it once per spread it meets (a few milliseconds).
     """
-    zs = [_NORMAL.inv_cdf((i + 0.5) / samples) for i in range(samples)]
-    times = [math.exp(sigma * z) for z in zs]
+    times = [math.exp(sigma * _NORMAL.inv_cdf((i + 0.5) / samples)) for i in range(samples)]
     best: Schedule | None = None
-    cheapest: Schedule | None = None
-    for i in range(25):
-        first = math.exp(sigma * (-2.4 + 0.1 * i))
-        for j in range(36):
-            step = 0.01 * 1.15**j
-            plan = evaluate(times, first, step)
-            if cheapest is None or plan.polls < cheapest.polls:
-                cheapest = plan
-            if plan.polls > budget:
-                continue
-            score = plan.lag_p50 + 0.05 * plan.lag_p90  # the p90 breaks near-ties toward a tighter tail
-            if best is None or score < best.lag_p50 + 0.05 * best.lag_p90:
-                best = plan
-    assert cheapest is not None
-    return best or cheapest
+    for i in range(31):
+        first = math.exp(sigma * (-2.0 + 0.08 * i))
+        step = _smallest_step(sigma, first, budget)
+        if step is None:
+            continue
+        plan = evaluate(times, first, step)
+        if best is None or _score(plan) < _score(best):
+            best = plan
+    if best is None:  # not even one poll each fits: the cheapest there is
+        best = evaluate(times, math.exp(2.0 * sigma), 10.0)
+    return best
+
+
+def _score(plan: Schedule) -> float:
+    return plan.lag_p50 + 0.05 * plan.lag_p90  # the p90 breaks near-ties toward a tighter tail
+
+
+def _smallest_step(sigma: float, first: float, budget: float) -> float | None:
+    lo, hi = 1e-3, 10.0
+    if mean_polls(sigma, first, hi) > budget:
+        return None
+    for _ in range(30):
+        mid = math.sqrt(lo * hi)
+        if mean_polls(sigma, first, mid) > budget:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
+def mean_polls(sigma: float, first: float, step: float) -> float:
+    """Polls per prediction of ``first, first + step, ...`` for a lognormal (median 1, spread sigma):
+    one, plus one for every poll time it is still running at."""
+    total, k = 1.0, 0
+    while k < 100_000:
+        survive = 1.0 - _NORMAL.cdf(math.log(first + k * step) / sigma)
+        if survive < 1e-7:
+            break
+        total += survive
+        k += 1
+    return total
 
 
 def evaluate(times: list[float], first: float, step: float) -> Schedule:
