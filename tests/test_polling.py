@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import anyio
 import pytest
 
+from batch_engine.sim import SimConfig, Simulator
 from batch_engine.timing.due_queue import DueQueue
+from tests.procs import engine_env, items, run_engine, write_manifest
 
 pytestmark = pytest.mark.anyio
+
 
 class FakeClock:
     def __init__(self, now: float = 0.0) -> None:
@@ -132,3 +136,26 @@ def test_due_queue_repr_shows_live_state() -> None:
     queue: DueQueue[str] = DueQueue(clock=FakeClock(10.0))
     queue.push("x", 12.5)
     assert repr(queue) == "<DueQueue open items=1 next_due_in=2.500s>"
+
+
+# --- through the CLI -------------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+@pytest.mark.timeout(30)  # the guard: waiting for the real model's 60 s prior would overrun it
+async def test_a_rehearsal_with_no_poll_flags_does_not_wait_for_the_real_models_prior(tmp_path: Path) -> None:
+    """`batch-engine run` with no poll flags against the simulator (predictions of ~0.2 s, the real model's
+    prior 60 s): the first predictions are probes, polled early, so 3 items finish succeeded after a poll
+    or two each instead of showing `polls 0` for a minute."""
+    async with Simulator(SimConfig(image_scale=0.05, seed=5)) as sim:
+        manifest = write_manifest(tmp_path / "job.yaml", items(3), sim=sim)
+        out = tmp_path / "out"
+        argv = ["run", str(manifest), "--out", str(out), "--base-url", sim.base_url, "--progress", "plain"]
+
+        run = await run_engine(argv, env=engine_env())
+
+        assert run.code == 0, run.stderr
+        assert "3 succeeded" in run.stdout
+        counts = sim.stats.poll_counts
+        assert len(counts) == 3
+        assert all(1 <= polls <= 3 for polls in counts.values()), counts
