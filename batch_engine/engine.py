@@ -636,6 +636,7 @@ class Engine:
             pacer=self._pacer,
             plan=self._plan,
             track=lambda tracked: queue.track(tracked, now=time.monotonic()),
+            sample=self._planner.observe_sync,
         )
 
     def _poller(self) -> Poller:
