@@ -106,7 +106,7 @@ def test_the_fit_finds_median_and_spread_from_censored_completions(
     run_predictions(planner, [median * math.exp(rng.gauss(0, sigma)) for _ in range(60)])
     learned = planner.quantile(0.5)
     assert learned is not None
-    assert abs(math.log(learned / median)) < 0.15
+    assert abs(math.log(learned / median)) < 0.3  # about 3 standard errors of a median of 60
 
 
 def test_quantile_is_none_before_anything_is_learned() -> None:
