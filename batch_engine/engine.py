@@ -17,6 +17,7 @@ from typing import Any
 import anyio
 from anyio.streams.memory import MemoryObjectSendStream
 
+from batch_engine import settings as defaults
 from batch_engine.api.catalogue import spec_for, submit_path
 from batch_engine.api.client import ApiClient, ClientConfig, public_url
 from batch_engine.control import RunControl, StopReason
@@ -259,6 +260,9 @@ class Engine:
             prior=spec_for(manifest.model).expected_seconds,
             interval=settings.poll_interval,
             interval_max=settings.poll_interval_max,
+            # a user's --poll-interval wins over the learned steps
+            fixed_steps=(settings.poll_interval, settings.poll_interval_max)
+            != (defaults.DEFAULT_POLL_INTERVAL, defaults.DEFAULT_POLL_INTERVAL_MAX),
         )
         self._queue = PollQueue(self._planner, DueQueue())
         self._retry = options.retry
@@ -650,6 +654,7 @@ class Engine:
             pacer=self._pacer,
             plan=self._plan,
             track=lambda tracked: queue.track(tracked, now=time.monotonic()),
+            sample=self._planner.observe_sync,
         )
 
     def _poller(self) -> Poller:

@@ -1,22 +1,18 @@
-"""Poll timing (the learned first delay, the growing cadence) and the due-time queue."""
+"""The due-time queue (the planner itself: tests/test_poll_plan.py)."""
 
 from __future__ import annotations
 
-import heapq
-import math
-import random
-import statistics
 import time
+from pathlib import Path
 
 import anyio
 import pytest
 
+from batch_engine.sim import SimConfig, Simulator
 from batch_engine.timing.due_queue import DueQueue
-from batch_engine.timing.poll_plan import DEFAULT_MIN_FIRST, DEFAULT_WARMUP, PollPlanner, done_by
+from tests.procs import engine_env, items, run_engine, write_manifest
 
 pytestmark = pytest.mark.anyio
-
-Z_40 = -0.2533  # the standard normal's 40% quantile
 
 
 class FakeClock:
@@ -25,160 +21,6 @@ class FakeClock:
 
     def __call__(self) -> float:
         return self.now
-
-
-def make_planner(*, poll_after: float | None = None, prior: float = 60.0) -> PollPlanner:
-    return PollPlanner(poll_after=poll_after, prior=prior, interval=3.0, interval_max=15.0)
-
-
-# --- PollPlanner ----------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "name"),
-    [
-        ({"prior": 0.0}, "prior"),
-        ({"interval": -1.0}, "interval"),
-        ({"interval_max": 1.0}, "interval_max"),
-        ({"growth": 0.5}, "growth"),
-        ({"poll_after": -2.0}, "poll_after"),
-        ({"quantile": 1.0}, "quantile"),
-    ],
-)
-def test_planner_rejects_bad_settings(kwargs: dict[str, float], name: str) -> None:
-    """A bad setting raises ValueError naming it."""
-    settings = {"poll_after": None, "prior": 60.0, "interval": 3.0, "interval_max": 15.0} | kwargs
-    with pytest.raises(ValueError, match=rf"^{name}"):
-        PollPlanner(**settings)  # type: ignore[arg-type]
-
-
-def test_next_delay_grows_by_the_factor_up_to_the_cap() -> None:
-    """After poll 1, 2, 3, ... the delays are 3, 4.5, 6.75, 10.125, then the 15 s cap."""
-    planner = make_planner()
-    assert [planner.next_delay(n) for n in range(1, 7)] == [3.0, 4.5, 6.75, 10.125, 15.0, 15.0]
-
-
-def test_next_delay_never_overflows() -> None:
-    """A huge poll count gives the cap, not an OverflowError."""
-    planner = PollPlanner(poll_after=None, prior=60.0, interval=1.0, interval_max=10.0, growth=1e10)
-    assert planner.next_delay(10_000) == 10.0
-
-
-def test_next_delay_with_growth_one_is_a_steady_cadence() -> None:
-    """With growth 1 every later poll comes ``interval`` after the previous."""
-    planner = PollPlanner(poll_after=None, prior=60.0, interval=2.0, interval_max=15.0, growth=1.0)
-    assert {planner.next_delay(n) for n in range(1, 50)} == {2.0}
-
-
-def test_first_delay_is_the_prior_until_warmed_up_then_the_estimate() -> None:
-    """Without poll_after the first delay is the prior for the first observations, then the learned one."""
-    planner = make_planner(prior=60.0)
-    for _ in range(DEFAULT_WARMUP - 1):
-        planner.observe(20.0)
-        assert planner.first_delay() == 60.0
-    planner.observe(20.0)
-    assert planner.first_delay() == planner.estimate < 60.0
-
-
-def test_poll_after_is_where_learning_starts() -> None:
-    """A user's poll_after replaces the prior as the first delay, and learning moves on from it."""
-    planner = make_planner(poll_after=30.0, prior=60.0)
-    assert planner.first_delay() == 30.0
-    for _ in range(100):
-        planner.observe(5.0)
-    assert planner.first_delay() == planner.estimate < 30.0
-
-
-@pytest.mark.parametrize(
-    ("t", "duration", "not_done_at", "expected"),
-    [
-        (30.0, 25.0, 0.0, 1.0),  # seen done before t
-        (30.0, 60.0, 40.0, 0.0),  # still running after t
-        (30.0, 40.0, 20.0, 0.5),  # t halfway through (running at 20, done at 40]
-        (30.0, 60.0, 0.0, 0.5),  # done at a first poll later than t: (0, 60], uniform guess
-    ],
-)
-def test_done_by_answers_from_the_poll_bounds(
-    t: float, duration: float, not_done_at: float, expected: float
-) -> None:
-    """done_by is 1 or 0 when the polls decide, else the share of the censoring interval before t."""
-    assert done_by(t, duration=duration, not_done_at=not_done_at) == expected
-
-
-def test_a_first_poll_hit_lowers_the_estimate_and_a_miss_raises_it() -> None:
-    """Done by the estimate moves it down; still running at the estimate moves it up."""
-    planner = make_planner(prior=60.0)
-    planner.observe(55.0, not_done_at=0.0)
-    lowered = planner.estimate
-    assert lowered < 60.0
-    planner.observe(lowered + 10.0, not_done_at=lowered + 1.0)
-    assert planner.estimate > lowered
-
-
-def test_the_estimate_never_goes_below_the_minimum() -> None:
-    """However fast predictions finish, the first poll is not planned sooner than DEFAULT_MIN_FIRST."""
-    planner = make_planner(prior=5.0)
-    for _ in range(1000):
-        planner.observe(0.01)
-    assert planner.estimate == pytest.approx(DEFAULT_MIN_FIRST)
-
-
-def simulate_run(
-    planner: PollPlanner, *, median: float, sigma: float, count: int, seed: int, tell: bool
-) -> tuple[float, float]:
-    """Submit ``count`` predictions one per second with log-normal durations and poll them as planned,
-    each poll up to 2 s late (a busy poll budget); ``tell``: pass ``not_done_at`` to ``observe``.
-
-    Returns, over the second half of the predictions, the share done at their first poll and the
-    median first delay they were given.
-    """
-    rng = random.Random(seed)
-    events = [(float(i), i, "submit") for i in range(count)]  # a heap of (clock time, id, what)
-    done_at: dict[int, float] = {}
-    missed_at: dict[int, float] = {}  # seconds from submit to the last poll that found it running
-    polls: dict[int, int] = {}
-    hits: list[bool] = []
-    first_delays: list[float] = []
-    while events:
-        now, ident, what = heapq.heappop(events)
-        if what == "submit":
-            done_at[ident] = now + median * math.exp(sigma * rng.gauss(0.0, 1.0))
-            missed_at[ident], polls[ident] = 0.0, 0
-            first_delays.append(planner.first_delay())
-            heapq.heappush(events, (now + first_delays[-1] + 2 * rng.random(), ident, "poll"))
-            continue
-        polls[ident] += 1
-        if now < done_at[ident]:
-            missed_at[ident] = now - ident
-            heapq.heappush(events, (now + planner.next_delay(polls[ident]) + 2 * rng.random(), ident, "poll"))
-            continue
-        planner.observe(now - ident, not_done_at=missed_at[ident] if tell else None)
-        if ident >= count // 2:
-            hits.append(polls[ident] == 1)
-    return sum(hits) / len(hits), statistics.median(first_delays[count // 2 :])
-
-
-@pytest.mark.parametrize("tell", [True, False], ids=["not_done_at", "guessed"])
-@pytest.mark.parametrize("prior", [10.0, 50.0, 150.0])
-@pytest.mark.parametrize(("median", "sigma"), [(50.0, 0.35), (25.0, 0.1), (100.0, 0.6)])
-def test_the_first_delay_learns_the_target_quantile_from_any_prior(
-    prior: float, median: float, sigma: float, tell: bool
-) -> None:
-    """Whatever the prior, the learned first poll finds about 40% of predictions done, at a delay near the
-    durations' real 40% quantile rather than drifting up with detection delays."""
-    planner = make_planner(prior=prior)
-    hit_share, first_delay = simulate_run(planner, median=median, sigma=sigma, count=1000, seed=7, tell=tell)
-    assert 0.25 <= hit_share <= 0.55
-    assert first_delay == pytest.approx(median * math.exp(sigma * Z_40), rel=0.15)
-
-
-def test_planner_repr_shows_live_state() -> None:
-    """The repr shows the first delay, the estimate and how many completions were observed."""
-    planner = make_planner(prior=60.0)
-    planner.observe(30.0)
-    text = repr(planner)
-    assert "first=60s" in text
-    assert "observed=1" in text
 
 
 # --- DueQueue ----------------------------------------------------------------------------------
@@ -296,9 +138,24 @@ def test_due_queue_repr_shows_live_state() -> None:
     assert repr(queue) == "<DueQueue open items=1 next_due_in=2.500s>"
 
 
-def test_a_start_below_the_floor_is_honoured_after_warmup() -> None:
-    """With poll_after 0 and instant predictions, learning keeps the first poll near 0, not at a 1 s floor."""
-    planner = make_planner(poll_after=0.0)
-    for _ in range(50):
-        planner.observe(0.01, not_done_at=0.0)
-    assert planner.first_delay() < 0.01
+# --- through the CLI -------------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+@pytest.mark.timeout(30)  # the guard: waiting for the real model's 60 s prior would overrun it
+async def test_a_rehearsal_with_no_poll_flags_does_not_wait_for_the_real_models_prior(tmp_path: Path) -> None:
+    """`batch-engine run` with no poll flags against the simulator (predictions of ~0.2 s, the real model's
+    prior 60 s): the first predictions are probes, polled early, so 3 items finish succeeded after a poll
+    or two each instead of showing `polls 0` for a minute."""
+    async with Simulator(SimConfig(image_scale=0.05, seed=5)) as sim:
+        manifest = write_manifest(tmp_path / "job.yaml", items(3), sim=sim)
+        out = tmp_path / "out"
+        argv = ["run", str(manifest), "--out", str(out), "--base-url", sim.base_url, "--progress", "plain"]
+
+        run = await run_engine(argv, env=engine_env())
+
+        assert run.code == 0, run.stderr
+        assert "3 succeeded" in run.stdout
+        counts = sim.stats.poll_counts
+        assert len(counts) == 3
+        assert all(1 <= polls <= 3 for polls in counts.values()), counts

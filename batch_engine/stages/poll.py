@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 
 import anyio
 from anyio.abc import ObjectSendStream
@@ -30,20 +31,41 @@ log = logging.getLogger(__name__)
 
 
 class PollQueue:
-    """Where predictions wait for their polls: one due queue, first polls placed by the planner."""
+    """Where predictions wait for their polls: one due queue, wakes and polls placed by the planner.
 
-    __slots__ = ("due", "planner")
+    A prediction popped from the queue is polled only if the planner says its poll is due; otherwise it
+    goes back (a heap entry, no request). So predictions planned on the prior move to the learned
+    schedule as soon as there is one.
+    """
+
+    __slots__ = ("due", "planner", "probes")
 
     def __init__(self, planner: PollPlanner, due: DueQueue[Tracked]) -> None:
         self.planner = planner
         self.due = due
+        self.probes: set[str] = set()  #: prediction ids polled early and geometrically (the planner's probes)
 
     def track(self, tracked: Tracked, *, now: float) -> None:
-        """A prediction just accepted: its first poll comes when the planner expects it done."""
-        self.due.push(tracked, now + self.planner.first_delay())
+        """A prediction just accepted: woken when the planner wants to look at it first."""
+        probe = self.planner.track()
+        if probe:
+            self.probes.add(tracked.prediction_id)
+        # its age counts from the submit, not from now: recording the submit in the journal takes a while
+        age = max(0.0, time.time() - tracked.submitted_at)
+        wait = self.planner.wake_in(age=age, polls=0, running_at=0.0, probe=probe)
+        self.due.push(tracked, now + wait)
+
+    def wait(self, tracked: Tracked, *, age: float) -> float:
+        """Seconds until this prediction's next look; 0.0: poll it now."""
+        probe = tracked.prediction_id in self.probes
+        return self.planner.wake_in(age=age, polls=tracked.polls, running_at=tracked.running_at, probe=probe)
 
     def later(self, tracked: Tracked, *, now: float, delay: float) -> None:
         self.due.push(tracked, now + delay)
+
+    def forget(self, tracked: Tracked) -> None:
+        """The prediction is resolved: it no longer counts as a probe."""
+        self.probes.discard(tracked.prediction_id)
 
 
 class Poller:
@@ -61,6 +83,10 @@ class Poller:
                     tracked = await self._queue.due.pop()
                 except anyio.EndOfStream:
                     return
+                wait = self._queue.wait(tracked, age=self._ctx.clock() - tracked.submitted_at)
+                if wait > 0.0:  # not due yet under the planner's current schedule: look again later
+                    self._queue.later(tracked, now=self._ctx.monotonic(), delay=wait)
+                    continue
                 try:
                     await self._poll(tracked, done)
                 except JournalError:
@@ -109,14 +135,15 @@ class Poller:
         if where is Phase.PENDING:
             polls = tracked.polls + 1
             seen = dataclasses.replace(tracked, polls=polls, errors=0, running_at=age)
-            await self._again(seen, self._queue.planner.next_delay(polls))
+            await self._again(seen, self._queue.wait(seen, age=age))
             return
         if where is Phase.FAILED:
             message = prediction.error or f"the prediction ended as {prediction.status!r}"
             await self._fail(tracked, ItemError(ErrorKind.INFERENCE_FAILED, message))
             return
         # Done somewhere between the last "still running" answer and now: the planner needs both ends.
-        self._queue.planner.observe(age, not_done_at=tracked.running_at)
+        self._queue.planner.observe(age, not_done_at=tracked.running_at, polls=tracked.polls + 1)
+        self._queue.forget(tracked)
         tracked.slot.resolve()
         await done.send(Resolved(tracked.item_id, prediction))
 
@@ -141,5 +168,6 @@ class Poller:
         await self._fail(tracked, ItemError(ErrorKind.TIMEOUT, message))
 
     async def _fail(self, tracked: Tracked, error: ItemError) -> None:
+        self._queue.forget(tracked)
         tracked.slot.resolve()
         await self._ctx.ledger.fail(tracked.item_id, error, prediction_id=tracked.prediction_id)

@@ -118,11 +118,13 @@ class Submitter:
         pacer: SubmitPacer,
         plan: SubmitPlan,
         track: Callable[[Tracked], None],
+        sample: Callable[[float], None] | None = None,
     ) -> None:
         self._ctx = ctx
         self._pacer = pacer
         self._plan = plan
         self._track = track
+        self._sample = sample  #: told the inference seconds of an answer that came back finished (sync mode)
 
     async def run(self, items: ObjectReceiveStream[ItemRecord], done: ObjectSendStream[Resolved]) -> None:
         async with items, done:
@@ -365,6 +367,8 @@ class Submitter:
             self._track(Tracked(record.item_id, prediction.id, submitted_at, deadline, slot=slot))
             return
         slot.resolve()  # its final status came with the submit's answer (sync mode, a synchronous route)
+        if self._sample is not None and prediction.inference_ms is not None and where is not Phase.FAILED:
+            self._sample(prediction.inference_ms / 1000)  # a free sample for the poll planner
         if where is Phase.FAILED:
             error = ItemError(
                 ErrorKind.INFERENCE_FAILED, prediction.error or f"prediction {prediction.status}"

@@ -1,0 +1,161 @@
+"""The poll planner: pure arithmetic, so tested directly (through the CLI: test_simulate_polls.py)."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from batch_engine.timing.poll_plan import (
+    PROBE_DIVISOR,
+    PROBES,
+    PollPlanner,
+    best_schedule,
+    fit_lognormal,
+)
+
+
+def make_planner(
+    *, poll_after: float | None = None, prior: float = 60.0, fixed_steps: bool = False
+) -> PollPlanner:
+    return PollPlanner(
+        poll_after=poll_after, prior=prior, interval=3.0, interval_max=15.0, fixed_steps=fixed_steps
+    )
+
+
+def run_predictions(planner: PollPlanner, times: list[float]) -> tuple[float, list[float]]:
+    """Poll predictions finishing at ``times`` one after another as the planner says: (polls each, lags)."""
+    polls_total = 0
+    lags = []
+    for finish in times:
+        probe = planner.track()
+        polls, running = 0, 0.0
+        while True:
+            at = planner.next_poll(polls=polls, running_at=running, probe=probe)
+            polls += 1
+            if finish <= at:
+                lags.append(at - finish)
+                planner.observe(at, not_done_at=running, polls=polls)
+                break
+            running = at
+        polls_total += polls
+    return polls_total / len(times), lags
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"prior": 0.0}, "prior"),
+        ({"interval": -1.0}, "interval"),
+        ({"interval_max": 1.0}, "interval_max"),
+        ({"poll_after": math.nan}, "poll_after"),
+        ({"growth": 0.5}, "growth"),
+        ({"budget": 0.5}, "budget"),
+    ],
+)
+def test_planner_rejects_bad_settings(kwargs: dict[str, float], name: str) -> None:
+    settings_ = {"poll_after": None, "prior": 60.0, "interval": 3.0, "interval_max": 15.0, **kwargs}
+    with pytest.raises(ValueError, match=name):
+        PollPlanner(**settings_)  # type: ignore[arg-type]
+
+
+def test_the_first_predictions_are_probes_polled_early_and_geometrically() -> None:
+    planner = make_planner(prior=60.0)
+    assert all(planner.track() for _ in range(PROBES))
+    assert not planner.track()
+    first = planner.next_poll(polls=0, running_at=0.0, probe=True)
+    assert first == 60.0 / PROBE_DIVISOR
+    assert planner.next_poll(polls=1, running_at=first, probe=True) == 2 * first
+    assert planner.next_poll(polls=0, running_at=0.0) == 60.0  # not a probe: the prior
+
+
+def test_a_prior_ten_times_too_high_costs_few_polls_and_little_lag() -> None:
+    """The simulator's ~2 s against the real model's 60 s prior: no minute of waiting."""
+    rng = random.Random(1)
+    times = [2.0 * math.exp(rng.gauss(0, 0.45)) for _ in range(300)]
+    polls, lags = run_predictions(make_planner(prior=60.0), times)
+    lags.sort()
+    assert polls <= 3.2
+    assert lags[len(lags) // 2] <= 0.2 * 2.0
+    assert max(lags) < 60.0 / 4  # nobody waited for the prior
+
+
+def test_a_prior_ten_times_too_low_is_outgrown() -> None:
+    rng = random.Random(2)
+    times = [450.0 * math.exp(rng.gauss(0, 0.45)) for _ in range(300)]
+    polls, lags = run_predictions(make_planner(prior=45.0), times)
+    lags.sort()
+    assert polls <= 3.5
+    assert lags[len(lags) // 2] <= 0.2 * 450.0
+
+
+@settings(max_examples=5, deadline=None)
+@given(
+    median=st.floats(min_value=0.5, max_value=600.0),
+    sigma=st.floats(min_value=0.3, max_value=0.6),
+    seed=st.integers(min_value=0, max_value=1000),
+)
+def test_the_fit_finds_median_and_spread_from_censored_completions(
+    median: float, sigma: float, seed: int
+) -> None:
+    rng = random.Random(seed)
+    planner = make_planner(prior=median * 10)
+    run_predictions(planner, [median * math.exp(rng.gauss(0, sigma)) for _ in range(60)])
+    learned = planner.quantile(0.5)
+    assert learned is not None
+    assert abs(math.log(learned / median)) < 0.3  # about 3 standard errors of a median of 60
+
+
+def test_quantile_is_none_before_anything_is_learned() -> None:
+    planner = make_planner()
+    assert planner.quantile(0.5) is None
+    planner.observe_sync(10.0)
+    planner.observe_sync(11.0)
+    planner.observe_sync(12.0)
+    q = planner.quantile(0.5)
+    assert q is not None
+    assert 9.0 < q < 13.0  # sync answers are free samples
+
+
+def test_a_users_poll_after_and_interval_win() -> None:
+    planner = make_planner(poll_after=5.0, fixed_steps=True)
+    for _ in range(20):
+        planner.observe(30.0, not_done_at=25.0)
+    assert planner.next_poll(polls=0, running_at=0.0) == 5.0
+    assert planner.next_poll(polls=1, running_at=5.0) == 5.0 + 3.0
+    assert planner.next_delay(10_000) == 15.0
+
+
+def test_the_fit_uses_the_intervals_not_the_detection_times() -> None:
+    """All done by a first poll at 10 s: the fit must not say 'median 10 s' (what a quantile of detection
+    times would ratchet to)."""
+    rng = random.Random(3)
+    intervals = []
+    for _ in range(200):
+        finish = 5.0 * math.exp(rng.gauss(0, 0.4))
+        hi = 5.0 + 0.5 * math.ceil(max(0.0, finish - 5.0) / 0.5)
+        intervals.append((0.0 if hi == 5.0 else hi - 0.5, hi))
+    mu, sigma = fit_lognormal(intervals)
+    assert abs(math.exp(mu) - 5.0) < 0.5
+    assert 0.25 < sigma < 0.55
+
+
+def test_best_schedule_spends_no_more_than_its_budget_and_more_polls_buy_less_lag() -> None:
+    lags = []
+    for budget in (2.0, 2.5, 3.0, 4.0):
+        plan = best_schedule(0.4, budget)
+        assert plan.polls <= budget
+        lags.append(plan.lag_p50)
+    assert lags == sorted(lags, reverse=True)
+    assert best_schedule(0.4, 3.0).lag_p50 < 0.11  # the frontier the issue quotes: 0.098 M at 3 polls
+
+
+def test_planner_repr_shows_live_state() -> None:
+    planner = make_planner(prior=60.0)
+    assert "prior" in repr(planner)
+    for t in (1.0, 1.2, 1.4):
+        planner.observe_sync(t)
+    assert "median=" in repr(planner)
