@@ -330,6 +330,16 @@ def _work_dir_argument(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> 
     )
 
 
+def _in_flight_argument(text: str) -> int | str:
+    """``--max-in-flight``: a whole number, or ``auto`` (as when left out; it overrides the manifest's)."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number or auto, got {text!r}") from None
+
+
 def _out_argument(text: str) -> Path | str:
     """``--out``: a folder, or an ``s3://bucket/prefix/`` URL (kept as a string)."""
     if is_store_url(text):
@@ -436,8 +446,9 @@ def _run_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--max-in-flight",
-        type=int,
-        help="predictions submitted and not yet finished (default: auto, rate x p90 latency seen x 1.4)",
+        type=_in_flight_argument,
+        metavar="N|auto",
+        help="predictions submitted and not yet finished (default auto: rate x p90 latency seen x 1.4)",
     )
     g.add_argument("--timeout", type=float, help="seconds one prediction may take (default 600)")
     g.add_argument(

@@ -63,6 +63,8 @@ SETTING_RANGES: Mapping[str, Range] = {
     "grace": Range(0, 24 * 3600),
 }
 _FLAGS = ("adapt", "resubmit_ambiguous")
+#: Words a number setting also takes, meaning the same as leaving it out (its default picks the value).
+SETTING_WORDS: Mapping[str, tuple[str, ...]] = {"max_in_flight": ("auto",)}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -109,6 +111,9 @@ class RunSettings:
         """Manifest settings first, then every override that is not None (flags the user gave)."""
         merged = dict(manifest_settings)
         merged.update({k: v for k, v in overrides.items() if v is not None})
+        for name, words in SETTING_WORDS.items():  # ``auto`` from the flag overrides a number in the manifest
+            if isinstance(merged.get(name), str) and merged[name] in words:
+                merged[name] = None
         unknown = sorted(set(merged) - set(cls.field_names()))
         if unknown:
             raise UsageError(f"unknown setting(s): {', '.join(unknown)}")

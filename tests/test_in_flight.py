@@ -4,14 +4,19 @@ concurrency limit is met by cutting the cap, not the rate; the summary says whic
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
+import yaml
 
+from batch_engine.cli import main
 from batch_engine.errors import UsageError
+from batch_engine.manifest import load_manifest
 from batch_engine.settings import RunSettings
 from batch_engine.timing.in_flight import CEILING, FLOOR, AutoCap, little_cap, p90, same_level
 from batch_engine.ui.summary import format_summary
 from tests.helpers import Harness, edit_items, fast_settings
+from tests.procs import engine_env, run_engine
 
 pytest_plugins = ("tests.helpers",)
 pytestmark = pytest.mark.anyio
@@ -120,3 +125,51 @@ async def test_the_summary_names_the_rate_when_submits_wait_for_their_turn(harne
 def test_a_bad_max_in_flight_is_refused_by_name(value: object) -> None:
     with pytest.raises(UsageError, match="max_in_flight"):
         RunSettings.build({"max_in_flight": value}, {})
+
+
+def _manifest(tmp_path: Path, max_in_flight: object) -> Path:
+    path = tmp_path / "run.yaml"
+    items = [{"id": f"i{k}", "prompt": f"edit {k}", "images": [f"https://x.test/{k}.png"]} for k in range(2)]
+    document = {"version": 1, "settings": {"max_in_flight": max_in_flight}, "items": items}
+    path.write_text(yaml.safe_dump(document), encoding="utf-8")
+    return path
+
+
+def test_max_in_flight_auto_in_the_manifest_is_as_if_left_out(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    manifest = _manifest(tmp_path, "auto")
+    assert main(["validate", str(manifest)]) == 0
+    assert "valid, 2 item(s)" in capsys.readouterr().out
+    settings = {k: v for k, v in load_manifest(manifest).settings.items() if k != "inputs"}
+    assert RunSettings.build(settings, {}).max_in_flight is None
+
+
+@pytest.mark.parametrize("value", ["many", 0, 2.5])
+def test_a_bad_max_in_flight_in_the_manifest_names_file_and_setting(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], value: object
+) -> None:
+    manifest = _manifest(tmp_path, value)
+    assert main(["validate", str(manifest)]) != 0
+    out = "".join(capsys.readouterr())
+    assert f"{manifest}:" in out
+    assert "settings.max_in_flight" in out
+    if isinstance(value, str):
+        assert "a whole number or auto, got 'many'" in out
+
+
+async def test_max_in_flight_auto_on_the_command_line_overrides_the_manifest(tmp_path: Path) -> None:
+    manifest = _manifest(tmp_path, 3)
+    out = tmp_path / "out"
+    run = await run_engine(
+        ["run", str(manifest), "--simulate", "--out", str(out), "--max-in-flight", "auto"],
+        env=engine_env(key=None),
+    )
+    assert run.code == 0, run.stderr
+    assert "auto: rate x p90 latency seen" in run.stdout
+    bad = await run_engine(
+        ["run", str(manifest), "--simulate", "--max-in-flight", "lots"], env=engine_env(key=None)
+    )
+    assert bad.code == 2
+    assert "--max-in-flight: must be a whole number or auto, got 'lots'" in bad.stderr
+    assert "Traceback" not in bad.stderr

@@ -93,6 +93,10 @@ def all_fields() -> list[FieldDef]:
 def test_field_keywords_equal_the_table(spec: FieldDef) -> None:
     """Each field's type, enum, bounds and pattern are exactly its FieldDef's."""
     built = field_schema(spec)
+    if spec.words:  # a number within the bounds, or one of the words (max_in_flight: auto)
+        number, words = built.pop("anyOf")
+        assert words == {"enum": list(spec.words)}
+        built.update(number)
     assert built["type"] == ([spec.type, "null"] if spec.nullable else spec.type)
     assert built.get("enum", []) == list(spec.enum)
     assert built.get("minimum") == spec.minimum
@@ -119,6 +123,9 @@ def test_field_examples_pass_the_validator(spec: FieldDef) -> None:
 def schema_errors(node: dict[str, Any], value: Any, root: dict[str, Any]) -> list[str]:
     if "$ref" in node:
         return schema_errors(root["$defs"][node["$ref"].rpartition("/")[2]], value, root)
+    if "anyOf" in node:  # max_in_flight: a number in its bounds, or auto
+        fits = any(not schema_errors(sub, value, root) for sub in node["anyOf"])
+        return [] if fits else [f"anyOf: {value!r}"]
     kinds = node.get("type", [])
     if kinds and not any(is_kind(kind, value) for kind in ([kinds] if isinstance(kinds, str) else kinds)):
         return [f"type {kinds}: {value!r}"]
@@ -170,6 +177,7 @@ BOUNDS: dict[str, Any] = {
 }
 
 VALID = {
+    "max_in_flight auto": f"version: 1\nsettings: {{max_in_flight: auto}}\n{ITEMS}",
     "minimal": f"version: 1\nitems: [{{prompt: a, images: [{URL}]}}]\n",
     "full": f"""
         version: 1
@@ -202,6 +210,7 @@ INVALID = {
     "unknown setting": f"version: 1\nsettings: {{speed: 1}}\n{ITEMS}",
     "rate zero": f"version: 1\nsettings: {{rate: 0}}\n{ITEMS}",
     "fractional max_in_flight": f"version: 1\nsettings: {{max_in_flight: 2.5}}\n{ITEMS}",
+    "max_in_flight a word not auto": f"version: 1\nsettings: {{max_in_flight: many}}\n{ITEMS}",
 }
 
 

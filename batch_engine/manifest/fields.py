@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from batch_engine.api import catalogue
-from batch_engine.settings import SETTING_RANGES, Range, RunSettings, bound_text, shown
+from batch_engine.settings import SETTING_RANGES, SETTING_WORDS, Range, RunSettings, bound_text, shown
 from batch_engine.store.files import DEFAULT_OUTPUT
 
 MAX_MANIFEST_BYTES = 256 * 1024 * 1024
@@ -72,6 +72,7 @@ class FieldDef:
     pattern: str | None = None  #: searched in a string, or in each entry of an array; anchor it with ^ and $
     pattern_hint: str = ""  #: what is said when ``pattern`` does not match: how to fix the value
     nullable: bool = False
+    words: tuple[str, ...] = ()  #: strings also taken, meaning the same as null (``max_in_flight: auto``)
     default: Any = NO_DEFAULT  #: for the schema's documentation only; the validator never fills it
     example: str = ""  #: a valid value as written in YAML, for messages and the schema
 
@@ -306,6 +307,7 @@ def _setting_field(spec: dataclasses.Field[Any], hint: Any, doc: str | None) -> 
         _JSON_TYPES[base],
         doc or f"Run setting {spec.name}.",
         nullable=type(None) in args,
+        words=SETTING_WORDS.get(spec.name, ()),
         default=NO_DEFAULT if spec.default is dataclasses.MISSING else spec.default,
         **_SETTING_BOUNDS.get(spec.name, {}),  # type: ignore[arg-type]
     )
@@ -364,8 +366,8 @@ class Complaint(NamedTuple):
 
 def value_problems(spec: FieldDef, value: Any) -> list[Complaint]:
     """Every rule of ``spec`` that ``value`` breaks (type first: a value of the wrong type gets only that)."""
-    if value is None:
-        return [] if spec.nullable else [Complaint(_type_message(spec, value))]
+    if value is None or (isinstance(value, str) and value in spec.words):
+        return [] if spec.nullable or value is not None else [Complaint(_type_message(spec, value))]
     if not _has_type(spec.type, value):
         return [Complaint(_type_message(spec, value))]
     if spec.type == "array":
@@ -382,7 +384,8 @@ def _has_type(kind: str, value: Any) -> bool:
 
 
 def _type_message(spec: FieldDef, value: Any) -> str:
-    return f"must be {_TYPE_NAMES[spec.type]}, got {describe(value)}{_type_hint(spec, value)}"
+    words = "".join(f" or {word}" for word in spec.words)
+    return f"must be {_TYPE_NAMES[spec.type]}{words}, got {describe(value)}{_type_hint(spec, value)}"
 
 
 def _type_hint(spec: FieldDef, value: Any) -> str:

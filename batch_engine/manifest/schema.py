@@ -112,6 +112,9 @@ def field_schema(spec: FieldDef) -> dict[str, Any]:
         "type": [spec.type, "null"] if spec.nullable else spec.type,
     }
     schema.update(_bounds(spec) if spec.type != "array" else _array_bounds(spec))
+    if spec.words:  # a number, or one of the words that mean "pick it for me"
+        number = {key: schema.pop(key) for key in list(schema) if key != "description"}
+        schema["anyOf"] = [number, {"enum": list(spec.words)}]
     if spec.default is not NO_DEFAULT:
         schema["default"] = spec.default
     if spec.example:

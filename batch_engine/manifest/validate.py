@@ -215,7 +215,7 @@ class _Validator:
         if self.problem_count > before or not plain:
             return inputs
         try:
-            RunSettings(**plain)
+            RunSettings.build(plain, {})  # build: ``max_in_flight: auto`` reads as absent
         except (UsageError, TypeError) as exc:  # rules across settings, e.g. rate_min <= rate
             self.complain(Place("", self.doc.root), "settings", str(exc))
         return inputs
