@@ -26,7 +26,7 @@ WINDOW = 512  #: hold times the p90 is taken over (the most recent)
 CUT = 0.9  #: a concurrency 429 sets the cap to this fraction of the level where it came
 GROW_EVERY = 8  #: after a concurrency cut, one more slot per this many clean completions
 SAME_LEVEL = 0.25  #: 429s at in-flight levels within this fraction of each other are "the same level"
-RATE_DROP = 0.8  #: ... while the rate was cut to at most this fraction of the previous 429's: concurrency
+RATE_DROP = 0.8  #: ... while the rate fell to at most this fraction of the first 429's there: concurrency
 
 
 def little_cap(
@@ -64,7 +64,7 @@ class AutoCap:
         self.ceiling = ceiling
         self._holds: deque[float] = deque(maxlen=WINDOW)
         self._cap_limit: int | None = None  #: learned concurrency limit (cut after 429s), grows slowly
-        self._last_429: tuple[int, float] | None = None  #: (level, submit rate) at the last 429
+        self._last_429: tuple[int, float] | None = None  #: (level, rate) at the first 429 at a level
         self._clean = 0
 
     def __repr__(self) -> str:
@@ -96,9 +96,13 @@ class AutoCap:
     def rate_limited(self, level: int, rate: float) -> bool:
         """A 429 came with ``level`` predictions in flight, submits paced at ``rate``; True when it is read
         as the concurrency limit (the cap is cut), False when the rate should be cut instead."""
-        previous, self._last_429 = self._last_429, (level, rate)
+        # Compared with the first 429 at this level, not the last: a pacer that dips a little per 429 (a
+        # stray one reads as jitter) never cuts RATE_DROP at once, yet the level stays where the API caps it.
+        first = self._last_429
+        if first is None or not same_level(first[0], level):
+            first = self._last_429 = (level, rate)
         at_cap = self._cap_limit is not None and level >= (1.0 - SAME_LEVEL) * self._cap_limit
-        stuck = previous is not None and same_level(previous[0], level) and rate <= RATE_DROP * previous[1]
+        stuck = same_level(first[0], level) and rate <= RATE_DROP * first[1]
         if not (at_cap or stuck):
             return False
         self._cap_limit = max(1, min(self._cap_limit or level, math.floor(level * CUT)))
