@@ -9,22 +9,14 @@ import pytest
 
 from batch_engine.timing.pacing import (
     CUT_MAX,
-    GATE_SLACK,
     HOLD_SUBMITS,
-    JITTER_CUT,
-    JITTER_EASE,
-    NOISE_CLEAN,
-    PAUSE_SLOTS,
-    PROVE,
     PollBudget,
     SubmitPacer,
     climb,
     cut_factor,
     pause_after_429,
 )
-from tests.helpers import Harness, edit_items, fast_settings
 
-pytest_plugins = ("tests.helpers",)
 pytestmark = pytest.mark.anyio
 
 
@@ -133,27 +125,23 @@ def test_retry_after_is_clamped_to_max_pause() -> None:
     assert pacer.on_rate_limited(3600.0) == 5.0
 
 
-def test_without_retry_after_a_first_429_pauses_a_few_slots_then_the_backoff_grows() -> None:
-    """With no Retry-After a first 429 pauses PAUSE_SLOTS slots (plus jitter) of the cut rate; 429s in a row
-    then back off over 1, 2 s (full jitter, rand 0.5); an accepted submit starts afresh."""
+def test_without_retry_after_the_pause_is_jittered_and_grows_with_consecutive_429s() -> None:
+    """With no Retry-After the pause is full jitter over 1, 2, 4 s (rand 0.5), and resets after a success."""
     clock = FakeClock()
     pacer = make_pacer(clock, rate=1000.0, rate_min=0.01)
     pauses = []
     for _ in range(3):
         pauses.append(pacer.on_rate_limited(None))
         clock.now = pacer.paused_until
-    assert pauses == pytest.approx([(PAUSE_SLOTS + 0.5) / 500, 0.5, 1.0])
+    assert pauses == [0.5, 1.0, 2.0]
     pacer.on_success()
-    assert pacer.on_rate_limited(None) == pytest.approx((PAUSE_SLOTS + 0.5) / pacer.rate)
+    assert pacer.on_rate_limited(None) == pytest.approx(0.5)
 
 
-def test_without_retry_after_the_backoff_is_at_least_one_slot_of_the_cut_rate() -> None:
+def test_without_retry_after_the_pause_is_at_least_one_slot_of_the_cut_rate() -> None:
     """A jittered pause shorter than one slot at the cut rate is lengthened to that slot."""
-    clock = FakeClock()
-    pacer = make_pacer(clock, rate=0.5, rate_min=0.01)
-    assert pacer.on_rate_limited(None) == (PAUSE_SLOTS + 0.5) / 0.25
-    clock.now = pacer.paused_until
-    assert pacer.on_rate_limited(None) == 1 / pacer.rate == 8.0
+    pacer = make_pacer(FakeClock(), rate=0.5, rate_min=0.01)
+    assert pacer.on_rate_limited(None) == 1 / pacer.rate == 4.0
 
 
 def test_fixed_rate_pauses_but_never_changes_the_rate() -> None:
@@ -205,66 +193,6 @@ def test_after_the_hold_the_rate_probes_above_the_known_bad_level_slowly() -> No
     for _ in range(10_000):
         pacer.on_success()
     assert pacer.rate == pacer.ceiling
-
-
-def settled(pacer: SubmitPacer, clock: FakeClock, *, limit: float = 10.0) -> float:
-    """Drive ``pacer`` from twice ``limit`` to its plateau under a 429 at ``limit`` plus enough clean
-    submits to prove it; returns the plateau."""
-    pacer.on_rate_limited(None)
-    clock.now = pacer.paused_until
-    for _ in range(NOISE_CLEAN + PROVE):
-        pacer.on_success()
-    return pacer.rate
-
-
-def test_a_429_without_retry_after_after_clean_submits_under_the_plateau_is_jitter() -> None:
-    """A strict limiter refuses the odd request that arrived a few ms early: the rate dips by JITTER_CUT and
-    climbs back, and the plateau eases by JITTER_EASE only (no 7% ratchet per 429)."""
-    clock = FakeClock()
-    pacer = make_pacer(clock, rate=20.0)
-    plateau = settled(pacer, clock)
-    assert plateau == pytest.approx(CUT_MAX * 20.0, rel=1e-3)
-    pacer.on_rate_limited(None)
-    assert pacer.rate == pytest.approx(JITTER_CUT * plateau)
-    clock.now = pacer.paused_until
-    for _ in range(4):  # four more lone 429s, each after a clean run
-        for _ in range(NOISE_CLEAN * 10):
-            pacer.on_success()
-        pacer.on_rate_limited(None)
-        clock.now = pacer.paused_until
-    for _ in range(NOISE_CLEAN * 10):
-        pacer.on_success()
-    assert pacer.known_bad == pytest.approx(20.0 * JITTER_EASE**5)
-    assert pacer.rate == pytest.approx(CUT_MAX * 20.0 * JITTER_EASE**5, rel=0.01)
-
-
-def test_a_429_with_retry_after_at_the_plateau_is_a_real_cut() -> None:
-    """With Retry-After every 429 costs its pause (and a bucket's burst absorbs jitter): it cuts."""
-    clock = FakeClock()
-    pacer = make_pacer(clock, rate=20.0)
-    plateau = settled(pacer, clock)
-    pacer.on_rate_limited(1.0)
-    assert pacer.known_bad == plateau
-    assert pacer.rate < JITTER_CUT * plateau
-
-
-def test_a_429_soon_after_the_last_cuts_deep_but_not_below_the_proven_rate() -> None:
-    """A 429 a clean submit after the last is a real overload: a deep cut, stopped at a rate that PROVE
-    clean submits in a row sustained under the refused one."""
-    clock = FakeClock()
-    pacer = make_pacer(clock, rate=20.0)
-    settled(pacer, clock)
-    proven = pacer.proven
-    assert proven is not None
-    pacer.on_rate_limited(None)  # jitter
-    clock.now = pacer.paused_until
-    pacer.on_success()
-    refused = pacer.rate
-    assert proven < refused
-    pacer.on_rate_limited(None)  # one clean submit after the last 429: an overload
-    assert pacer.known_bad == refused
-    assert pacer.rate == pytest.approx(min(proven, CUT_MAX * refused))
-    assert pacer.rate > cut_factor(1) * refused
 
 
 def test_the_rate_never_goes_below_the_floor() -> None:
@@ -321,40 +249,6 @@ async def test_acquire_queues_again_when_a_pause_begins_while_waiting() -> None:
     await pacer.acquire()
     assert delays == [0.5, 2.5]
     assert clock.now == pacer.paused_until == 3.0
-
-
-async def test_sending_spaces_departures_one_slot_apart_whatever_the_turns() -> None:
-    """Requests whose turns came at once (a journal write delayed the first) still leave ~1 / rate apart."""
-    clock = FakeClock()
-    sleep = FakeSleep(clock)
-    pacer = SubmitPacer(rate=4.0, rate_min=0.1, clock=clock, sleep=sleep)
-    departures = [await pacer.sending() for _ in range(3)]
-    assert departures == pytest.approx([0.0, GATE_SLACK / 4, 2 * GATE_SLACK / 4])
-    clock.now = 2.0  # idle: the next leaves at once, no burst banked
-    assert await pacer.sending() == 2.0
-
-
-async def test_answers_to_requests_sent_before_a_cut_neither_cut_again_nor_count() -> None:
-    """A 429 for a request that left before the last cut, arriving after its pause, is an echo."""
-    clock = FakeClock()
-    pacer = SubmitPacer(rate=10.0, rate_min=0.1, clock=clock, sleep=FakeSleep(clock), rand=lambda: 0.5)
-    results: list[float] = []
-
-    async def early() -> None:  # leaves at t = 0, answered long after the cut and its pause
-        await pacer.sending()
-        await anyio.sleep(0.05)
-        results.append(pacer.on_rate_limited(None))
-
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(early)
-        await anyio.lowlevel.checkpoint()
-        clock.now = 0.01
-        pacer.on_rate_limited(None)  # another request's 429: the cut
-        cut_to = pacer.rate
-        clock.now = 10.0
-    assert pacer.rate == cut_to == 5.0
-    assert results == [0.0]
-    assert pacer.rate_limited == 2
 
 
 # --- simulation: the benchmark's target, in simulated time ------------------------------------------
@@ -488,25 +382,3 @@ def test_poll_budget_repr_and_rate() -> None:
     budget = PollBudget(rate=4.0, clock=FakeClock())
     assert budget.rate == 4.0
     assert "rate=4/s" in repr(budget)
-
-
-# --- the engine behind a strict limiter, over real sockets -------------------------------------------
-
-ENGINE_ITEMS = 80
-
-
-async def test_engine_behind_a_strict_no_burst_limiter_pays_once_and_is_rarely_refused(
-    harness: Harness,
-) -> None:
-    """Told 5x the limit of an nginx-like limiter (no burst, no Retry-After, HTML 429), the run finishes
-    with every item billed once, and few of its submit attempts refused."""
-    sim = await harness.sim(submit_rate=40.0, submit_burst=1, html_429=True)
-    settings = fast_settings(rate=200.0, rate_min=1.0, max_in_flight=200)
-    outcome = await harness.run(harness.manifest(edit_items(sim, ENGINE_ITEMS)), sim, settings=settings)
-
-    assert outcome.exit_code == 0
-    assert sim.stats.accepted == ENGINE_ITEMS
-    assert sim.stats.duplicate_bodies == 0
-    assert outcome.duplicates() == []
-    share = sim.stats.rate_limited_submits / sim.stats.submit_requests
-    assert 0 < share < 0.2, f"{share:.1%} of submit attempts refused"

@@ -12,9 +12,6 @@ from __future__ import annotations
 import math
 import random
 import time
-import weakref
-from asyncio import Task, current_task
-from collections import deque
 from collections.abc import Awaitable, Callable
 
 import anyio
@@ -43,25 +40,6 @@ SNAP = 0.005  #: ... and the rate jumps onto the plateau once within this fracti
 HOLD_PAUSES = 60.0  #: hold at the plateau for this many times the last pause before probing above it
 HOLD_SUBMITS = 50  #: ... and for at least this many clean submits
 PROBE = 0.002  #: above the plateau, each clean submit adds this fraction of known_bad (additive)
-# Holding every time, not on average. Behind a strict limiter (nginx ``limit_req`` with no burst refuses a
-# request sooner than 1 / L after the last accepted one), a rate well under L still meets the odd 429: the
-# wire is not a clock, and a request that reached the server a few milliseconds early is refused. Taken as
-# an overload, each such 429 lowered ``known_bad`` and so the plateau by 7%, and the rate ratcheted down run
-# after run (0.93, 0.82, 0.61 L). Sent above such a limit, every other request is refused: a real overload
-# gives a 429 after a clean submit or two. So without Retry-After a 429 after NOISE_CLEAN clean submits, at
-# or under the plateau, is jitter: the rate dips by JITTER_CUT and climbs back, the plateau eases by 0.5%
-# only, and the pause is one slot. (With Retry-After each 429 costs its whole pause, and a token bucket's
-# burst absorbs jitter: every 429 cuts.)
-# The rate PROVE clean submits in a row sustained is remembered (``proven``): a cut never goes below it
-# unless a 429 comes at it. And the first pause of a 429 without Retry-After is a couple of slots, not the
-# backoff: such a limiter refused a request that came too soon, and the cut already spaces the next ones
-# further apart; only 429s in a row (no accepted submit between) start the growing, jittered backoff.
-NOISE_CLEAN = 4  #: a 429 (without Retry-After) after this many clean submits under the plateau is jitter
-JITTER_CUT = 0.98  #: ... and dips the rate this much: clean submits climb back to the plateau
-JITTER_EASE = 0.995  #: ... which itself comes down a little: jitter that keeps coming settles it lower
-PROVE = 50  #: clean submits in a row that prove their rate (a burst-2 bucket lets ~1 / (r / R - 1) through)
-GATE_SLACK = 1.0  #: departures are never closer than this many slots (less lets a lag catch up in a burst)
-PAUSE_SLOTS = 2.0  #: a first 429 without Retry-After pauses this many slots of the new rate (plus jitter)
 
 
 def cut_factor(clean: int) -> float:
@@ -110,15 +88,11 @@ class SubmitPacer:
         "_generation",
         "_hold",
         "_known_bad",
-        "_last_sent",
         "_max_pause",
         "_pause_initial",
         "_paused_until",
-        "_proven",
         "_rand",
         "_rate",
-        "_recent",
-        "_sent",
         "_sleep",
         "_streak",
         "_tat",
@@ -159,11 +133,6 @@ class SubmitPacer:
         self._epoch_started = -math.inf  #: when the last cut happened
         self._hold = 0.0  #: seconds to stay at the plateau after a cut before probing above it
         self._streak = 0  #: cuts in a row with no accepted submit between them
-        self._proven: float | None = None  #: the highest rate PROVE clean submits in a row sustained
-        self._recent: deque[float] = deque(maxlen=PROVE)  #: the rates of the clean submits since the cut
-        self._last_sent = -math.inf  #: when the last request left through :meth:`sending`
-        #: each submitter task's last request's departure (see :meth:`sending`)
-        self._sent: weakref.WeakKeyDictionary[Task[object], float] = weakref.WeakKeyDictionary()
         self.rate_limited = 0
 
     @property
@@ -187,11 +156,6 @@ class SubmitPacer:
         return self._known_bad
 
     @property
-    def proven(self) -> float | None:
-        """The highest rate that PROVE clean submits in a row sustained since it was last refused."""
-        return self._proven
-
-    @property
     def paused_until(self) -> float:
         """Clock time before which no submit may start (-inf when never paused)."""
         return self._paused_until
@@ -212,47 +176,16 @@ class SubmitPacer:
             if generation == self._generation:  # else a pause began meanwhile: queue again after it
                 return
 
-    async def sending(self) -> float:
-        """Call right before the request goes on the wire: wait until one slot after the previous one left
-        (and for any pause), then return the departure time.
-
-        :meth:`acquire` spaces the turns, but the journal write and the request's making come between a
-        turn and the wire, and their jitter bunches requests: two that leave closer than ``1 / L`` make a
-        limiter with no burst refuse the second although the average rate is under ``L``. This gate spaces
-        the departures themselves. It also remembers the departure for the calling task, so that the
-        answer's :meth:`on_success` or :meth:`on_rate_limited` (called from the same task) can tell a
-        request sent before the last cut from one sent after it, whenever its answer comes.
-        """
-        while (
-            delay := max(self._last_sent + GATE_SLACK / self._rate, self._paused_until) - self._clock()
-        ) > 0:
-            await self._sleep(delay)
-        now = self._last_sent = self._clock()
-        task = _task()
-        if task is not None:
-            self._sent[task] = now
-        return now
-
-    def _sent_before_cut(self) -> bool | None:
-        """Whether the calling task's request left before the last cut; None when unknown."""
-        task = _task()
-        sent = None if task is None else self._sent.pop(task, None)
-        return None if sent is None else sent < self._epoch_started
-
     def on_success(self) -> None:
         """A submit was accepted: after enough of them, raise the rate back toward the ceiling.
 
         Successes during a pause answer requests sent before it, at the rate just cut: they prove
         nothing about the new rate, so they neither count as clean nor raise it.
         """
-        before = self._sent_before_cut()
-        if before or (before is None and self._clock() < self._paused_until):
+        if self._clock() < self._paused_until:
             return
         self._streak = 0
         self._clean += 1
-        self._recent.append(self._rate)
-        if len(self._recent) == PROVE:
-            self._proven = max(self._proven or 0.0, min(self._recent))
         if self._adapt and self._known_bad is not None:
             self._rate = min(self._ceiling, self._raised(self._known_bad))
 
@@ -272,58 +205,27 @@ class SubmitPacer:
         """
         self.rate_limited += 1
         now = self._clock()
-        before = self._sent_before_cut()
-        if now >= self._paused_until and not before:
+        if now >= self._paused_until:
             self._start_epoch(now, retry_after)
-        elif retry_after is not None and now < self._paused_until:
+        elif retry_after is not None:
             self._pause(max(self._paused_until, now + self._pause_for(retry_after)))
-        return max(0.0, self._paused_until - now)
+        return self._paused_until - now
 
     def _start_epoch(self, now: float, retry_after: float | None) -> None:
-        jitter = self._adapt and retry_after is None and self._noise()
-        if jitter:
-            self._rate = max(self._floor, self._rate * JITTER_CUT)
-            assert self._known_bad is not None  # (as _noise checked)
-            self._known_bad *= JITTER_EASE
-        elif self._adapt:
-            self._cut()
-        # jitter: one request came early, the next one's slot is all it takes (a pause costs slots)
-        pause = 1.0 / self._rate if jitter else self._pause_for(retry_after)
+        if self._adapt:
+            self._known_bad = self._rate
+            self._rate = max(self._floor, self._rate * cut_factor(self._clean))
+        pause = self._pause_for(retry_after)
         self._streak += 1
         self._clean = 0
-        self._recent.clear()
         self._epoch_started = now
-        # a pause of a few slots (no Retry-After) holds for as many pauses, not for as many seconds
-        self._hold = HOLD_PAUSES * (pause if retry_after is None else max(pause, self._pause_initial))
+        self._hold = HOLD_PAUSES * max(pause, self._pause_initial)
         self._pause(now + pause)
-
-    def _noise(self) -> bool:
-        """A 429 after NOISE_CLEAN clean submits under the plateau: the wire jittered, the rate holds."""
-        bad = self._known_bad
-        return bad is not None and self._clean >= NOISE_CLEAN and self._rate <= CUT_MAX * bad * (1 + 1e-9)
-
-    def _cut(self) -> None:
-        """Cut to below the refused rate, by how soon the 429 came, but not below a rate proven under it."""
-        refused = self._rate
-        self._known_bad = refused
-        rate = refused * cut_factor(self._clean)
-        proven = self._proven
-        if proven is not None and proven < refused:
-            rate = max(rate, min(proven, CUT_MAX * refused))
-        else:  # refused at (or below) the proven rate: that proof is void
-            self._proven = None
-        self._rate = max(self._floor, rate)
 
     def _pause_for(self, retry_after: float | None) -> float:
         streak, rand = self._streak, self._rand()
-        if retry_after is None and streak == 0:  # a first 429 without Retry-After: a couple of slots
-            return (PAUSE_SLOTS + rand) / self._rate
         pause = pause_after_429(
-            retry_after,
-            streak=max(0, streak - 1),
-            max_pause=self._max_pause,
-            rand=rand,
-            initial=self._pause_initial,
+            retry_after, streak=streak, max_pause=self._max_pause, rand=rand, initial=self._pause_initial
         )
         if retry_after is None:  # a guess: make it at least one slot of the new rate
             pause = max(pause, 1.0 / self._rate)
@@ -457,14 +359,6 @@ class PollBudget:
             f"<PollBudget rate={self.rate:.4g}/s rate_limited={self.rate_limited}"
             f" streak={self._streak} paused={paused:.3f}s>"
         )
-
-
-def _task() -> Task[object] | None:
-    """The calling asyncio task, None outside one (a simulation drives the pacer with no event loop)."""
-    try:
-        return current_task()
-    except RuntimeError:
-        return None
 
 
 def _check_positive(name: str, value: float) -> None:
