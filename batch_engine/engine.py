@@ -25,6 +25,7 @@ from batch_engine.crew import Crew, manifest_digest
 from batch_engine.errors import JournalError, OutputNotSaved, StagingRefused
 from batch_engine.ledger import Ledger
 from batch_engine.report.gallery_files import (
+    COPIES_GRACE,
     THUMBS_DIR,
     GalleryFiles,
     folder_listing,
@@ -480,7 +481,29 @@ class Engine:
                 send_done.close()
                 recv_done.close()
                 tg.start_soon(self._close_when_settled)
+            await self._let_copies_finish()
             outer.cancel_scope.cancel()
+
+    async def _let_copies_finish(self) -> None:
+        """A run that ended with no stop lets the page's input copies queued finish (they trail the submits:
+        a quick run ends before its last ones), for ``COPIES_GRACE`` seconds at most; any stop ends it."""
+        control, left = self._control, self._gallery.copies_left
+        if control.reason is not None or not left:
+            return
+        log.info("finishing %d input copies for the report's page (at most %.0f s)", left, COPIES_GRACE)
+        with anyio.move_on_after(COPIES_GRACE) as scope:
+            control.watch(scope)  # `stop_now`
+            async with anyio.create_task_group() as tg:
+
+                async def on_stop() -> None:
+                    await control.submitting_closed.wait()
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(on_stop)
+                await self._gallery.finish_copies()
+                tg.cancel_scope.cancel()
+        if left := self._gallery.copies_left:
+            log.info("%d input copies not made: the page links those inputs by URL", left)
 
     async def _crew_duties(self, stages: anyio.abc.TaskGroup) -> None:
         """A shared run's worker: renew the lease, take over dead workers' predictions, stop at once when

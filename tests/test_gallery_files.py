@@ -59,6 +59,37 @@ async def test_inputs_are_copied_before_the_run_ends(harness: Harness) -> None:
     assert max(sim.stats.input_times) < last_done
 
 
+async def test_a_quick_run_ends_after_the_input_copies_it_queued(harness: Harness) -> None:
+    """Predictions that finish at their first poll outrun the copiers (the image host is slow): the run
+    still ends with every card's input copied, so the page works offline (it used to link the last
+    inputs by URL)."""
+    sim = await harness.sim(inference_polls=1, input_delay=0.2)
+    items = [{**edit_item(sim, f"item-{k}"), "images": [sim.input_url(f"photo-{k}")]} for k in range(12)]
+
+    outcome = await harness.run(harness.manifest(items), sim, copy_inputs=True)
+
+    assert outcome.exit_code == 0
+    sources = [picture["src"] for item in page_items(outcome) for picture in item["inputs"]]
+    assert len(sources) == 12
+    assert all(src.startswith("inputs/") for src in sources), sources
+    assert len(list((outcome.out_dir / "inputs").iterdir())) == 12
+
+
+async def test_a_run_that_stops_does_not_wait_for_input_copies(harness: Harness) -> None:
+    """A run stopped early (the balance ran out) writes its reports without waiting for the copies still
+    queued: those inputs are linked by URL."""
+    sim = await harness.sim(inference_polls=1, input_delay=30.0, balance=3)
+    items = [{**edit_item(sim, f"item-{k}"), "images": [sim.input_url(f"photo-{k}")]} for k in range(6)]
+
+    outcome = await harness.run(harness.manifest(items), sim, copy_inputs=True)
+
+    assert outcome.report["stopped_reason"] == "balance"
+    assert outcome.report["counts"]["succeeded"] == 3
+    sources = [picture["src"] for item in page_items(outcome) for picture in item["inputs"]]
+    assert len(sources) == 6
+    assert not any(src.startswith("inputs/") for src in sources), sources
+
+
 async def test_an_input_that_cannot_be_copied_says_why_on_its_card(harness: Harness) -> None:
     """An input the host answers 404 for is linked by its URL, and its card says why it has no copy."""
     sim = await harness.sim()

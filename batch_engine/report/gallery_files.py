@@ -11,9 +11,13 @@ in flight, and a small thumbnail of each output and input that is big (so a page
 - saved outputs are collected, and a worker thread makes their thumbnails in one batch, then pauses
   ``THUMB_PAUSE`` seconds: one thread hop a batch, however many outputs a second a run saves. An output of at
   most ``THUMB_MIN_BYTES`` is shown as it is, decided from its size alone, so small outputs cost a stat;
-- the engine cancels the whole worker at the first stop and when the run's stages end: what is not done by
-  then is not done (the page shows the input from its URL and the full output instead; ``batch-engine
-  report`` makes the missing thumbnails).
+- when the run's stages end with no stop, the engine lets the copies already queued finish
+  (`finish_copies`, at most ``COPIES_GRACE`` seconds): the copiers trail the submits, and a quick run's
+  last hundred inputs would otherwise be shown only from their URLs, which a page opened offline (or after
+  the links expire) cannot load;
+- the engine cancels the whole worker at the first stop, and after that grace: what is not done by then is
+  not done (the page shows the input from its URL and the full output instead; ``batch-engine report``
+  makes the missing thumbnails).
 
 Thumbnails are WebP files in ``thumbs/``, named by content (an output's sha256) or by the input copy's
 name, so a thumbnail never outlives the picture it shows.
@@ -53,6 +57,7 @@ THUMB_PAUSE = 0.5  #: seconds between two batches of thumbnails
 THUMBS_WAITING = 10_000  #: thumbnails waiting for a batch at most; beyond, `batch-engine report` makes them
 MAX_INPUTS = 1000  #: distinct inputs copied per run at most; the page links the rest by URL
 COPIERS = 4  #: input copies at once
+COPIES_GRACE = 30.0  #: seconds a run that ended with no stop waits at most for the input copies queued
 WAITING = 1024  #: items remembered between being fed to the submit stage and being sent
 _EXTS = ("png", "jpg", "webp", "gif")
 
@@ -252,6 +257,8 @@ class GalleryFiles:
         self._discarding: list[str] = []  #: ... and those of the batch being made now
         self.not_copied: dict[str, str] = {}  #: input URL → why its copy failed in this run
         self._copied: set[str] = set()  #: input URLs copied in this run
+        self._queued = 0  #: input URLs queued for a copy and not done yet (being copied included)
+        self._copiers_done = anyio.Event()  #: set when every copier has ended (`finish_copies`)
         self.thumbs = 0  #: thumbnails made in this run
 
     def __repr__(self) -> str:
@@ -280,6 +287,21 @@ class GalleryFiles:
                 return
             self._send.send_nowait(url)
             self._claimed.add(url)
+            self._queued += 1
+
+    @property
+    def copies_left(self) -> int:
+        """Input copies queued and not done yet."""
+        return self._queued
+
+    async def finish_copies(self) -> None:
+        """Queue no more inputs, and return once the copies queued are done (`run` must be running; the
+        thumbnailer goes on). Cancel it to give up on the rest."""
+        send, self._send = self._send, None
+        if send is None:
+            return
+        send.close()  # the copiers end once the queue is empty
+        await self._copiers_done.wait()
 
     def not_copied_since(self, before: Mapping[str, str]) -> dict[str, str]:
         """``before`` (the out dir's inputs without a copy) brought up to date with this run's copies."""
@@ -314,23 +336,33 @@ class GalleryFiles:
         """Copy and make thumbnails until cancelled (the engine cancels at a stop and at the end)."""
         send, receive = anyio.create_memory_object_stream[str](MAX_INPUTS)
         self._send = send
+        copiers = self._copiers if self._copy_inputs else 0
+        running = [copiers]
         try:
             with send, receive:
                 async with anyio.create_task_group() as tg:
-                    for _ in range(self._copiers if self._copy_inputs else 0):
-                        tg.start_soon(self._copier, receive)
+                    for _ in range(copiers):
+                        tg.start_soon(self._copier, receive, running)
+                    if not copiers:
+                        self._copiers_done.set()
                     tg.start_soon(self._thumbnailer)
         finally:
             self._send = None
 
-    async def _copier(self, receive: MemoryObjectReceiveStream[str]) -> None:
+    async def _copier(self, receive: MemoryObjectReceiveStream[str], running: list[int]) -> None:
         async for url in receive:
-            why = await self._copy(url)
+            try:
+                why = await self._copy(url)
+            finally:
+                self._queued -= 1
             if why is None:
                 self._copied.add(url)
             else:
                 self.not_copied[url] = why
                 log.debug("input %s not copied: %s", url, why)
+        running[0] -= 1
+        if not running[0]:
+            self._copiers_done.set()
 
     async def _copy(self, url: str) -> str | None:
         """Fetch, check and write one input copy (its thumbnail is due then); None, or why it failed."""

@@ -86,6 +86,7 @@ class SimConfig:
     #: fetch every input URL before accepting a submit, as the real API does (and record what it got): a
     #: URL that answers other than 200 (an expired or unsigned link) is a 400 naming the image
     fetch_inputs: bool = False
+    input_delay: float = 0.0  #: seconds each of the simulator's own input images takes to serve (a slow host)
     refuse_transparent: bool = False  #: gpt-image-2 models refuse ``background: transparent`` (doubtful)
 
     def __post_init__(self) -> None:
@@ -93,6 +94,8 @@ class SimConfig:
             value = getattr(self, f.name)
             if f.name.startswith("p_") and not 0.0 <= value <= 1.0:
                 raise ValueError(f"SimConfig.{f.name} is a probability: 0..1, got {value}")
+        if not self.input_delay >= 0:
+            raise ValueError(f"SimConfig.input_delay must be 0 or more, got {self.input_delay}")
         for name in ("submit_rate", "poll_rate", "inference_median", "slow_seconds", "image_scale"):
             value = getattr(self, name)
             if value is not None and not (value > 0 or (name == "inference_median" and value == 0)):

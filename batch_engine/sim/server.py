@@ -665,6 +665,8 @@ class Simulator:
         name = request.match_info["name"]
         self.stats.inputs[name] = self.stats.inputs.get(name, 0) + 1
         self.stats.input_times.append(time.monotonic())
+        if self.config.input_delay:
+            await asyncio.sleep(self.config.input_delay)
         png = await self._renders.get((f"input:{name}", 0), partial(render_input, name))
         return web.Response(body=png, content_type="image/png")
 
