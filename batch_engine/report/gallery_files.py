@@ -54,6 +54,7 @@ THUMB_EDGE = 384  #: longest edge of a thumbnail, in pixels: a card shows output
 THUMB_MIN_BYTES = 16 * 1024  #: a picture of at most this many bytes is its own thumbnail
 THUMB_QUALITY = 75
 THUMB_PAUSE = 0.5  #: seconds between two batches of thumbnails
+THUMB_WAIT = 10.0  #: seconds a cancelled batch's thread is waited for at most (it ends after one picture)
 THUMBS_WAITING = 10_000  #: thumbnails waiting for a batch at most; beyond, `batch-engine report` makes them
 MAX_INPUTS = 1000  #: distinct inputs copied per run at most; the page links the rest by URL
 COPIERS = 4  #: input copies at once
@@ -387,14 +388,17 @@ class GalleryFiles:
             self._thumbs_ready = anyio.Event()
             batch, self._thumbs_due = self._thumbs_due, []
             self._discarding, self._discard_due = self._discard_due, []
-            stop = threading.Event()
+            stop, ended = threading.Event(), threading.Event()
             made: list[str] = []
             try:
                 self.thumbs += await anyio.to_thread.run_sync(
-                    make_thumbs, self._out_dir, batch, stop, made, abandon_on_cancel=True
+                    _make_thumbs_then, ended, self._out_dir, batch, stop, made, abandon_on_cancel=True
                 )
             finally:
-                stop.set()  # cancelled: the thread ends after the picture it is on
+                stop.set()  # cancelled: the thread ends after the picture it is on, and is waited for, so
+                if not ended.is_set():  # no thumbnail is written after the engine lists the folder
+                    with anyio.CancelScope(shield=True):
+                        await anyio.to_thread.run_sync(ended.wait, THUMB_WAIT)
             done, self._discarding = self._discarding, []
             await anyio.to_thread.run_sync(unlink_copies, self._out_dir, done)
             if self._publish is not None and made:
@@ -402,6 +406,16 @@ class GalleryFiles:
                 if self._discard:  # in the object store now, where the page finds them
                     await anyio.to_thread.run_sync(unlink_copies, self._out_dir, made)
             await anyio.sleep(self._pause)
+
+
+def _make_thumbs_then(
+    ended: threading.Event, out_dir: Path, jobs: list[tuple[str, str]], stop: threading.Event, made: list[str]
+) -> int:
+    """`make_thumbs`, then set ``ended``."""
+    try:
+        return make_thumbs(out_dir, jobs, stop, made)
+    finally:
+        ended.set()
 
 
 def unlink_copies(out_dir: Path, relpaths: Iterable[str]) -> None:
