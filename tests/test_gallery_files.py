@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from batch_engine.report.gallery_files import THUMB_EDGE, make_thumb
+from batch_engine.report.gallery_files import THUMB_EDGE, _ThumbBatch, make_thumb
 from batch_engine.sim.drawing import render_output
 from tests.helpers import Harness, Outcome, edit_item, fast_settings
 from tests.procs import run_engine
@@ -161,3 +161,22 @@ def test_a_big_picture_becomes_a_thumbnail_of_the_same_shape(tmp_path: Path) -> 
     assert make_thumb(tmp_path, "big.png", "thumbs/big.webp") is True
     with Image.open(tmp_path / "thumbs" / "big.webp") as image:
         assert image.size == (384, 256)
+
+
+def big_picture(path: Path) -> None:
+    buffer = io.BytesIO()
+    Image.effect_noise((1024, 1024), 64).convert("RGB").save(buffer, "PNG")
+    path.write_bytes(buffer.getvalue())
+
+
+def test_a_thumbnail_batch_stopped_before_its_thread_began_writes_nothing_and_is_not_waited_for(
+    tmp_path: Path,
+) -> None:
+    """The end of a run stops the batch in flight: one whose thread has not begun (anyio may never run it)
+    is not waited for (the end of every run waited 10 s for it) and writes nothing if it begins later."""
+    big_picture(tmp_path / "a.png")
+    batch = _ThumbBatch(tmp_path, [("a.png", "thumbs/a.webp")])
+    assert batch.stop() is False
+    assert batch.run() == 0
+    assert not (tmp_path / "thumbs").exists()
+

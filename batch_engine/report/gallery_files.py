@@ -388,17 +388,16 @@ class GalleryFiles:
             self._thumbs_ready = anyio.Event()
             batch, self._thumbs_due = self._thumbs_due, []
             self._discarding, self._discard_due = self._discard_due, []
-            stop, ended = threading.Event(), threading.Event()
-            made: list[str] = []
+            thumbs = _ThumbBatch(self._out_dir, batch)
             try:
-                self.thumbs += await anyio.to_thread.run_sync(
-                    _make_thumbs_then, ended, self._out_dir, batch, stop, made, abandon_on_cancel=True
-                )
+                self.thumbs += await anyio.to_thread.run_sync(thumbs.run, abandon_on_cancel=True)
             finally:
-                stop.set()  # cancelled: the thread ends after the picture it is on, and is waited for, so
-                if not ended.is_set():  # no thumbnail is written after the engine lists the folder
+                # Cancelled: the thread ends after the picture it is on, and is waited for, so that no
+                # thumbnail is written after the engine lists the folder.
+                if thumbs.stop():
                     with anyio.CancelScope(shield=True):
-                        await anyio.to_thread.run_sync(ended.wait, THUMB_WAIT)
+                        await anyio.to_thread.run_sync(thumbs.ended.wait, THUMB_WAIT)
+            made = thumbs.made
             done, self._discarding = self._discarding, []
             await anyio.to_thread.run_sync(unlink_copies, self._out_dir, done)
             if self._publish is not None and made:
@@ -408,14 +407,34 @@ class GalleryFiles:
             await anyio.sleep(self._pause)
 
 
-def _make_thumbs_then(
-    ended: threading.Event, out_dir: Path, jobs: list[tuple[str, str]], stop: threading.Event, made: list[str]
-) -> int:
-    """`make_thumbs`, then set ``ended``."""
-    try:
-        return make_thumbs(out_dir, jobs, stop, made)
-    finally:
-        ended.set()
+class _ThumbBatch:
+    """One batch of thumbnails for a worker thread (`run`), which the event loop can stop and wait for."""
+
+    def __init__(self, out_dir: Path, jobs: list[tuple[str, str]]) -> None:
+        self._out_dir, self._jobs = out_dir, jobs
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._started = False
+        self.ended = threading.Event()  #: set once `run` has returned, when it began at all
+        self.made: list[str] = []  #: the thumbnails written
+
+    def run(self) -> int:
+        """Make the thumbnails (in a worker thread); how many were written."""
+        with self._lock:
+            if self._stop.is_set():  # stopped before its thread took it (anyio may also skip it then)
+                return 0
+            self._started = True
+        try:
+            return make_thumbs(self._out_dir, self._jobs, self._stop, self.made)
+        finally:
+            self.ended.set()
+
+    def stop(self) -> bool:
+        """Stop the batch after the picture it is on; True when its thread is still at one (wait for
+        `ended`), False when it is over or will never begin."""
+        with self._lock:
+            self._stop.set()
+            return self._started and not self.ended.is_set()
 
 
 def unlink_copies(out_dir: Path, relpaths: Iterable[str]) -> None:
