@@ -20,8 +20,11 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
+# Two test processes by default (CI machines have 2 cores); TEST_WORKERS=0 runs them in this one.
+TEST_WORKERS ?= 2
+
 unit: $(STAMP)
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n $(TEST_WORKERS)
 
 test: lint typecheck unit
 
