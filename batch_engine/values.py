@@ -53,6 +53,9 @@ class ErrorKind(enum.StrEnum):
     INPUT = "input"  #: a local input file could not be read, or staged in the object store
 
 
+#: A limit held a run back only when its stages waited on it this share of the run's time, at least.
+HELD_BACK_MIN = 0.05
+
 @dataclass(frozen=True)
 class ItemError:
     """Why an item failed. ``status`` is the HTTP status when one was involved."""
@@ -260,11 +263,14 @@ class RunStats:
 
     @property
     def held_back(self) -> tuple[str, float] | None:
-        """The limit waited on most, with its share of all waiting; None when nothing waited."""
+        """The limit waited on most, with its share of all waiting; None when nothing waited for as long
+        as ``HELD_BACK_MIN`` of the run."""
         total = sum(self.waited.values())
         if total <= 0:
             return None
         kind = max(self.waited, key=lambda k: self.waited[k])
+        if self.waited[kind] < HELD_BACK_MIN * self.elapsed:
+            return None  # a few polls waiting their turn for a moment held nothing back
         return kind, self.waited[kind] / total
 
     @property

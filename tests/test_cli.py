@@ -288,6 +288,22 @@ async def test_run_simulate_exits_by_outcome_and_names_the_reports(tmp_path: Pat
 
 
 @pytest.mark.anyio
+async def test_a_run_no_limit_held_back_says_so(tmp_path: Path) -> None:
+    """One simulated item waits only for its prediction: the summary names no limit as holding it back
+    (it said "the poll budget" for its probe polls' moments of pacing, and a user would raise it)."""
+    manifest = tmp_path / "one.yaml"
+    manifest.write_text(yaml.safe_dump({"version": 1, "items": demo_items("sku-1001")}), encoding="utf-8")
+    out = tmp_path / "out"
+
+    run = await run_engine(["run", str(manifest), "--simulate", "--out", str(out)], env=engine_env(key=None))
+
+    assert run.code == 0, run.stderr
+    assert "held back by: none of the limits" in run.stdout
+    report = yaml.safe_load((out / "report.yaml").read_text(encoding="utf-8"))
+    assert report["run"]["held_back_by"] is None
+
+
+@pytest.mark.anyio
 @pytest.mark.slow
 async def test_the_key_never_reaches_the_terminal_or_the_out_dir(tmp_path: Path) -> None:
     """At -v, with failures and retried downloads, the API key appears in no output line and no file."""

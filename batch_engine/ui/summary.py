@@ -88,6 +88,8 @@ def _limit_lines(stats: RunStats) -> list[str]:
     if held is not None:
         kind, share = held
         lines.append(f"  held back by: {WAIT_NAMES.get(kind, kind)}, {share:.0%} of the time waited")
+    else:
+        lines.append("  held back by: none of the limits (the predictions' own time)")
     return lines
 
 
