@@ -195,17 +195,19 @@ class Crew:
             await self.changed.wait()
         self.changed = anyio.Event()
 
-    async def leave(self, stats: dict[str, Any]) -> dict[str, Any] | None:
-        """Give back what this worker holds and leave; returns the run's figures (every worker's added up)
-        when this was the last worker alive (it writes the reports), else None."""
+    @contextlib.asynccontextmanager
+    async def leaving(self, stats: dict[str, Any]) -> AsyncIterator[dict[str, Any] | None]:
+        """Give back what this worker holds and leave; yields the run's figures (every worker's added up)
+        when this was the last worker alive, else None. The last one writes the reports inside the block,
+        which holds the run's lock: a worker starting the next round (it deletes the out dir's half-written
+        files, and the reports' are among them) waits for the block to end."""
         journal = self.journal
         released = await journal.release()
         if released:
             log.info("gave back %d item(s) this worker held, for the workers still alive", released)
-        everyone = await journal.leave(stats)
-        if not everyone:
-            return None
-        return combine(everyone, stats)
+        async with _run_lock(journal):
+            everyone = await journal.leave(stats)
+            yield combine(everyone, stats) if everyone else None
 
 
 def _died_here(worker: Worker) -> bool:
@@ -278,7 +280,7 @@ async def _run_lock(journal: PostgresJournal) -> AsyncIterator[None]:
         waited = 0.0
         while not conn.execute("SELECT pg_try_advisory_lock(hashtext(%s))", (key,)).fetchone()[0]:
             if waited % LOCK_WAIT_LOG < 0.25:
-                log.info("waiting for another worker to finish syncing run %r ...", journal.run)
+                log.info("waiting for another worker to sync run %r or write its reports ...", journal.run)
             await anyio.sleep(0.25)
             waited += 0.25
         try:

@@ -332,13 +332,16 @@ class Engine:
                 runs=[*meta.runs[:-1], run_entry(self._started, now, done)],
             )
             if self._crew is not None:
-                combined = await self._crew.leave(self._worker_figures(stats))
-                if combined is None:
-                    log.info("the other workers are still at work: the last to finish writes the reports")
-                    return stats, {}
-                finished = self._combined(finished, combined)
-                # The last worker alive: nobody writes into the out dir now, so nothing half-written stays.
-                await anyio.to_thread.run_sync(_remove_leftovers, self._options.out_dir)
+                async with self._crew.leaving(self._worker_figures(stats)) as combined:
+                    if combined is None:
+                        log.info("the other workers are still at work: the last to finish writes the reports")
+                        return stats, {}
+                    finished = self._combined(finished, combined)
+                    # The last worker alive, and no next round starts before this block ends: nobody
+                    # writes into the out dir now, so nothing half-written stays.
+                    await anyio.to_thread.run_sync(_remove_leftovers, self._options.out_dir)
+                    await self._journal.set_meta(finished)
+                    return stats, await self._write_reports(finished)
             await self._journal.set_meta(finished)
             return stats, await self._write_reports(finished)
         except (JournalError, OSError):

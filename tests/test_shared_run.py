@@ -7,15 +7,20 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import random
 import signal
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
+from batch_engine.crew import Crew
 from batch_engine.sim import Simulator
+from batch_engine.store.postgres import PostgresJournal
 from tests.backends import Backend
 from tests.procs import (
     EngineProcess,
@@ -237,7 +242,8 @@ async def test_four_workers_two_killed_at_random_moments_lose_nothing_pay_once_a
                 assert await victim.wait() == KILLED
             async with engine(args) as a2, engine(args) as b2:
                 codes = [await proc.wait() for proc in (c, d, a2, b2)]
-        assert all(code == EXIT_OK for code in codes), codes
+                said = [proc.stderr[-2000:] for proc, code in zip((c, d, a2, b2), codes, strict=True) if code]
+        assert all(code == EXIT_OK for code in codes), (codes, said)
         report = check_out_dir(out, specs, sim)
         assert set(states(report).values()) == {"succeeded"}
         assert sim.stats.rate_limited_submits <= 0.1 * sim.stats.submit_requests
@@ -260,3 +266,32 @@ async def test_an_exported_journal_url_does_not_hide_a_local_out_dir_from_status
     status = await run_engine(["status", str(out), "--json"], env=env)
     assert status.code == EXIT_OK, status.stderr
     assert json.loads(status.stdout)["counts"]["succeeded"] == 3
+
+
+
+async def test_the_next_round_waits_for_the_last_worker_to_write_its_reports(
+    tmp_path: Path, shared: Backend, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The last worker of a round writes the reports holding the run's lock: a worker starting the next
+    round (which deletes the out dir's half-written files) enters only once that is done. It used to enter
+    at once, delete the half-written report.yaml, and the last worker stopped as if the disk were full."""
+    caplog.set_level(logging.INFO, logger="batch_engine.crew")
+    first, second = await shared.open(tmp_path / "out"), await shared.open(tmp_path / "out")
+    assert isinstance(first, PostgresJournal)
+    assert isinstance(second, PostgresJournal)
+    async with first, second:
+        last, following = Crew(first, resubmit_ambiguous=True), Crew(second, resubmit_ambiguous=True)
+        async with last.entering("digest", fresh=False) as starting:
+            assert starting
+        order: list[str] = []
+
+        async def next_round() -> None:
+            async with following.entering("digest", fresh=False) as starting:
+                order.append(f"next round entered, starting={starting}")
+
+        async with anyio.create_task_group() as tg, last.leaving({"started_at": time.time()}) as combined:
+            assert combined is not None  # the last worker alive: it writes the reports in this block
+            tg.start_soon(next_round)
+            await wait_until(lambda: "write its reports" in caplog.text, what="the next worker waiting")
+            order.append("reports written")
+        assert order == ["reports written", "next round entered, starting=True"]
