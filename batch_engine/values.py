@@ -56,6 +56,7 @@ class ErrorKind(enum.StrEnum):
 #: A limit held a run back only when its stages waited on it this share of the run's time, at least.
 HELD_BACK_MIN = 0.05
 
+
 @dataclass(frozen=True)
 class ItemError:
     """Why an item failed. ``status`` is the HTTP status when one was involved."""
