@@ -674,12 +674,16 @@ class Engine:
         )
 
     def _submitter(self) -> Submitter:
-        queue = self._queue
+        queue, ctx = self._queue, self._context()
+
+        def track(tracked: Tracked) -> None:
+            queue.track(tracked, now=ctx.monotonic(), age=ctx.clock() - tracked.submitted_at)
+
         return Submitter(
-            self._context(),
+            ctx,
             pacer=self._pacer,
             plan=self._plan,
-            track=lambda tracked: queue.track(tracked, now=time.monotonic()),
+            track=track,
             sample=self._planner.observe_sync,
         )
 

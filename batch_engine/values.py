@@ -324,6 +324,7 @@ class Tracked:
     polls: int = 0  #: polls answered "not done yet"
     errors: int = 0  #: consecutive polls that failed (5xx, network)
     running_at: float = 0.0  #: seconds after submit of the last poll that found it unfinished
+    probe: bool = False  #: one of the poll planner's probes: polled early, at doubling times
     slot: Slot = field(kw_only=True, compare=False)
 
 

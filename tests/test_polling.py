@@ -159,3 +159,28 @@ async def test_a_rehearsal_with_no_poll_flags_does_not_wait_for_the_real_models_
         counts = sim.stats.poll_counts
         assert len(counts) == 3
         assert all(1 <= polls <= 3 for polls in counts.values()), counts
+
+
+@pytest.mark.anyio
+@pytest.mark.timeout(60)
+async def test_a_first_wave_against_the_simulator_is_polled_on_what_the_probes_learn(tmp_path: Path) -> None:
+    """40 predictions in flight at once against the simulator (~0.2 s each), no poll flags, the real
+    model's 60 s prior: the first wave is all submitted before anything finished, yet every prediction is
+    found done within a few polls (the probes' early polls, the running ones counted in the fit), none
+    waits for the prior, and the run spends about 3 polls per prediction."""
+    async with Simulator(SimConfig(image_scale=0.05, seed=11)) as sim:
+        manifest = write_manifest(tmp_path / "job.yaml", items(80), sim=sim)
+        out = tmp_path / "out"
+        argv = [
+            "run", str(manifest), "--out", str(out), "--base-url", sim.base_url, "--progress", "plain",
+            "--rate", "200", "--max-in-flight", "40", "--poll-rate", "2000",
+        ]  # fmt: skip
+
+        run = await run_engine(argv, env=engine_env())
+
+        assert run.code == 0, run.stderr
+        assert "80 succeeded" in run.stdout
+        counts = sim.stats.poll_counts
+        assert len(counts) == 80
+        assert sum(counts.values()) / len(counts) <= 3.5, counts
+        assert max(counts.values()) <= 12, counts  # a probe polled from 60 s / 64 on, doubling, at most

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 
 import anyio
 from anyio.abc import ObjectSendStream
@@ -38,34 +37,34 @@ class PollQueue:
     schedule as soon as there is one.
     """
 
-    __slots__ = ("due", "planner", "probes")
+    __slots__ = ("due", "planner")
 
     def __init__(self, planner: PollPlanner, due: DueQueue[Tracked]) -> None:
         self.planner = planner
         self.due = due
-        self.probes: set[str] = set()  #: prediction ids polled early and geometrically (the planner's probes)
 
-    def track(self, tracked: Tracked, *, now: float) -> None:
-        """A prediction just accepted: woken when the planner wants to look at it first."""
-        probe = self.planner.track()
-        if probe:
-            self.probes.add(tracked.prediction_id)
-        # its age counts from the submit, not from now: recording the submit in the journal takes a while
-        age = max(0.0, time.time() - tracked.submitted_at)
-        wait = self.planner.wake_in(age=age, polls=0, running_at=0.0, probe=probe)
+    def track(self, tracked: Tracked, *, now: float, age: float) -> None:
+        """A prediction just accepted ``age`` seconds ago (its submit, on the stage context's clock:
+        recording it in the journal takes a while): woken when the planner wants to look at it first;
+        ``now`` is the due queue's clock."""
+        if self.planner.track():
+            tracked = dataclasses.replace(tracked, probe=True)
+        age = max(0.0, age)
+        wait = self.planner.wake_in(age=age, polls=0, running_at=0.0, probe=tracked.probe)
         self.due.push(tracked, now + wait)
 
     def wait(self, tracked: Tracked, *, age: float) -> float:
         """Seconds until this prediction's next look; 0.0: poll it now."""
-        probe = tracked.prediction_id in self.probes
-        return self.planner.wake_in(age=age, polls=tracked.polls, running_at=tracked.running_at, probe=probe)
+        return self.planner.wake_in(
+            age=age, polls=tracked.polls, running_at=tracked.running_at, probe=tracked.probe
+        )
 
     def later(self, tracked: Tracked, *, now: float, delay: float) -> None:
         self.due.push(tracked, now + delay)
 
     def forget(self, tracked: Tracked) -> None:
-        """The prediction is resolved: it no longer counts as a probe."""
-        self.probes.discard(tracked.prediction_id)
+        """The prediction is resolved (or given up): the planner no longer counts it as running."""
+        self.planner.resolved(tracked.prediction_id)
 
 
 class Poller:
@@ -135,6 +134,7 @@ class Poller:
         if where is Phase.PENDING:
             polls = tracked.polls + 1
             seen = dataclasses.replace(tracked, polls=polls, errors=0, running_at=age)
+            self._queue.planner.running(tracked.prediction_id, age)
             await self._again(seen, self._queue.wait(seen, age=age))
             return
         if where is Phase.FAILED:
@@ -142,7 +142,9 @@ class Poller:
             await self._fail(tracked, ItemError(ErrorKind.INFERENCE_FAILED, message))
             return
         # Done somewhere between the last "still running" answer and now: the planner needs both ends.
-        self._queue.planner.observe(age, not_done_at=tracked.running_at, polls=tracked.polls + 1)
+        self._queue.planner.observe(
+            age, not_done_at=tracked.running_at, polls=tracked.polls + 1, key=tracked.prediction_id
+        )
         self._queue.forget(tracked)
         tracked.slot.resolve()
         await done.send(Resolved(tracked.item_id, prediction))

@@ -12,7 +12,15 @@ Three sources of completion times:
 - **completions**, interval-censored: a prediction seen done at age ``hi`` and last seen running at age
   ``lo`` finished somewhere in ``(lo, hi]``. A quantile of the ``hi`` alone only ratchets up (whenever the
   first poll grows, every early finisher reports that later time), so the fit uses the intervals;
-- **sync answers**: a submit that comes back already finished is an (almost exact) free sample.
+- **sync answers**: a submit that comes back already finished is an (almost exact) free sample;
+- **the running ones**, right-censored, while the run is young (``CENSORED_UNTIL`` completions): a
+  prediction last seen running at age ``a`` finishes after ``a``. Without them the first completions
+  (the quickest predictions) say the model is faster than it is, the first schedules are too dense, and
+  the predictions after them are starved to pay the polls back.
+
+Before any prediction finished, a prediction that is not a probe is not polled at an age the probes
+were already seen running at (`PollPlanner._blind`): with a prior far too low, the first wave would
+otherwise spend a poll at every doubling.
 
 The fit is a lognormal by maximum likelihood over the censoring intervals (EM on the log times: each
 interval's conditional mean and variance under the current fit, then the moments). Completion times
@@ -28,19 +36,25 @@ from __future__ import annotations
 import functools
 import math
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from statistics import NormalDist
 
 DEFAULT_GROWTH = 1.5  #: the cadence after a user's first poll (--poll-after): interval * growth**k, capped
-DEFAULT_BUDGET = 2.8  #: target polls per prediction over the run (probes and the first wave included)
-PROBES = 4  #: predictions polled at geometric times from a small start, before anything is learned
+DEFAULT_BUDGET = 2.7  #: target polls per prediction over the run (probes and the first wave included)
+BUDGET_GAIN = 1.5  #: how hard the schedule makes up for polls spent over the budget (see `budget_now`)
+BUDGET_AFTER = 64  #: completions before `budget_now` looks at what was spent (the first are probes, quick)
+PROBES = 8  #: predictions polled at geometric times from a small start, before anything is learned
 PROBE_DIVISOR = 64.0  #: the probes start at the prior / this
 PROBE_GROWTH = 2.0  #: each probe poll comes this many times later than the last
 BLIND_GROWTH = 2.0  #: before learning, a prediction still running at its prior is polled at ages x this
+HOLD_LIMIT = 16.0  #: before learning, a prediction is held back (see `_blind`) up to this times the prior
 WAKE_GROWTH = 1.25  #: a waiting prediction is woken (no request) at least this often, in age ratio
 MIN_LEARNED = 3  #: completions before the fit replaces the prior
 WINDOW = 512  #: the completions the fit remembers (the newest)
 REFIT_EVERY = 8  #: past 4 * this many completions, the fit is redone every this many
+CENSORED_UNTIL = 64  #: completions until which predictions still running count in the fit (right-censored)
+CENSORED_BINS = 32  #: the running ones enter the fit as this many weighted ages at most (the fit stays cheap)
 _SIGMA_MIN, _SIGMA_MAX = 0.1, 1.5  #: the fitted spread (log seconds) is kept within these
 _SIGMA_FEW = 0.5  #: with few completions the spread is taken at least this (a narrow fit of 3 is luck)
 _TINY = 1e-3  #: seconds: the smallest time anything is planned at
@@ -77,6 +91,8 @@ class PollPlanner:
         "_interval_max",
         "_intervals",
         "_prior",
+        "_running",
+        "_running_max",
         "_since_fit",
         "_spent",
         "_spent_count",
@@ -118,6 +134,9 @@ class PollPlanner:
         self._spent = 0  #: polls the observed predictions took, all told
         self._spent_count = 0  #: predictions whose polls were told
         self._tracked = 0
+        #: prediction id -> age it was last seen running at, while the fit still counts the running ones
+        self._running: dict[str, float] = {}
+        self._running_max = 0.0  #: the oldest age any prediction was seen running at
         self.observed = 0
 
     # --- what the poll stage asks -------------------------------------------------------------------
@@ -133,15 +152,15 @@ class PollPlanner:
         ``polls``: polls so far that found it running; ``running_at``: the age of the last of them.
         """
         if polls == 0:
-            return self._first(probe)
+            return self._blind(self._first(probe), probe)
         if self._fixed_steps or (self._fixed_first is not None and self._fit is None):
             return running_at + self.next_delay(polls)
         if self._fit is None:
             growth = PROBE_GROWTH if probe else BLIND_GROWTH
-            return max(running_at * growth, running_at + _TINY)
+            return self._blind(max(running_at * growth, running_at + _TINY), probe)
         first, step = self._learned_schedule()
-        if running_at < first:
-            return first
+        if running_at < first:  # (a poll just before a first poll that has since moved a little later:
+            return max(first, running_at + 0.5 * step)  # not polled again at once)
         # the small slack: a poll made at first + k * step (rounded) must count as poll k, not k - 1
         k = math.floor((running_at - first) / step + 1e-6) + 1
         return max(first + k * step, running_at + 0.5 * step)
@@ -154,11 +173,12 @@ class PollPlanner:
         move to the learned schedule soon after it exists. Once learned, it is woken when its poll is due.
         """
         due = self.next_poll(polls=polls, running_at=running_at, probe=probe)
-        if due <= age:
+        if due - age <= 1e-6:  # due (a microsecond short of it is no reason to look again)
             return 0.0
-        if self._fit is not None:  # learned: the schedule moves little from here on
+        if self._fit is not None and self.observed >= 4 * REFIT_EVERY:  # the schedule moves little now
             return due - age
-        return min(due - age, max(age * (WAKE_GROWTH - 1.0), self._prior / PROBE_DIVISOR))
+        scale = self._prior if self._fit is None else math.exp(self._fit[0])
+        return min(due - age, max(age * (WAKE_GROWTH - 1.0), scale / PROBE_DIVISOR))
 
     def next_delay(self, polls_done: int) -> float:
         """The user's cadence: seconds after poll ``polls_done`` (1-based): interval * growth**k, capped."""
@@ -170,14 +190,34 @@ class PollPlanner:
 
     # --- what the poll and submit stages tell -------------------------------------------------------
 
-    def observe(self, duration: float, *, not_done_at: float | None = None, polls: int | None = None) -> None:
-        """A prediction seen done at age ``duration``, last seen running at age ``not_done_at`` (0.0 or
-        None: its first poll found it done), after ``polls`` polls (counted against the budget)."""
+    def observe(
+        self,
+        duration: float,
+        *,
+        not_done_at: float | None = None,
+        polls: int | None = None,
+        key: str | None = None,
+    ) -> None:
+        """A prediction (``key``, if it was told as `running`) seen done at age ``duration``, last seen
+        running at age ``not_done_at`` (0.0 or None: its first poll found it done), after ``polls`` polls
+        (counted against the budget)."""
+        if key is not None:
+            self._running.pop(key, None)
         if polls is not None:
             self._spent += polls
             self._spent_count += 1
         lo = 0.0 if not_done_at is None else max(0.0, min(not_done_at, duration))
         self._add(lo, max(duration, _TINY))
+
+    def running(self, key: str, age: float) -> None:
+        """Prediction ``key`` was seen running at age ``age`` (a poll that found it unfinished)."""
+        if self.observed < CENSORED_UNTIL and self._fixed_first is None:
+            self._running[key] = age
+        self._running_max = max(self._running_max, age)
+
+    def resolved(self, key: str) -> None:
+        """Prediction ``key`` is no longer running (done, failed or given up): tell it after `observe`."""
+        self._running.pop(key, None)
 
     def observe_sync(self, duration: float) -> None:
         """A submit answered already finished after ``duration`` seconds: a free, almost exact sample."""
@@ -211,17 +251,29 @@ class PollPlanner:
     def budget_now(self) -> float:
         """Polls per prediction the schedule may spend now, so the run's mean lands on the budget.
 
-        The probes, the first wave planned on the prior and polls made late (a busy loop) spend more or
-        less than planned; the schedule for new predictions makes up for it (a ratio, rounded so the
-        schedule cache stays small).
+        The probes, the first wave and a fit a little off (a schedule's cost hangs on the tail: a spread
+        of 0.38 fitted for a true 0.4 costs 0.2 polls more than planned) spend more than planned; the
+        schedule for new predictions makes up for it, ``BUDGET_GAIN`` times the excess, never below 0.8
+        of the budget. Never above it: the predictions that finished first are the quick ones, so their
+        mean understates what the run spends. Rounded, so the schedule cache stays small.
         """
-        if self._spent_count < 10:
+        if self._spent_count < BUDGET_AFTER:
             return self._budget
-        mean = self._spent / self._spent_count
-        ratio = min(max(self._budget / mean, 0.6), 1.4)
-        return round(self._budget * ratio * 20) / 20
+        excess = self._spent / self._spent_count - self._budget
+        now = min(max(self._budget - BUDGET_GAIN * excess, 0.8 * self._budget), self._budget)
+        return round(now * 20) / 20
 
     # --- inside -------------------------------------------------------------------------------------
+
+    def _blind(self, due: float, probe: bool) -> float:
+        """Before any prediction finished, one that is not a probe is not polled at an age some prediction
+        was already seen running at (it would most likely find it running too): it waits for the probes,
+        up to ``HOLD_LIMIT`` times the prior (a prior far too low must not cost every prediction of the
+        first wave a poll at each doubling)."""
+        if probe or self.observed or self._fit is not None or self._fixed_first is not None:
+            return due
+        held = min(self._running_max * BLIND_GROWTH, self._prior * HOLD_LIMIT)
+        return max(due, held)
 
     def _first(self, probe: bool) -> float:
         if self._fixed_first is not None:
@@ -245,8 +297,29 @@ class PollPlanner:
         if self.observed < MIN_LEARNED:
             return
         if self.observed <= 4 * REFIT_EVERY or self._since_fit >= REFIT_EVERY:
-            self._fit = fit_lognormal(list(self._intervals), few=self.observed < 4 * REFIT_EVERY)
+            self._fit = fit_lognormal(
+                list(self._intervals),
+                few=self.observed < 4 * REFIT_EVERY,
+                censored=self._censored(),
+                start=self._fit,
+            )
             self._since_fit = 0
+        if self.observed >= CENSORED_UNTIL:
+            self._running.clear()  # enough completions: the window of completions alone is unbiased
+
+    def _censored(self) -> list[tuple[float, float]]:
+        """The predictions still running, as at most ``CENSORED_BINS`` (age, weight): each bin of ages in
+        order at its youngest age (what is known of all of them), weighted by how many it holds."""
+        ages = sorted(age for age in self._running.values() if age > 0)
+        if len(ages) <= CENSORED_BINS:
+            return [(age, 1.0) for age in ages]
+        size = len(ages) / CENSORED_BINS
+        bins = []
+        for i in range(CENSORED_BINS):
+            lo, hi = round(i * size), round((i + 1) * size)
+            if hi > lo:
+                bins.append((ages[lo], float(hi - lo)))
+        return bins
 
     def __repr__(self) -> str:
         fit = "prior"
@@ -255,22 +328,40 @@ class PollPlanner:
         return f"<PollPlanner first={self.first_delay():.3g}s {fit} observed={self.observed}>"
 
 
-def fit_lognormal(intervals: list[tuple[float, float]], *, few: bool = False) -> tuple[float, float]:
+def fit_lognormal(
+    intervals: list[tuple[float, float]],
+    *,
+    few: bool = False,
+    censored: Sequence[tuple[float, float]] = (),
+    start: tuple[float, float] | None = None,
+) -> tuple[float, float]:
     """(mu, sigma) of log seconds, by EM over interval-censored completions ``(lo, hi]`` (lo 0: before
-    the first poll)."""
+    the first poll) and right-censored predictions still running: ``censored`` holds ``(age, weight)``,
+    a prediction last seen running at ``age`` (``weight`` of them). Without the running ones, the first
+    completions of a run are its fastest predictions and the fit says the model is quicker than it is.
+    ``start``: an earlier fit to start from (fewer iterations)."""
     bounds = [(math.log(lo) if lo > 0 else -math.inf, math.log(hi)) for lo, hi in intervals]
-    mids = [(a + b) / 2 if math.isfinite(a) else b for a, b in bounds]
-    mu = sum(mids) / len(mids)
-    var = sum((m - mu) ** 2 for m in mids) / len(mids)
-    sigma = min(max(math.sqrt(var), _SIGMA_FEW), _SIGMA_MAX)
-    for _ in range(40):
+    weights = [1.0] * len(bounds)
+    for age, weight in censored:
+        if age > 0 and weight > 0:
+            bounds.append((math.log(age), math.inf))
+            weights.append(weight)
+    total = sum(weights)
+    if start is not None:
+        mu, sigma = start
+    else:
+        mids = [(a + b) / 2 if math.isfinite(a) else b for a, b in bounds[: len(intervals)]]
+        mu = sum(mids) / len(mids)
+        var = sum((m - mu) ** 2 for m in mids) / len(mids)
+        sigma = min(max(math.sqrt(var), _SIGMA_FEW), _SIGMA_MAX)
+    for _ in range(60):
         first = second = 0.0
-        for a, b in bounds:
+        for (a, b), w in zip(bounds, weights, strict=True):
             m, v = _truncated_moments(mu, sigma, a, b)
-            first += m
-            second += v + m * m
-        new_mu = first / len(bounds)
-        new_sigma = math.sqrt(max(second / len(bounds) - new_mu * new_mu, 0.0))
+            first += w * m
+            second += w * (v + m * m)
+        new_mu = first / total
+        new_sigma = math.sqrt(max(second / total - new_mu * new_mu, 0.0))
         new_sigma = min(max(new_sigma, _SIGMA_MIN), _SIGMA_MAX)
         done = abs(new_mu - mu) < 1e-4 and abs(new_sigma - sigma) < 1e-4
         mu, sigma = new_mu, new_sigma
@@ -280,17 +371,21 @@ def fit_lognormal(intervals: list[tuple[float, float]], *, few: bool = False) ->
 
 
 def _truncated_moments(mu: float, sigma: float, a: float, b: float) -> tuple[float, float]:
-    """Mean and variance of N(mu, sigma) restricted to (a, b]."""
+    """Mean and variance of N(mu, sigma) restricted to (a, b] (a may be -inf, b +inf)."""
     alpha = (a - mu) / sigma if math.isfinite(a) else -math.inf
-    beta = (b - mu) / sigma
-    mass = _NORMAL.cdf(beta) - (_NORMAL.cdf(alpha) if math.isfinite(alpha) else 0.0)
+    beta = (b - mu) / sigma if math.isfinite(b) else math.inf
+    low = _NORMAL.cdf(alpha) if math.isfinite(alpha) else 0.0
+    high = _NORMAL.cdf(beta) if math.isfinite(beta) else 1.0
+    mass = high - low
     if mass < 1e-12:  # the fit puts no weight there: take the nearer end
+        if not math.isfinite(b):
+            return a, 0.0
         x = b if beta < 0 else (a if math.isfinite(a) else b)
         return x, 0.0
     pa = _NORMAL.pdf(alpha) if math.isfinite(alpha) else 0.0
-    pb = _NORMAL.pdf(beta)
+    pb = _NORMAL.pdf(beta) if math.isfinite(beta) else 0.0
     shift = (pa - pb) / mass
-    tail = ((alpha * pa) if math.isfinite(alpha) else 0.0) - beta * pb
+    tail = (alpha * pa if math.isfinite(alpha) else 0.0) - (beta * pb if math.isfinite(beta) else 0.0)
     var = sigma * sigma * max(1.0 + tail / mass - shift * shift, 0.0)
     return mu + sigma * shift, var
 
@@ -328,10 +423,11 @@ def _score(plan: Schedule) -> float:
 
 
 def _smallest_step(sigma: float, first: float, budget: float) -> float | None:
+    """The least step whose mean polls stay within ``budget`` (to 0.1%: a bisection in logs)."""
     lo, hi = 1e-3, 10.0
     if mean_polls(sigma, first, hi) > budget:
         return None
-    for _ in range(30):
+    while hi / lo > 1.001:
         mid = math.sqrt(lo * hi)
         if mean_polls(sigma, first, mid) > budget:
             lo = mid
@@ -344,9 +440,11 @@ def mean_polls(sigma: float, first: float, step: float) -> float:
     """Polls per prediction of ``first, first + step, ...`` for a lognormal (median 1, spread sigma):
     one, plus one for every poll time it is still running at."""
     total, k = 1.0, 0
+    scale = 1.0 / (sigma * math.sqrt(2.0))
+    log, erfc = math.log, math.erfc
     while k < 100_000:
-        survive = 1.0 - _NORMAL.cdf(math.log(first + k * step) / sigma)
-        if survive < 1e-7:
+        survive = 0.5 * erfc(log(first + k * step) * scale)
+        if survive < 1e-6:
             break
         total += survive
         k += 1
