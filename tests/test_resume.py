@@ -232,6 +232,9 @@ async def _polling(sim: Simulator, proc: EngineProcess, out: Path) -> None:
         predictions = sim.stats.predictions.values()
         return sim.stats.accepted == GOOD and all(pred.polls >= 1 for pred in predictions)
 
+    # The refused item's answer recorded first, as in `_downloading`: killed while its submit is out, it
+    # would be an ambiguous submit, resent and marked a possible duplicate (this failed 1 run in many).
+    await proc.wait_for_line("content_policy")
     await wait_until(all_polled, what="every prediction polled", proc=proc)
 
 
