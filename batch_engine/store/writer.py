@@ -17,14 +17,14 @@ import queue
 import sqlite3
 import threading
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
 from batch_engine.errors import JournalError
 from batch_engine.store.dialect import SQLITE, Connection, Dialect, Tx
-from batch_engine.store.files import fsync_path
+from batch_engine.store.files import Durable, PendingOutput, fsync_path
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +45,8 @@ class _Job:
     #: run ``apply`` in a savepoint, so that a failure undoes its partial changes; a job of one
     #: statement needs none (SQLite undoes a failed statement by itself) and skips the cost
     savepoint: bool = True
-    durable: tuple[Path, ...] = ()  #: files to fsync (with their folders) before the commit
+    #: files to fsync (or `PendingOutput`s to write and fsync), with their folders, before the commit
+    durable: tuple[Durable, ...] = ()
 
 
 @dataclass(slots=True)
@@ -116,7 +117,7 @@ class Writer:
         apply: Callable[[Tx], _T],
         *,
         savepoint: bool = True,
-        durable: tuple[Path, ...] = (),
+        durable: tuple[Durable, ...] = (),
     ) -> _T:
         return cast(_T, await self._enqueue(apply, savepoint=savepoint, durable=durable))
 
@@ -131,7 +132,7 @@ class Writer:
         self._thread.join()  # already finishing: the stop job is the thread's last act
 
     def _enqueue(
-        self, apply: Apply | None, *, savepoint: bool = True, durable: tuple[Path, ...] = ()
+        self, apply: Apply | None, *, savepoint: bool = True, durable: tuple[Durable, ...] = ()
     ) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         job = _Job(apply, loop, loop.create_future(), savepoint, durable)
@@ -239,13 +240,15 @@ class Writer:
 
 
 def _make_durable(batch: list[_Job]) -> tuple[list[_Job], list[_Outcome]]:
-    """fsync the files the batch's jobs name, then each of their folders once, before the commit.
+    """Write (`PendingOutput`) or fsync the files the batch's jobs name, then fsync each of their folders
+    once, before the commit.
 
     Returns the jobs to apply and the outcomes of those left out: a job whose file (or folder) could
-    not be synced fails with that error (an OSError of its own), so no row ever records a file a
-    power loss could take back. Nothing raised here can stop the writer thread.
+    not be written or synced fails with that error (an OSError of its own: `OutputNotWritten` for a
+    write), so no row ever records a file a power loss could take back. Nothing raised here can stop
+    the writer thread.
 
-    The fsyncs of a batch are issued side by side (`_SYNC_THREADS`): the file system folds concurrent
+    The files of a batch are done side by side (`_SYNC_THREADS`): the file system folds concurrent
     syncs into one journal commit, where one after another each waits for a commit of its own (on this
     project's VM, 16 files took 60 ms one by one and 5 ms side by side). Every file is still synced, and
     every folder after its files, before the commit that records them.
@@ -253,15 +256,15 @@ def _make_durable(batch: list[_Job]) -> tuple[list[_Job], list[_Outcome]]:
     if not any(job.durable for job in batch):
         return batch, []
     failed: dict[int, Exception] = {}
-    files = [(job, path) for job in batch for path in job.durable]
-    for (job, _), error in zip(files, _sync_all([path for _, path in files], folder=False), strict=True):
+    files = [(job, entry) for job in batch for entry in job.durable]
+    for (job, _), error in zip(files, _sync_all([entry for _, entry in files]), strict=True):
         if error is not None:
             failed.setdefault(id(job), error)
     folders: dict[Path, list[_Job]] = {}
     for job in batch:
         if id(job) not in failed:
-            for path in job.durable:
-                folders.setdefault(path.parent, []).append(job)
+            for entry in job.durable:
+                folders.setdefault(_path(entry).parent, []).append(job)
     for jobs, error in zip(folders.values(), _sync_all(list(folders), folder=True), strict=True):
         if error is not None:
             for job in jobs:  # each caller gets an exception of its own: one raised in many tasks
@@ -272,22 +275,29 @@ def _make_durable(batch: list[_Job]) -> tuple[list[_Job], list[_Outcome]]:
     return kept, [_Outcome(job, error=failed[id(job)]) for job in batch if id(job) in failed]
 
 
-#: threads that fsync a batch's files side by side; made on the first batch of more than one file
+#: threads that write and fsync a batch's files side by side; made on the first batch of several files
 _SYNC_THREADS = 16
 _sync_pool: concurrent.futures.ThreadPoolExecutor | None = None
 _sync_pool_lock = threading.Lock()
 
 
-def _sync_all(paths: list[Path], *, folder: bool) -> list[Exception | None]:
-    """`fsync_path` each of ``paths`` (side by side when there are several); each one's error, or None."""
-    if len(paths) <= 1:
-        return [_sync_one(path, folder) for path in paths]
-    return list(_pool().map(_sync_one, paths, itertools.repeat(folder)))
+def _path(entry: Durable) -> Path:
+    return entry.path if isinstance(entry, PendingOutput) else entry
 
 
-def _sync_one(path: Path, folder: bool) -> Exception | None:
+def _sync_all(entries: Sequence[Durable], *, folder: bool = False) -> list[Exception | None]:
+    """Write or sync each of ``entries`` (side by side when there are several); each one's error, or None."""
+    if len(entries) <= 1:
+        return [_sync_one(entry, folder) for entry in entries]
+    return list(_pool().map(_sync_one, entries, itertools.repeat(folder)))
+
+
+def _sync_one(entry: Durable, folder: bool) -> Exception | None:
     try:
-        fsync_path(path, folder=folder)
+        if isinstance(entry, PendingOutput):
+            entry.write_synced()
+        else:
+            fsync_path(entry, folder=folder)
     except Exception as exc:
         return exc
     return None
