@@ -99,7 +99,7 @@ class RunOptions:
     sign_inputs: Signer = sign_get  #: presigns the URLs of staged input files (tests watch it)
     submit_workers: int = 64
     poll_workers: int = 32
-    download_workers: int = 64  #: with fsyncs side by side, more of them make bigger commit groups
+    download_workers: int = 16
     started_at: float | None = None  #: unix seconds the process started (the CLI's); None: now
     #: a PostgreSQL journal shared by every worker of the run (``--journal``); None: the out dir's SQLite
     journal_url: str | None = None

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Protocol, TextIO
 
 from batch_engine.report.entries import result_line
-from batch_engine.store.files import RESULTS_NAME, Durable
+from batch_engine.store.files import RESULTS_NAME
 from batch_engine.store.journal import Journal
 from batch_engine.timeline import Timeline
 from batch_engine.ui.progress import ProgressView
@@ -151,7 +151,7 @@ class Ledger:
         outputs: Sequence[OutputFile],
         inference_ms: int | None,
         *,
-        durable: Sequence[Durable] = (),
+        durable: Sequence[Path] = (),
         answered: bool = False,
     ) -> None:
         """Record a success; ``durable`` names output files the journal must fsync before its commit;

@@ -19,7 +19,7 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 
 from batch_engine.errors import JournalError
 from batch_engine.store import transitions
-from batch_engine.store.files import JOURNAL_NAME, TEMP_PREFIX, OutputNotWritten, PendingOutput
+from batch_engine.store.files import JOURNAL_NAME
 from batch_engine.store.journal import Journal, SyncResult
 from batch_engine.store.sql_journal import SqlJournal
 from batch_engine.store.sqlite import SqliteJournal
@@ -397,46 +397,6 @@ async def test_a_success_commits_only_once_its_output_files_are_synced(
     missing = journal.get("item-00007")
     assert missing is not None
     assert (missing.state, missing.prediction_id, missing.outputs) == (ItemState.SUBMITTED, "p-7", ())
-
-
-async def test_a_success_with_outputs_to_write_commits_once_they_are_written_whole(
-    journal: SqlJournal, tmp_path: Path
-) -> None:
-    """Outputs handed over unwritten (`PendingOutput`) are on disk, whole and without a temporary file
-    left, when their success commits; one that cannot be written (its folder is a file) gets an
-    OutputNotWritten naming its path, stays submitted, and takes none of the others with it."""
-    ids = ids_of(20)
-    await journal.sync_manifest(manifest_of(*ids))
-    (tmp_path / "blocked").write_bytes(b"not a folder")
-    for n, item_id in enumerate(ids):
-        await journal.mark_submitting(item_id)
-        await journal.mark_submitted(item_id, prediction_id=f"p-{n}", submitted_at=1.0)
-    errors: list[OutputNotWritten] = []
-
-    async def succeed(item_id: str) -> None:
-        folder = "blocked" if item_id == "item-00011" else "images"
-        relpath = f"{folder}/{item_id}-1.png"
-        output = OutputFile(path=relpath, sha256="0" * 64)
-        pending = PendingOutput(tmp_path, relpath, item_id.encode() * 100)
-        try:
-            await journal.mark_succeeded(
-                item_id, outputs=[output], completed_at=2.0, inference_ms=5, durable=[pending]
-            )
-        except OutputNotWritten as exc:
-            errors.append(exc)
-
-    async with anyio.create_task_group() as tg:
-        for item_id in ids:
-            tg.start_soon(succeed, item_id)
-    assert [exc.relpath for exc in errors] == ["blocked/item-00011-1.png"]
-    assert journal.counts()[ItemState.SUCCEEDED] == 19
-    blocked = journal.get("item-00011")
-    assert blocked is not None
-    assert (blocked.state, blocked.prediction_id, blocked.outputs) == (ItemState.SUBMITTED, "p-11", ())
-    for item_id in ids:
-        if item_id != "item-00011":
-            assert (tmp_path / "images" / f"{item_id}-1.png").read_bytes() == item_id.encode() * 100
-    assert not [name for name in os.listdir(tmp_path / "images") if name.startswith(TEMP_PREFIX)]
 
 
 async def test_a_bug_in_a_write_reaches_its_caller_and_the_writer_survives(journal: SqlJournal) -> None:

@@ -26,14 +26,7 @@ from batch_engine.errors import (
 )
 from batch_engine.images import check_complete, decode_b64_output, is_png
 from batch_engine.stages.context import StageContext
-from batch_engine.store.files import (
-    DEFAULT_OUTPUTS,
-    OutputNotWritten,
-    OutputTemplate,
-    PendingOutput,
-    checked_target,
-    write_atomic,
-)
+from batch_engine.store.files import DEFAULT_OUTPUTS, OutputTemplate, write_atomic
 from batch_engine.store.transitions import TransitionRefused
 from batch_engine.timing.backoff import clamp_retry_after
 from batch_engine.values import ErrorKind, ItemError, OutputFile, Prediction, Resolved
@@ -41,10 +34,10 @@ from batch_engine.values import ErrorKind, ItemError, OutputFile, Prediction, Re
 log = logging.getLogger(__name__)
 
 _DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO})
-#: PNG outputs up to this size are checked and hashed on the event loop: a worker-thread hop costs
-#: more than the work (a CRC walk in microseconds). Larger outputs, base64 ones and other formats (which
-#: are decoded in full, and a small file may hold a huge picture) go to a worker thread. The file itself
-#: is written by the journal's writer threads (`PendingOutput`), off the event loop.
+#: PNG outputs up to this size are checked and written on the event loop: a worker-thread hop costs
+#: more than the work (a CRC walk in microseconds, a write to the page cache). Larger outputs, base64
+#: ones and other formats (which are decoded in full, and a small file may hold a huge picture) go to
+#: a worker thread.
 INLINE_BYTES = 64 * 1024
 #: An output URL longer than this is no real one (and would be kept in four files): the output fails.
 MAX_URL_CHARS = 8192
@@ -122,7 +115,7 @@ class Sink:
         deadline = self._ctx.clock() + self._plan.timeout
         name = self._names(item.item_id)
         try:
-            saved = [
+            outputs = [
                 await self._save(prediction, k, deadline, name)
                 for k in range(self._kept(item.item_id, prediction))
             ]
@@ -130,24 +123,16 @@ class Sink:
             error = ItemError(ErrorKind.DOWNLOAD, str(exc))
             await self._ctx.ledger.fail(item.item_id, error, prediction_id=prediction_id)
             return
-        outputs = [output for output, _ in saved]
-        # In the out dir, the files are not written yet: the journal's writer writes and fsyncs them, in
-        # a group with other items' outputs, before the commit that records this success. In an object
-        # store, the success is recorded only once the objects are there (the local files, written
-        # already, are a work copy), which makes them durable: nothing to fsync.
-        pending = [file for _, file in saved if file is not None]
+        # The files are written but not yet fsynced: the journal's writer fsyncs them, in a group with
+        # other items' outputs, before the commit that records this success. In an object store, the
+        # success is recorded only once the objects are there, which makes them durable: nothing to fsync.
+        files = [self._out_dir / output.path for output in outputs]
         if self._plan.keep is not None:
             await self._plan.keep.put_outputs(self._out_dir, outputs)
-            pending = []
-        try:
-            await self._ctx.ledger.succeed(
-                item.item_id, outputs, prediction.inference_ms, durable=pending, answered=item.answered
-            )
-        except OutputNotWritten as exc:
-            if exc.errno in _DISK_ERRNOS:
-                raise  # a disk error stops the run; the item stays submitted
-            error = ItemError(ErrorKind.DOWNLOAD, f"cannot write {exc.relpath}: {exc.__cause__ or exc}")
-            await self._ctx.ledger.fail(item.item_id, error, prediction_id=prediction_id)
+            files = []
+        await self._ctx.ledger.succeed(
+            item.item_id, outputs, prediction.inference_ms, durable=files, answered=item.answered
+        )
 
     def _names(self, item_id: str) -> Callable[[int, str], str]:
         """Output number k (0-based) with extension ext → its path in the out dir, for this item."""
@@ -172,26 +157,22 @@ class Sink:
 
     async def _save(
         self, prediction: Prediction, k: int, deadline: float, name: Callable[[int, str], str]
-    ) -> tuple[OutputFile, PendingOutput | None]:
-        """Fetch (or decode) one output, verify it and hash it, and write it (into an object store's work
-        dir) or leave it to the journal's writer (`PendingOutput`); a bad download is fetched again,
-        within the attempts of the retry policy and the item's deadline."""
+    ) -> OutputFile:
+        """Fetch (or decode) one output, verify it and write it; a bad download is fetched again, within
+        the attempts of the retry policy and the item's deadline."""
         source = prediction.outputs[k]
         is_url = source.startswith(("http://", "https://"))
         if is_url and len(source) > MAX_URL_CHARS:
             raise OutputFailed(f"output {k + 1}'s URL is {len(source):,} characters long: no real URL is")
-        defer = self._plan.keep is None
         attempt = 0
         while True:
             attempt += 1
             try:
                 data = await self._fetch(source, is_url, deadline)
                 if isinstance(data, bytes) and len(data) <= INLINE_BYTES and is_png(data):
-                    relpath, digest, pending = _store(self._out_dir, name, k, data, defer)
+                    relpath, digest = _store(self._out_dir, name, k, data)
                 else:
-                    relpath, digest, pending = await anyio.to_thread.run_sync(
-                        _store, self._out_dir, name, k, data, defer
-                    )
+                    relpath, digest = await anyio.to_thread.run_sync(_store, self._out_dir, name, k, data)
                 break
             except ItemRejected as exc:
                 raise OutputFailed(exc.message) from exc
@@ -200,8 +181,7 @@ class Sink:
                     raise OutputFailed(f"a b64_json output is not a valid image: {exc}") from exc
                 await self._before_retry(attempt, exc, deadline, source)
         nsfw = prediction.nsfw[k] if k < len(prediction.nsfw) else None
-        output = OutputFile(path=relpath, sha256=digest, url=source if is_url else None, nsfw=nsfw)
-        return output, pending
+        return OutputFile(path=relpath, sha256=digest, url=source if is_url else None, nsfw=nsfw)
 
     async def _fetch(self, source: str, is_url: bool, deadline: float) -> bytes | str:
         if not is_url:
@@ -230,25 +210,18 @@ class Sink:
         return self._ctx.backoff(attempt)
 
 
-def _store(
-    out_dir: Path, name: Callable[[int, str], str], k: int, data: bytes | str, defer: bool
-) -> tuple[str, str, PendingOutput | None]:
-    """Decode, check and hash one output; with ``defer``, leave the write to the journal's writer (a
-    `PendingOutput`), else write it (atomically, not yet fsynced).
+def _store(out_dir: Path, name: Callable[[int, str], str], k: int, data: bytes | str) -> tuple[str, str]:
+    """Decode, check, write (atomically, not yet fsynced) and hash one output.
 
     ValueError: not a complete image (the caller fetches it again). OSError: a disk error, which stops
     the run; any other write error fails the item.
     """
     raw = decode_b64_output(data) if isinstance(data, str) else data
     relpath = name(k, check_complete(raw))
-    digest = hashlib.sha256(raw).hexdigest()
-    if defer:
-        checked_target(out_dir, relpath)
-        return relpath, digest, PendingOutput(out_dir, relpath, raw)
     try:
         write_atomic(out_dir, relpath, raw, durable=False)
     except OSError as exc:
         if exc.errno in _DISK_ERRNOS:
             raise
         raise OutputFailed(f"cannot write {relpath}: {exc}") from exc
-    return relpath, digest, None
+    return relpath, hashlib.sha256(raw).hexdigest()

@@ -112,68 +112,26 @@ def _meta_value(meta: Mapping[str, Any], name: str) -> str:
     return _UNSAFE.sub("_", text).strip(".")[:_MAX_STEM] or "_"
 
 
-def write_atomic(
-    out_dir: Path, relpath: str, data: bytes, *, durable: bool = True, sync_folder: bool = True
-) -> Path:
+def write_atomic(out_dir: Path, relpath: str, data: bytes, *, durable: bool = True) -> Path:
     """Write ``data`` to ``out_dir/relpath`` with `replace_atomically`; the folder is made when missing.
 
     ``durable=False`` leaves the fsync to the caller: the sink has the journal writer fsync a whole group
     of outputs (`fsync_path`) just before the commit that records them, which costs far less per file.
-    ``sync_folder=False`` syncs the file but not its folder (the caller syncs each folder once for a
-    group: `PendingOutput`). ``relpath`` must be relative and free of ``..`` (checked on the string:
-    resolving both paths per file cost more than the write itself in the benchmark).
+    ``relpath`` must be relative and free of ``..`` (checked on the string: resolving both paths per
+    file cost more than the write itself in the benchmark).
     """
-    target = checked_target(out_dir, relpath)
+    parts = PurePosixPath(relpath).parts
+    if not parts or relpath.startswith(("/", "\\")) or ".." in parts or "\\" in relpath:
+        raise ValueError(f"refusing to write outside the out dir: {relpath}")
+    target = out_dir / relpath
     try:
         created = _create_temp(target)
     except FileNotFoundError:  # the first file of its folder (a mkdir per file cost 50 µs for nothing)
         target.parent.mkdir(parents=True, exist_ok=True)
         created = _create_temp(target)
-    with _replace(target, created, binary=True, durable=durable, sync_folder=sync_folder) as stream:
+    with _replace(target, created, binary=True, durable=durable) as stream:
         stream.write(data)
     return target
-
-
-def checked_target(out_dir: Path, relpath: str) -> Path:
-    """``out_dir/relpath``; ValueError when ``relpath`` is absolute or climbs out with ``..``."""
-    parts = PurePosixPath(relpath).parts
-    if not parts or relpath.startswith(("/", "\\")) or ".." in parts or "\\" in relpath:
-        raise ValueError(f"refusing to write outside the out dir: {relpath}")
-    return out_dir / relpath
-
-
-class OutputNotWritten(OSError):
-    """A `PendingOutput` could not be written (not a failed sync): same errno, message and file name."""
-
-    relpath = ""  #: the output's path in the out dir
-
-
-@dataclass(frozen=True, slots=True)
-class PendingOutput:
-    """An output checked and hashed but not yet on disk: the journal's writer writes it (a temporary
-    file, fdatasync, rename) side by side with the rest of its group, syncs each folder once and only
-    then commits the success that records it. The event loop does no file work for it."""
-
-    out_dir: Path
-    relpath: str
-    data: bytes
-
-    @property
-    def path(self) -> Path:
-        return self.out_dir / self.relpath
-
-    def write_synced(self) -> None:
-        """Write and fdatasync the file (its folder is the caller's); OutputNotWritten if it cannot be."""
-        try:
-            write_atomic(self.out_dir, self.relpath, self.data, sync_folder=False)
-        except OSError as exc:
-            error = OutputNotWritten(exc.errno, exc.strerror, exc.filename)
-            error.relpath = self.relpath
-            raise error from exc
-
-
-#: what a write may name to be made durable before its commit: a file written already, or one to write
-Durable = Path | PendingOutput
 
 
 @overload
@@ -200,9 +158,7 @@ def replace_atomically(
 
 
 @contextmanager
-def _replace(
-    path: Path, created: tuple[int, Path], *, binary: bool, durable: bool, sync_folder: bool = True
-) -> Iterator[IO[Any]]:
+def _replace(path: Path, created: tuple[int, Path], *, binary: bool, durable: bool) -> Iterator[IO[Any]]:
     fd, temp = created
     try:
         with open(fd, "wb") if binary else open(fd, "w", encoding="utf-8", newline="\n") as stream:
@@ -214,7 +170,7 @@ def _replace(
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
-    if durable and sync_folder:
+    if durable:
         fsync_path(path.parent, folder=True)  # the rename itself must survive a power loss
 
 

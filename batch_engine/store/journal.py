@@ -14,9 +14,9 @@ import json
 import logging
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any, Protocol, Self
 
-from batch_engine.store.files import Durable
 from batch_engine.values import (
     ErrorKind,
     Item,
@@ -88,7 +88,7 @@ class Journal(Protocol):
         outputs: Sequence[OutputFile],
         completed_at: float,
         inference_ms: int | None,
-        durable: Sequence[Durable] = (),
+        durable: Sequence[Path] = (),
         answered: bool = False,
     ) -> ItemRecord:
         """Record a success: from ``submitted`` (transition ``succeed``), or with ``answered`` from

@@ -27,7 +27,7 @@ from typing import Any, Self, TypeVar
 from batch_engine.errors import JournalError, LeaseLost
 from batch_engine.store import sync, transitions
 from batch_engine.store.dialect import Dialect, Tx
-from batch_engine.store.files import Durable, stem_key
+from batch_engine.store.files import stem_key
 from batch_engine.store.journal import (
     AMBIGUOUS_SUBMIT_ERROR,
     DEFAULT_READ_BATCH,
@@ -359,7 +359,7 @@ class SqlJournal:
         outputs: Sequence[OutputFile],
         completed_at: float,
         inference_ms: int | None,
-        durable: Sequence[Durable] = (),
+        durable: Sequence[Path] = (),
         answered: bool = False,
     ) -> ItemRecord:
         """Record a success; returns the item's final row (the UPDATE returns it: no second query).
@@ -420,7 +420,7 @@ class SqlJournal:
         sets: str,
         params: tuple[Any, ...],
         *,
-        durable: tuple[Durable, ...] = (),
+        durable: tuple[Path, ...] = (),
         returning: str = COLUMNS,
     ) -> tuple[Any, ...]:
         """Move one item; returns the ``returning`` columns of its new row, for the caller to decode
@@ -451,7 +451,7 @@ class SqlJournal:
         apply: Callable[[Tx], _T],
         *,
         savepoint: bool = True,
-        durable: tuple[Durable, ...] = (),
+        durable: tuple[Path, ...] = (),
     ) -> _T:
         if self._closed:
             raise JournalError(f"the journal {self.where} is closed; no more writes are accepted")

@@ -10,21 +10,19 @@ SQLite's file, or a PostgreSQL server.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import itertools
 import logging
 import queue
 import sqlite3
 import threading
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
 from batch_engine.errors import JournalError
 from batch_engine.store.dialect import SQLITE, Connection, Dialect, Tx
-from batch_engine.store.files import Durable, PendingOutput, fsync_path
+from batch_engine.store.files import fsync_path
 
 logger = logging.getLogger(__name__)
 
@@ -45,8 +43,7 @@ class _Job:
     #: run ``apply`` in a savepoint, so that a failure undoes its partial changes; a job of one
     #: statement needs none (SQLite undoes a failed statement by itself) and skips the cost
     savepoint: bool = True
-    #: files to fsync (or `PendingOutput`s to write and fsync), with their folders, before the commit
-    durable: tuple[Durable, ...] = ()
+    durable: tuple[Path, ...] = ()  #: files to fsync (with their folders) before the commit
 
 
 @dataclass(slots=True)
@@ -117,7 +114,7 @@ class Writer:
         apply: Callable[[Tx], _T],
         *,
         savepoint: bool = True,
-        durable: tuple[Durable, ...] = (),
+        durable: tuple[Path, ...] = (),
     ) -> _T:
         return cast(_T, await self._enqueue(apply, savepoint=savepoint, durable=durable))
 
@@ -132,7 +129,7 @@ class Writer:
         self._thread.join()  # already finishing: the stop job is the thread's last act
 
     def _enqueue(
-        self, apply: Apply | None, *, savepoint: bool = True, durable: tuple[Durable, ...] = ()
+        self, apply: Apply | None, *, savepoint: bool = True, durable: tuple[Path, ...] = ()
     ) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         job = _Job(apply, loop, loop.create_future(), savepoint, durable)
@@ -240,75 +237,35 @@ class Writer:
 
 
 def _make_durable(batch: list[_Job]) -> tuple[list[_Job], list[_Outcome]]:
-    """Write (`PendingOutput`) or fsync the files the batch's jobs name, then fsync each of their folders
-    once, before the commit.
+    """fsync the files the batch's jobs name, then each of their folders once, before the commit.
 
     Returns the jobs to apply and the outcomes of those left out: a job whose file (or folder) could
-    not be written or synced fails with that error (an OSError of its own: `OutputNotWritten` for a
-    write), so no row ever records a file a power loss could take back. Nothing raised here can stop
-    the writer thread.
-
-    The files of a batch are done side by side (`_SYNC_THREADS`): the file system folds concurrent
-    syncs into one journal commit, where one after another each waits for a commit of its own (on this
-    project's VM, 16 files took 60 ms one by one and 5 ms side by side). Every file is still synced, and
-    every folder after its files, before the commit that records them.
+    not be synced fails with that error (an OSError of its own), so no row ever records a file a
+    power loss could take back. Nothing raised here can stop the writer thread.
     """
     if not any(job.durable for job in batch):
         return batch, []
     failed: dict[int, Exception] = {}
-    files = [(job, entry) for job in batch for entry in job.durable]
-    for (job, _), error in zip(files, _sync_all([entry for _, entry in files]), strict=True):
-        if error is not None:
-            failed.setdefault(id(job), error)
     folders: dict[Path, list[_Job]] = {}
     for job in batch:
-        if id(job) not in failed:
-            for entry in job.durable:
-                folders.setdefault(_path(entry).parent, []).append(job)
-    for jobs, error in zip(folders.values(), _sync_all(list(folders), folder=True), strict=True):
-        if error is not None:
+        try:
+            for path in job.durable:
+                fsync_path(path)
+        except Exception as exc:
+            failed[id(job)] = exc
+            continue
+        for path in job.durable:
+            folders.setdefault(path.parent, []).append(job)
+    for folder, jobs in folders.items():
+        try:
+            fsync_path(folder, folder=True)
+        except Exception as exc:
             for job in jobs:  # each caller gets an exception of its own: one raised in many tasks
-                failed.setdefault(id(job), _copy_error(error))  # would grow one shared traceback
+                failed.setdefault(id(job), _copy_error(exc))  # would grow one shared traceback
     if not failed:
         return batch, []
     kept = [job for job in batch if id(job) not in failed]
     return kept, [_Outcome(job, error=failed[id(job)]) for job in batch if id(job) in failed]
-
-
-#: threads that write and fsync a batch's files side by side; made on the first batch of several files
-_SYNC_THREADS = 16
-_sync_pool: concurrent.futures.ThreadPoolExecutor | None = None
-_sync_pool_lock = threading.Lock()
-
-
-def _path(entry: Durable) -> Path:
-    return entry.path if isinstance(entry, PendingOutput) else entry
-
-
-def _sync_all(entries: Sequence[Durable], *, folder: bool = False) -> list[Exception | None]:
-    """Write or sync each of ``entries`` (side by side when there are several); each one's error, or None."""
-    if len(entries) <= 1:
-        return [_sync_one(entry, folder) for entry in entries]
-    return list(_pool().map(_sync_one, entries, itertools.repeat(folder)))
-
-
-def _sync_one(entry: Durable, folder: bool) -> Exception | None:
-    try:
-        if isinstance(entry, PendingOutput):
-            entry.write_synced()
-        else:
-            fsync_path(entry, folder=folder)
-    except Exception as exc:
-        return exc
-    return None
-
-
-def _pool() -> concurrent.futures.ThreadPoolExecutor:
-    global _sync_pool
-    with _sync_pool_lock:
-        if _sync_pool is None:
-            _sync_pool = concurrent.futures.ThreadPoolExecutor(_SYNC_THREADS, thread_name_prefix="fsync")
-        return _sync_pool
 
 
 def _copy_error(exc: Exception) -> Exception:
