@@ -26,7 +26,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
 from functools import partial
 from pathlib import Path, PurePosixPath
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 from urllib.parse import urlsplit
 
 import anyio
@@ -53,7 +53,6 @@ from batch_engine.report.gallery_files import (
 )
 from batch_engine.report.write import write_reports
 from batch_engine.settings import DEFAULT_BASE_URL, RunSettings
-from batch_engine.sim import SimConfig, Simulator, serve
 from batch_engine.staging.out_store import OutStore, is_store_url
 from batch_engine.staging.s3 import open_store
 from batch_engine.store import open_journal
@@ -75,6 +74,9 @@ from batch_engine.ui.pipes import pipe_safe_std
 from batch_engine.ui.progress import ProgressView, make_view
 from batch_engine.ui.summary import format_summary, summary_json
 from batch_engine.values import ItemState, Manifest, RunStats
+
+if TYPE_CHECKING:  # the simulator (and aiohttp's server) is imported only by the commands that use it
+    from batch_engine.sim import SimConfig, Simulator
 
 log = logging.getLogger(__name__)
 
@@ -715,6 +717,8 @@ def _check_writable(folder: Path, what: str, *, copy_hint: str = "") -> None:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
+    from batch_engine.sim import SimConfig, serve
+
     setup_logging(verbose=False, json_lines=False, stream=sys.stderr)
     config = SimConfig(
         seed=args.seed, api_key=args.key, inference_median=args.inference, submit_rate=args.submit_rate
@@ -791,6 +795,8 @@ async def _run(
     async with AsyncExitStack() as stack:
         input_source: Callable[[str], str] = str
         if args.simulate:
+            from batch_engine.sim import Simulator
+
             sim = await stack.enter_async_context(Simulator(simulate_config(args.sim_seed)))
             base_url, secret = sim.base_url, SIMULATOR_KEY
             input_source = partial(_simulated_input, sim)
@@ -821,6 +827,8 @@ async def _run(
 
 def simulate_config(seed: int) -> SimConfig:
     """What --simulate runs against: edits of about a second, a few failed predictions, a strict key."""
+    from batch_engine.sim import SimConfig
+
     return SimConfig(
         seed=seed, api_key=SIMULATOR_KEY, inference_median=1.0, inference_spread=0.4, p_failed=0.03
     )

@@ -529,3 +529,19 @@ async def test_in_flight_counts_sent_predictions_not_submitters_waiting_for_thei
     for snap in view.snapshots:
         finished = snap.succeeded + snap.failed - snap.done_before
         assert snap.in_flight <= snap.submitted - finished + 1, snap
+
+
+async def test_an_output_that_cannot_be_written_fails_its_item_and_not_the_run(harness: Harness) -> None:
+    """An output whose path is taken by a folder cannot be written (not a disk error): its item fails
+    as a download, named with the path, and the run goes on; the other item's output is on disk."""
+    sim = await harness.sim()
+    (harness.tmp_path / "out" / "images" / "sku-2-1.png").mkdir(parents=True)
+    outcome = await harness.run(harness.manifest([edit_item(sim, "sku-1"), edit_item(sim, "sku-2")]), sim)
+
+    assert outcome.exit_code == 1
+    assert outcome.statuses == {"sku-1": "succeeded", "sku-2": "failed"}
+    error = outcome.entry("sku-2")["error"]
+    assert error["kind"] == "download"
+    assert "cannot write images/sku-2-1.png" in error["message"]
+    assert (outcome.out_dir / "images" / "sku-1-1.png").stat().st_size > 0
+    assert outcome.report["stopped_reason"] is None
