@@ -402,6 +402,25 @@ async def test_a_prefix_holding_another_manifests_run_is_refused_unless_taken_ov
         assert [e["id"] for e in stored_report(bucket)["items"]] == ["other-00", "other-01"]
 
 
+@pytest.mark.slow
+async def test_a_refused_run_into_the_store_exits_2_every_time_never_aborted(
+    tmp_path: Path, bucket: Bucket
+) -> None:
+    """The object store's client runs a Rust runtime; its teardown at interpreter exit aborted the CLI
+    (SIGABRT, exit -6, after it had printed its refusal) in about 1 exit in 8. Twelve refusals in a row
+    all exit 2 (the old code passed this about 1 time in 5)."""
+    async with Simulator(sim_config(inference_polls=1, api_key=KEY)) as sim:
+        first = write_manifest(tmp_path / "first.yaml", items(1), sim=sim, name="first")
+        other = write_manifest(tmp_path / "other.yaml", items(1, prefix="other"), sim=sim, name="other")
+        done = await run_engine(run_to_store(first, bucket, tmp_path / "w1", sim), env=engine_env(KEY))
+        assert done.code == EXIT_OK, done.stderr
+        codes = [
+            (await run_engine(run_to_store(other, bucket, tmp_path / f"w{k}", sim), env=engine_env(KEY))).code
+            for k in range(2, 14)
+        ]
+    assert codes == [EXIT_USAGE] * 12
+
+
 # -- several workers ------------------------------------------------------------------------------------
 
 
