@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -75,10 +76,16 @@ async def test_a_quick_run_ends_after_the_input_copies_it_queued(harness: Harnes
     assert len(list((outcome.out_dir / "inputs").iterdir())) == 12
 
 
-async def test_a_run_that_stops_does_not_wait_for_input_copies(harness: Harness) -> None:
+async def test_a_run_that_stops_does_not_wait_for_input_copies(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
     """A run stopped early (the balance ran out) writes its reports without waiting for the copies still
-    queued: those inputs are linked by URL."""
-    sim = await harness.sim(inference_polls=1, input_delay=30.0, balance=3)
+    queued (the gallery stops at the stop, and the end's grace is not entered): those inputs are linked
+    by URL."""
+    caplog.set_level(logging.INFO, logger="batch_engine.engine")
+    # Each input takes 5 s to serve: a run that waited for them would have them all well within its
+    # 30 s grace; one that does not ends long before the first arrives.
+    sim = await harness.sim(inference_polls=1, input_delay=5.0, balance=3)
     items = [{**edit_item(sim, f"item-{k}"), "images": [sim.input_url(f"photo-{k}")]} for k in range(6)]
 
     outcome = await harness.run(harness.manifest(items), sim, copy_inputs=True)
@@ -88,6 +95,7 @@ async def test_a_run_that_stops_does_not_wait_for_input_copies(harness: Harness)
     sources = [picture["src"] for item in page_items(outcome) for picture in item["inputs"]]
     assert len(sources) == 6
     assert not any(src.startswith("inputs/") for src in sources), sources
+    assert "input copies for the report's page" not in caplog.text
 
 
 async def test_an_input_that_cannot_be_copied_says_why_on_its_card(harness: Harness) -> None:

@@ -337,20 +337,22 @@ class GalleryFiles:
         """Copy and make thumbnails until cancelled (the engine cancels at a stop and at the end)."""
         send, receive = anyio.create_memory_object_stream[str](MAX_INPUTS)
         self._send = send
-        copiers = self._copiers if self._copy_inputs else 0
-        running = [copiers]
         try:
             with send, receive:
                 async with anyio.create_task_group() as tg:
-                    for _ in range(copiers):
-                        tg.start_soon(self._copier, receive, running)
-                    if not copiers:
-                        self._copiers_done.set()
+                    tg.start_soon(self._copy_all, receive)
                     tg.start_soon(self._thumbnailer)
         finally:
             self._send = None
 
-    async def _copier(self, receive: MemoryObjectReceiveStream[str], running: list[int]) -> None:
+    async def _copy_all(self, receive: MemoryObjectReceiveStream[str]) -> None:
+        """The copiers, until the queue is closed (`finish_copies`) and empty, or cancelled."""
+        async with anyio.create_task_group() as tg:
+            for _ in range(self._copiers if self._copy_inputs else 0):
+                tg.start_soon(self._copier, receive)
+        self._copiers_done.set()
+
+    async def _copier(self, receive: MemoryObjectReceiveStream[str]) -> None:
         async for url in receive:
             try:
                 why = await self._copy(url)
@@ -361,9 +363,6 @@ class GalleryFiles:
             else:
                 self.not_copied[url] = why
                 log.debug("input %s not copied: %s", url, why)
-        running[0] -= 1
-        if not running[0]:
-            self._copiers_done.set()
 
     async def _copy(self, url: str) -> str | None:
         """Fetch, check and write one input copy (its thumbnail is due then); None, or why it failed."""
