@@ -157,6 +157,7 @@ class SimStats:
     status_counts: dict[int, int] = field(default_factory=dict)  #: HTTP status → error answers sent
     max_concurrent_seen: int = 0
     accepted_times: list[float] = field(default_factory=list)  #: monotonic time of each accepted submit
+    rate_limited_times: list[float] = field(default_factory=list)  #: monotonic time of each submit's 429
     key_leaks: int = 0  #: requests with Authorization to the foreign origin or to an output URL
     predictions: dict[str, PredictionRecord] = field(default_factory=dict)
     poll_counts: dict[str, int] = field(default_factory=dict)  #: prediction id → polls answered 200

@@ -238,6 +238,8 @@ class Simulator:
     def _too_many(self, message: str, *, code: str, submit: bool) -> web.Response:
         self.stats.rate_limited += 1
         self.stats.rate_limited_submits += int(submit)
+        if submit:
+            self.stats.rate_limited_times.append(time.monotonic())
         headers = {}
         if self.config.retry_after is not None:
             headers["Retry-After"] = _format_seconds(self.config.retry_after)
