@@ -8,7 +8,7 @@ import random
 import statistics
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from batch_engine.timing.poll_plan import (
@@ -97,6 +97,7 @@ def test_a_prior_ten_times_too_low_is_outgrown() -> None:
 
 
 @settings(max_examples=5, deadline=None)
+@example(median=1.0, sigma=0.5625, seed=352)  # a sample whose own median is 0.28 off the distribution's
 @given(
     median=st.floats(min_value=0.5, max_value=600.0),
     sigma=st.floats(min_value=0.3, max_value=0.6),
@@ -107,10 +108,15 @@ def test_the_fit_finds_median_and_spread_from_censored_completions(
 ) -> None:
     rng = random.Random(seed)
     planner = make_planner(prior=median * 10)
-    run_predictions(planner, [median * math.exp(rng.gauss(0, sigma)) for _ in range(60)])
+    times = [median * math.exp(rng.gauss(0, sigma)) for _ in range(60)]
+    run_predictions(planner, times)
     learned = planner.quantile(0.5)
     assert learned is not None
-    assert abs(math.log(learned / median)) < 0.3  # about 3 standard errors of a median of 60
+    # Against the sample's own median (its geometric mean, what a lognormal fit estimates), not the
+    # distribution's: 60 draws alone put that up to ~0.3 off (median 1, sigma 0.56, seed 352 did), which
+    # is the sample's noise, not the fit's. Over 300 random cases the fit was within 0.132 of it.
+    sample = math.exp(sum(math.log(t) for t in times) / len(times))
+    assert abs(math.log(learned / sample)) < 0.2
 
 
 def test_quantile_is_none_before_anything_is_learned() -> None:
