@@ -225,6 +225,7 @@ class Submitter:
             self._ctx.control.refund_submit()
             return None, _Next.DONE
         try:
+            await self._pacer.send_turn()
             prediction = await send(self._ctx.client)
         except SlowDown as exc:
             return None, await self._rate_limited(item_id, state, exc)

@@ -24,29 +24,51 @@ DEFAULT_PAUSE_INITIAL = 1.0  #: seconds: the jitter range of the first pause whe
 
 # The adaptation (see SubmitPacer.on_rate_limited / on_success). Plain AIMD halves on every 429 and
 # climbs back linearly past the limit again and again: against a strict limit it averages ~75% and, with
-# every 429 costing a whole Retry-After of silence, the probing itself is the main loss. So, like TCP
-# CUBIC (Ha, Rhee, Xu, "CUBIC: A New TCP-Friendly High-Speed TCP Variant", 2008; RFC 9438), the pacer
-# remembers the rate of the last 429 (``known_bad``, CUBIC's W_max), returns quickly to just below it
-# (CUT_MAX * known_bad, a concave approach), holds there, and probes above it only slowly and rarely.
+# every 429 costing a whole Retry-After of silence, the probing itself is the main loss. So the pacer
+# searches for the limit between two remembered rates, the way bisection does: ``known_bad``, the rate
+# at the last 429 (CUBIC's W_max: Ha, Rhee, Xu, "CUBIC: A New TCP-Friendly High-Speed TCP Variant",
+# 2008; RFC 9438), and ``known_good``, the highest rate PROVE submits in a row were accepted at. A 429
+# cuts the rate, but never below a rate proven good since (that one is safe: going back to it costs no
+# further 429); PROVE clean submits at a rate prove it and, while it is more than SETTLE below the rate
+# that was refused, move it halfway there. Once within SETTLE it holds, and probes above only slowly.
 # The cut itself is sized from how soon the 429 came, in the spirit of BBR's use of delivery
 # measurements (Cardwell et al., "BBR: Congestion-Based Congestion Control", ACM Queue 2016): sending
 # at r above a limit R with burst b, a bucket that was drained by the pause refuses after about
 # k = 1 + (b - 1) / (1 - R / r) accepted submits, so R ≈ r * (1 - (b - 1) / (k - 1)). With b = 2 that
 # is 1 - 1 / (k - 1): a 429 after 2 clean submits means "far too fast", after 20 "a little too fast".
+# That estimate holds only behind a limiter with a burst, refilled by the pause: then the top of the
+# range it gives is remembered as known_bad and the search is over at once. Against a limiter with no
+# burst any rate above it is refused at once, k = 1: the cuts halve, and the bisection finds the limit
+# from below. There a 429 after a run of clean submits (or one at a proven rate) is the jitter of the
+# request's way to the limiter: one in ISOLATED submits does not cut, more cut gently.
 CUT_MIN = 0.5  #: deepest multiplicative cut (a 429 almost at once: the rate was far too high)
-CUT_MAX = 0.93  #: gentlest cut, and the plateau: CUT_MAX * known_bad is where the rate settles
-CLIMB = 0.1  #: each clean submit closes this fraction of the gap up to the plateau
-SNAP = 0.005  #: ... and the rate jumps onto the plateau once within this fraction of it
-HOLD_PAUSES = 60.0  #: hold at the plateau for this many times the last pause before probing above it
+CUT_MAX = 0.97  #: gentlest cut
+ESTIMATE_MARGIN = 0.98  #: the limit estimated from a 429 is taken this much lower (k counts whole submits)
+PROVE = 20  #: clean submits in a row at one rate that prove it good, at the least
+# ... and more the nearer the rate is to the refused one: a bucket with burst b passes a rate (1 + e)
+# times its limit for about (b - 1) / e submits before refusing, so a short run of clean submits just
+# under known_bad proves little. PROOF_SPAN / (1 - rate / known_bad) submits tell apart bursts up to 4.
+PROOF_SPAN = 3.0
+SETTLE = 0.92  #: a proven rate within this fraction of known_bad holds there: the search is over
+JITTER_RUN = 4  #: behind a limiter with no burst, a 429 after this many clean submits is read as jitter
+ISOLATED = 40  #: a jitter 429 after this many clean submits does not cut the rate (a share <= 2.5%)
+HOLD_PAUSES = 60.0  #: hold for this many times the last pause before probing above the settled rate
 HOLD_SUBMITS = 50  #: ... and for at least this many clean submits
-PROBE = 0.002  #: above the plateau, each clean submit adds this fraction of known_bad (additive)
+PROBE = 0.002  #: once held, each clean submit adds this fraction of known_bad (additive)
+# A 429 without Retry-After says only "too soon". Against a strict limiter (nginx limit_req with no
+# burst) that means one request came a little under the interval early, and a pause of the configured
+# initial range (1 s) would cost twenty slots at 20/s for a refusal that a slot's wait cures. So the
+# first pause of a streak spans at most PAUSE_SLOTS slots of the cut rate; it doubles with each 429 in
+# a row (a quota window that is really exhausted still gets the long pauses after a few tries).
+PAUSE_SLOTS = 4.0
+CATCH_UP = 0.04  #: of an interval: lateness of a send that the next send makes up (see send_turn)
 
 
 def cut_factor(clean: int) -> float:
     """The multiplicative cut after a 429 that followed ``clean`` accepted submits (see the note above)."""
     if clean < 2:
         return CUT_MIN
-    return min(CUT_MAX, max(CUT_MIN, 1.0 - 1.0 / (clean - 1)))
+    return min(CUT_MAX, max(CUT_MIN, ESTIMATE_MARGIN * (1.0 - 1.0 / (clean - 1))))
 
 
 def pause_after_429(
@@ -63,14 +85,6 @@ def pause_after_429(
     return full_jitter(streak, initial=initial, maximum=max_pause, rand=rand)
 
 
-def climb(rate: float, plateau: float) -> float:
-    """One clean submit's step up toward ``plateau``: fast while far below it, gentle near it."""
-    if rate >= plateau:
-        return rate
-    raised = rate + (plateau - rate) * CLIMB
-    return plateau if plateau - raised < SNAP * plateau else raised  # the geometric approach never arrives
-
-
 class SubmitPacer:
     """Even spacing at the current rate, adaptive (AIMD-like) on 429, a shared pause for all submitters.
 
@@ -79,7 +93,10 @@ class SubmitPacer:
     """
 
     __slots__ = (
+        "_acquire_lock",
         "_adapt",
+        "_at_rate",
+        "_burstless",
         "_ceiling",
         "_clean",
         "_clock",
@@ -88,11 +105,15 @@ class SubmitPacer:
         "_generation",
         "_hold",
         "_known_bad",
+        "_known_good",
+        "_last_sent",
         "_max_pause",
         "_pause_initial",
         "_paused_until",
+        "_proving",
         "_rand",
         "_rate",
+        "_send_lock",
         "_sleep",
         "_streak",
         "_tat",
@@ -129,10 +150,17 @@ class SubmitPacer:
         self._paused_until = -math.inf
         self._generation = 0  #: bumped by each pause: slots handed out before it are void
         self._known_bad: float | None = None  #: the rate in force at the last cutting 429
+        self._known_good: float | None = None  #: the highest rate proven since (PROVE clean submits)
+        self._proving = 0  #: clean submits in a row at the current rate
         self._clean = 0  #: accepted submits since the last cut
+        self._at_rate = 0  #: accepted submits since the rate was last set (a probe's steps do not reset it)
+        self._burstless = False  #: a 429 came on the first or second submit after a pause
         self._epoch_started = -math.inf  #: when the last cut happened
         self._hold = 0.0  #: seconds to stay at the plateau after a cut before probing above it
         self._streak = 0  #: cuts in a row with no accepted submit between them
+        self._last_sent = -math.inf  #: when the last request passed :meth:`send_turn`
+        self._send_lock = anyio.Lock()
+        self._acquire_lock = anyio.Lock()
         self.rate_limited = 0
 
     @property
@@ -167,17 +195,41 @@ class SubmitPacer:
         return slot
 
     async def acquire(self) -> None:
-        """Wait for any pause, then for this caller's evenly spaced slot."""
-        while True:
-            generation = self._generation
-            delay = self.reserve() - self._clock()
-            if delay > 0:
+        """Wait for any pause, then for this caller's evenly spaced slot.
+
+        Callers queue in order and only the first of them holds a slot (at most one interval away):
+        slots booked ahead by every waiting submitter would keep the old spacing for seconds after the
+        rate was raised (64 submitters at 12.5/s book five seconds ahead).
+        """
+        async with self._acquire_lock:
+            while True:
+                generation = self._generation
+                delay = self.reserve() - self._clock()
+                if delay > 0:
+                    await self._sleep(delay)
+                if generation == self._generation:  # else a pause began meanwhile: queue again after it
+                    return
+
+    async def send_turn(self) -> None:
+        """Just before a request goes out: one interval of the current rate since the last one went out.
+
+        :meth:`acquire` spaces the slots; between a slot and its request come the journal's commit of the
+        intent and the event loop's other work, whose delays vary by milliseconds and would bunch
+        requests together. A limiter with no burst refuses the second of two requests closer than its
+        interval, so the spacing is enforced again here, on the times requests actually leave.
+        """
+        async with self._send_lock:
+            while (
+                delay := (slot := max(self._paused_until, self._last_sent + 1.0 / self._rate)) - self._clock()
+            ) > 0:
                 await self._sleep(delay)
-            if generation == self._generation:  # else a pause began meanwhile: queue again after it
-                return
+            # A wake-up a little late (the event loop's latency) is made up on the next one, or every
+            # late wake-up would cost the rate a few percent; one later than that starts afresh.
+            now = self._clock()
+            self._last_sent = slot if now - slot <= CATCH_UP / self._rate else now
 
     def on_success(self) -> None:
-        """A submit was accepted: after enough of them, raise the rate back toward the ceiling.
+        """A submit was accepted: PROVE of them in a row prove the rate, and move it up (see the note above).
 
         Successes during a pause answer requests sent before it, at the rate just cut: they prove
         nothing about the new rate, so they neither count as clean nor raise it.
@@ -186,15 +238,27 @@ class SubmitPacer:
             return
         self._streak = 0
         self._clean += 1
-        if self._adapt and self._known_bad is not None:
-            self._rate = min(self._ceiling, self._raised(self._known_bad))
-
-    def _raised(self, known_bad: float) -> float:
-        plateau = CUT_MAX * known_bad
-        if self._rate < plateau:
-            return climb(self._rate, plateau)
+        self._at_rate += 1
+        if not self._adapt or self._known_bad is None:
+            return
+        self._proving += 1
+        if self._proving >= self._proof_needed():
+            self._proving = 0
+            self._known_good = max(self._known_good or 0.0, self._rate)
+            if self._rate < SETTLE * self._known_bad:  # the search goes on: halfway to the refused rate
+                self._set_rate((self._rate + self._known_bad) / 2)
+                return
         held = self._clock() - self._epoch_started >= self._hold and self._clean >= HOLD_SUBMITS
-        return self._rate + PROBE * known_bad if held else self._rate
+        if held and self._rate >= SETTLE * self._known_bad:
+            self._rate = min(self._ceiling, self._rate + PROBE * self._known_bad)
+
+    def _proof_needed(self) -> float:
+        gap = 1.0 - self._rate / self._known_bad if self._known_bad else 1.0
+        return PROVE if gap <= 0 else max(PROVE, PROOF_SPAN / gap)
+
+    def _set_rate(self, rate: float) -> None:
+        self._rate = min(self._ceiling, max(self._floor, rate))
+        self._proving = self._at_rate = 0
 
     def on_rate_limited(self, retry_after: float | None) -> float:
         """A submit got a 429: pause every submitter and, once per pause, cut the rate.
@@ -213,8 +277,7 @@ class SubmitPacer:
 
     def _start_epoch(self, now: float, retry_after: float | None) -> None:
         if self._adapt:
-            self._known_bad = self._rate
-            self._rate = max(self._floor, self._rate * cut_factor(self._clean))
+            self._adapt_to_429()
         pause = self._pause_for(retry_after)
         self._streak += 1
         self._clean = 0
@@ -222,10 +285,44 @@ class SubmitPacer:
         self._hold = HOLD_PAUSES * max(pause, self._pause_initial)
         self._pause(now + pause)
 
+    def _adapt_to_429(self) -> None:
+        """A fresh 429 at the current rate: cut it, or not (see the note above the constants)."""
+        refused, k = self._rate, min(self._clean, self._at_rate)  # clean submits at this rate since the pause
+        # A limiter that refuses the second submit after a pause has no burst: above its limit it refuses
+        # at once (or, within its jitter of the limit, soon), so a 429 after a run of clean submits
+        # there, or one at a rate proven good, is its jitter, not the limit.
+        self._burstless = self._burstless or self._clean <= 1
+        proven = self._known_good is not None and refused <= self._known_good
+        if proven or (self._burstless and k >= JITTER_RUN):
+            if self._clean >= ISOLATED:  # one in ISOLATED: pause, but cutting would ratchet down for good
+                return
+            # Cut gently, and keep searching above unless the refused rate is near the old bound.
+            self._known_good = None
+            self._known_bad = max(refused, SETTLE * (self._known_bad or refused))
+            self._set_rate(refused * CUT_MAX)
+            return
+        factor = cut_factor(k)
+        # Within its clamps the factor is an estimate of the limit (see the note above), and the search
+        # goes on below it, not below the refused rate; but only where the estimate's premise holds: a
+        # limiter with a burst, refilled by the pause, and one rate since (no step of the search). Then
+        # k clean submits put the limit between r (1 - 1 / (k - 1)) and r (1 - 1 / k): the top of that
+        # is the rate known too fast.
+        informed = CUT_MIN < factor < CUT_MAX and not self._burstless and self._at_rate == self._clean
+        self._known_bad = refused * (1.0 - 1.0 / k) if informed else refused
+        self._set_rate(max(refused * factor, self._known_good or 0.0))
+
+    def _cut_to(self, rate: float) -> None:
+        """Another worker's cut to ``rate``: the current rate is remembered as too fast."""
+        refused = self._known_bad = self._rate
+        if self._known_good is not None and self._known_good >= refused:
+            self._known_good = None
+        self._set_rate(max(rate, self._known_good or 0.0))
+
     def _pause_for(self, retry_after: float | None) -> float:
         streak, rand = self._streak, self._rand()
+        initial = min(self._pause_initial, PAUSE_SLOTS / self._rate)
         pause = pause_after_429(
-            retry_after, streak=streak, max_pause=self._max_pause, rand=rand, initial=self._pause_initial
+            retry_after, streak=streak, max_pause=self._max_pause, rand=rand, initial=initial
         )
         if retry_after is None:  # a guess: make it at least one slot of the new rate
             pause = max(pause, 1.0 / self._rate)
@@ -242,8 +339,7 @@ class SubmitPacer:
         the 429s this worker still gets for requests sent before the pause do not cut again."""
         now = self._clock()
         if self._adapt and rate < self._rate:
-            self._known_bad = self._rate
-            self._rate = max(self._floor, rate)
+            self._cut_to(rate)
             self._clean = 0
             self._epoch_started = now
             self._hold = HOLD_PAUSES * max(pause, self._pause_initial)
@@ -252,10 +348,11 @@ class SubmitPacer:
 
     def __repr__(self) -> str:
         bad = f"{self._known_bad:.4g}/s" if self._known_bad is not None else "none"
+        good = f"{self._known_good:.4g}/s" if self._known_good is not None else "none"
         paused = max(0.0, self._paused_until - self._clock())
         return (
             f"<SubmitPacer rate={self._rate:.4g}/s ceiling={self._ceiling:.4g}/s floor={self._floor:.4g}/s"
-            f" adapt={self._adapt} known_bad={bad} clean={self._clean}"
+            f" adapt={self._adapt} known_bad={bad} known_good={good} clean={self._clean}"
             f" rate_limited={self.rate_limited} paused={paused:.3f}s>"
         )
 
