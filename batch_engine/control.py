@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -153,6 +154,8 @@ class RunControl:
         "_critical",
         "_hard_scopes",
         "_max_submits",
+        "_queued",
+        "_woken",
         "auto",
         "breaker",
         "clock",
@@ -189,6 +192,11 @@ class RunControl:
         #: seconds spent waiting, by what was waited for: the summary names the largest (`held_back`)
         self.waited: dict[str, float] = dict.fromkeys(WAIT_KINDS, 0.0)
         self._changed = anyio.Event()  #: set (and replaced) whenever a slot frees or the cap grows
+        #: `take_slot` callers waiting for a place, first come first served: a freed place wakes one of
+        #: them, not all (64 submitters woken by each resolved prediction, all but one to wait again,
+        #: were a tenth of the event loop's steps per item)
+        self._queued: deque[anyio.Event] = deque()
+        self._woken = 0  #: of those, woken for a free place and not yet run
         self._max_submits = max_submits
         self.in_flight = 0  #: slots held
         self.pacing = 0  #: slots held by submitters still waiting for their pacing turn
@@ -211,7 +219,10 @@ class RunControl:
 
     async def take_slot(self) -> Slot:
         """Wait for a free in-flight place; the caller must give it back through the returned `Slot`."""
-        await self.wait_for_free_slot()
+        if self.in_flight < self.max_in_flight:
+            await anyio.lowlevel.checkpoint()
+        else:
+            await self._wait_in_queue()
         self.in_flight += 1
         self.most_in_flight = max(self.most_in_flight, self.in_flight)
         return Slot(self, self.clock())
@@ -230,6 +241,28 @@ class RunControl:
         try:
             while self.in_flight >= self.max_in_flight:
                 await self._changed.wait()
+        finally:
+            self.waited["in_flight"] += self.clock() - started
+
+    async def _wait_in_queue(self) -> None:
+        """Until this caller is woken for a free place (see `_wake`) and finds it still free."""
+        started = self.clock()
+        try:
+            while True:
+                turn = anyio.Event()
+                self._queued.append(turn)
+                try:
+                    await turn.wait()
+                except BaseException:  # cancelled: out of the queue, or the wake it got goes to the next
+                    if turn.is_set():
+                        self._woken -= 1
+                        self._wake_queued()
+                    else:
+                        self._queued.remove(turn)
+                    raise
+                self._woken -= 1
+                if self.in_flight < self.max_in_flight:
+                    return
         finally:
             self.waited["in_flight"] += self.clock() - started
 
@@ -271,6 +304,13 @@ class RunControl:
     def _wake(self) -> None:
         self._changed.set()
         self._changed = anyio.Event()
+        self._wake_queued()
+
+    def _wake_queued(self) -> None:
+        """Wake as many queued `take_slot` callers as there are free places not promised to one woken."""
+        while self._queued and self._woken < self.max_in_flight - self.in_flight:
+            self._queued.popleft().set()
+            self._woken += 1
 
     @property
     def predictions(self) -> int:

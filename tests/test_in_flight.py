@@ -6,10 +6,12 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import anyio
 import pytest
 import yaml
 
 from batch_engine.cli import main
+from batch_engine.control import RunControl
 from batch_engine.errors import UsageError
 from batch_engine.manifest import load_manifest
 from batch_engine.settings import RunSettings
@@ -173,3 +175,32 @@ async def test_max_in_flight_auto_on_the_command_line_overrides_the_manifest(tmp
     assert bad.code == 2
     assert "--max-in-flight: must be a whole number or auto, got 'lots'" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+async def test_a_freed_place_wakes_one_waiting_submitter_first_come_first_served() -> None:
+    """Each freed place goes to the caller that waited longest; the others sleep on (no herd woken only
+    to wait again), and one cancelled while it waits leaves the queue without taking a place."""
+    control = RunControl(max_in_flight=1)
+    held = [await control.take_slot()]
+    order: list[int] = []
+    scopes = [anyio.CancelScope() for _ in range(4)]
+
+    async def waiter(n: int) -> None:
+        with scopes[n]:
+            held.append(await control.take_slot())
+            order.append(n)
+
+    async with anyio.create_task_group() as tg:
+        for n in range(4):
+            tg.start_soon(waiter, n)
+            await anyio.wait_all_tasks_blocked()
+        scopes[1].cancel()  # queued, not woken: it leaves the queue
+        await anyio.wait_all_tasks_blocked()
+        for expected in ([0], [0, 2], [0, 2, 3]):
+            held.pop(0).release()
+            await anyio.wait_all_tasks_blocked()
+            assert order == expected
+            assert control.in_flight == 1
+            assert len(held) == 1
+        held.pop(0).release()
+    assert control.in_flight == 0

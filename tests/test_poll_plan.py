@@ -17,6 +17,8 @@ from batch_engine.timing.poll_plan import (
     PROBE_DIVISOR,
     PROBES,
     PollPlanner,
+    _em_sums,
+    _truncated_moments,
     best_schedule,
     fit_lognormal,
 )
@@ -151,6 +153,42 @@ def test_the_fit_uses_the_intervals_not_the_detection_times() -> None:
     mu, sigma = fit_lognormal(intervals)
     assert abs(math.exp(mu) - 5.0) < 0.5
     assert 0.25 < sigma < 0.55
+
+
+_LOG_TIMES = st.floats(min_value=-60.0, max_value=60.0, allow_nan=False)
+
+
+@st.composite
+def _censored_bounds(draw: st.DrawFn) -> tuple[float, float]:
+    """(a, b] in log seconds as the fit sees them: (-inf, b], (a, b] or (a, +inf)."""
+    kind = draw(st.sampled_from(("first poll", "between polls", "running")))
+    x = draw(_LOG_TIMES)
+    if kind == "first poll":
+        return -math.inf, x
+    if kind == "running":
+        return x, math.inf
+    return x - draw(st.floats(min_value=0.0, max_value=5.0)), x
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    bounds=st.lists(_censored_bounds(), min_size=1, max_size=40),
+    weights=st.data(),
+    mu=st.floats(min_value=-8.0, max_value=8.0),
+    sigma=st.floats(min_value=0.1, max_value=1.5),
+)
+def test_the_inlined_e_step_gives_the_moments_to_the_last_bit(
+    bounds: list[tuple[float, float]], weights: st.DataObject, mu: float, sigma: float
+) -> None:
+    """The fit's E step is inlined for speed (it runs on the event loop): the same sums, in the same order,
+    as `_truncated_moments` interval by interval, far tails (no mass) included."""
+    w = weights.draw(st.lists(st.sampled_from((1.0, 2.0, 7.5)), min_size=len(bounds), max_size=len(bounds)))
+    first = second = 0.0
+    for (a, b), weight in zip(bounds, w, strict=True):
+        m, v = _truncated_moments(mu, sigma, a, b)
+        first += weight * m
+        second += weight * (v + m * m)
+    assert _em_sums(bounds, w, mu, sigma) == (first, second)
 
 
 def test_best_schedule_spends_no_more_than_its_budget_and_more_polls_buy_less_lag() -> None:
