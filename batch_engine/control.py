@@ -219,9 +219,11 @@ class RunControl:
 
     async def take_slot(self) -> Slot:
         """Wait for a free in-flight place; the caller must give it back through the returned `Slot`."""
-        if self.in_flight < self.max_in_flight:
-            await anyio.lowlevel.checkpoint()
-        else:
+        # The check and the taking are one step, with no await between them: a checkpoint after the
+        # check let every caller of one moment pass it before any took a place (cap 3, 10 callers at
+        # once: 10 in flight). A place promised to a woken caller is not free for a newcomer.
+        await anyio.lowlevel.checkpoint()
+        if self.in_flight + self._woken >= self.max_in_flight or self._queued:
             await self._wait_in_queue()
         self.in_flight += 1
         self.most_in_flight = max(self.most_in_flight, self.in_flight)
@@ -251,6 +253,7 @@ class RunControl:
             while True:
                 turn = anyio.Event()
                 self._queued.append(turn)
+                self._wake_queued()  # a place free and promised to nobody goes to the front of the queue
                 try:
                     await turn.wait()
                 except BaseException:  # cancelled: out of the queue, or the wake it got goes to the next

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from batch_engine.cli import main
-from batch_engine.control import RunControl
+from batch_engine.control import RunControl, Slot
 from batch_engine.errors import UsageError
 from batch_engine.manifest import load_manifest
 from batch_engine.settings import RunSettings
@@ -204,3 +204,24 @@ async def test_a_freed_place_wakes_one_waiting_submitter_first_come_first_served
             assert len(held) == 1
         held.pop(0).release()
     assert control.in_flight == 0
+
+
+async def test_callers_of_one_moment_take_no_more_places_than_the_cap() -> None:
+    """Ten submitters asking at once with a cap of 3: three hold places, seven wait (a check and a take
+    with a checkpoint between them let all ten in: 10 in flight under a cap of 3)."""
+    control = RunControl(max_in_flight=3)
+    held: list[Slot] = []
+
+    async def submitter() -> None:
+        held.append(await control.take_slot())
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(10):
+            tg.start_soon(submitter)
+        await anyio.wait_all_tasks_blocked()
+        assert control.in_flight == len(held) == 3
+        while held:
+            held.pop(0).release()
+            await anyio.wait_all_tasks_blocked()
+            assert control.in_flight <= 3
+    assert control.most_in_flight == 3
