@@ -50,6 +50,7 @@ PROVE = 20  #: clean submits in a row at one rate that prove it good, at the lea
 # under known_bad proves little. PROOF_SPAN / (1 - rate / known_bad) submits tell apart bursts up to 4.
 PROOF_SPAN = 3.0
 SETTLE = 0.92  #: a proven rate within this fraction of known_bad holds there: the search is over
+SETTLE_BURSTLESS = 0.95  #: ... behind a limiter with no burst (its 429s cost a short pause, no Retry-After)
 JITTER_RUN = 4  #: behind a limiter with no burst, a 429 after this many clean submits is read as jitter
 ISOLATED = 40  #: a jitter 429 after this many clean submits does not cut the rate (a share <= 2.5%)
 HOLD_PAUSES = 60.0  #: hold for this many times the last pause before probing above the settled rate
@@ -245,12 +246,16 @@ class SubmitPacer:
         if self._proving >= self._proof_needed():
             self._proving = 0
             self._known_good = max(self._known_good or 0.0, self._rate)
-            if self._rate < SETTLE * self._known_bad:  # the search goes on: halfway to the refused rate
+            if self._rate < self._settle * self._known_bad:  # the search goes on: halfway to the refused rate
                 self._set_rate((self._rate + self._known_bad) / 2)
                 return
         held = self._clock() - self._epoch_started >= self._hold and self._clean >= HOLD_SUBMITS
-        if held and self._rate >= SETTLE * self._known_bad:
+        if held and self._rate >= self._settle * self._known_bad:
             self._rate = min(self._ceiling, self._rate + PROBE * self._known_bad)
+
+    @property
+    def _settle(self) -> float:
+        return SETTLE_BURSTLESS if self._burstless else SETTLE
 
     def _proof_needed(self) -> float:
         gap = 1.0 - self._rate / self._known_bad if self._known_bad else 1.0
@@ -298,7 +303,7 @@ class SubmitPacer:
                 return
             # Cut gently, and keep searching above unless the refused rate is near the old bound.
             self._known_good = None
-            self._known_bad = max(refused, SETTLE * (self._known_bad or refused))
+            self._known_bad = max(refused, self._settle * (self._known_bad or refused))
             self._set_rate(refused * CUT_MAX)
             return
         factor = cut_factor(k)
