@@ -329,6 +329,10 @@ class RunControl:
         finally:
             self.pacing -= 1
 
+    def over_cap(self) -> bool:
+        """More places held than the cap allows now: it was cut (a concurrency 429) after they were taken."""
+        return self.in_flight > self.max_in_flight
+
     def reserve_submit(self) -> bool:
         """Count one more submit that may be billed; False, and submitting stops, once the budget is spent."""
         if self._max_submits is not None and self.submits_reserved >= self._max_submits:

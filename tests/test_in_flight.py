@@ -15,7 +15,7 @@ from batch_engine.control import RunControl, Slot
 from batch_engine.errors import UsageError
 from batch_engine.manifest import load_manifest
 from batch_engine.settings import RunSettings
-from batch_engine.timing.in_flight import CEILING, FLOOR, AutoCap, little_cap, p90, same_level
+from batch_engine.timing.in_flight import CEILING, FLOOR, HOLD_LEVELS, AutoCap, little_cap, p90, same_level
 from batch_engine.ui.summary import format_summary
 from tests.helpers import Harness, edit_items, fast_settings
 from tests.procs import engine_env, run_engine
@@ -67,11 +67,18 @@ def test_auto_cap_reads_429s_at_one_level_as_concurrency_and_grows_back_slowly()
     assert cap.rate_limited(205, 50.0)  # the same level though the rate was halved: concurrency
     assert cap.concurrency_limited
     assert cap.cap == math.floor(205 * 0.9)
-    assert cap.rate_limited(cap.cap, 50.0)  # at the cut cap: concurrency at once, cut again
-    cut = cap.cap
-    for _ in range(80):
+    assert cap.rate_limited(200, 50.0)  # sent while more were in flight than the cap: an echo, no cut
+    assert cap.cap == math.floor(205 * 0.9)
+    assert cap.rate_limited(150, 50.0)  # within the cut cap: concurrency at once, cut again
+    assert cap.cap == 135
+    for _ in range(2 * (149 - 135)):
         cap.resolved(10.0)
-    assert cut < cap.cap <= cut + 10  # one slot per few completions, not back to Little's 140 at once
+    assert cap.cap == 149  # quickly back to one under the level refused (a slot per 2 completions)...
+    for _ in range(HOLD_LEVELS * 150 - 1):
+        cap.resolved(10.0)
+    assert cap.cap == 149  # ... held there ...
+    cap.resolved(10.0)
+    assert cap.cap == 150  # ... then one slot higher, a probe
 
 
 async def test_auto_cap_keeps_more_in_flight_than_the_old_default(harness: Harness) -> None:

@@ -151,6 +151,9 @@ class Submitter:
             except BaseException:  # a graceful stop cancels waiting submitters: the slot must go back
                 slot.release()
                 raise
+            if control.over_cap():  # a slot taken before the API's concurrency cut: wait for a place again
+                slot.release()
+                continue
             if control.submitting_closed.is_set() or not control.reserve_submit():
                 slot.release()
                 return
