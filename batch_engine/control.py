@@ -144,8 +144,10 @@ class RunControl:
     """What every stage may ask: may I still submit? Is the run over? Take an in-flight slot.
 
     Invariant: ``in_flight`` counts the slots held: predictions submitted (or resumed) and not yet
-    resolved, and submits on their way; it never exceeds ``max_in_flight`` because a slot is taken
-    before a submit and given back (by `Slot`) exactly once. ``predictions`` is what a person wants to
+    resolved, and submits on their way; a slot is taken before a submit, only while fewer than
+    ``max_in_flight`` are held, and given back (by `Slot`) exactly once. (An auto cap cut below the slots
+    already held is exceeded until enough come back; `over_cap` lets a submitter not yet sent give its
+    slot back.) ``predictions`` is what a person wants to
     see: the slots held, less those of submitters still waiting for their pacing turn.
     """
 
@@ -250,9 +252,14 @@ class RunControl:
         """Until this caller is woken for a free place (see `_wake`) and finds it still free."""
         started = self.clock()
         try:
+            again = False
             while True:
                 turn = anyio.Event()
-                self._queued.append(turn)
+                if again:  # woken, but the place went (the cap was cut meanwhile): first in line still
+                    self._queued.appendleft(turn)
+                else:
+                    self._queued.append(turn)
+                again = True
                 self._wake_queued()  # a place free and promised to nobody goes to the front of the queue
                 try:
                     await turn.wait()
@@ -330,7 +337,8 @@ class RunControl:
             self.pacing -= 1
 
     def over_cap(self) -> bool:
-        """More places held than the cap allows now: it was cut (a concurrency 429) after they were taken."""
+        """More places held than the cap allows now: it was cut after they were taken (a concurrency 429,
+        or an auto cap resized to shorter hold times)."""
         return self.in_flight > self.max_in_flight
 
     def reserve_submit(self) -> bool:

@@ -352,14 +352,60 @@ async def test_send_turn_spaces_requests_that_reach_it_together() -> None:
     assert sent == [0.0, 0.25, 0.5]
 
 
-async def test_send_turn_waits_out_a_pause_that_began_after_the_slot() -> None:
-    """A request that got its slot before a 429 paused everyone does not go out during the pause."""
+async def test_send_turn_sends_nothing_during_a_pause_that_began_after_the_slot() -> None:
+    """A request that got its slot before a 429 paused everyone does not go out, and does not wait out the
+    pause with its intent recorded either: send_turn says None, and the submitter queues again."""
     clock = FakeClock()
-    pacer = SubmitPacer(rate=4.0, rate_min=0.1, clock=clock, sleep=FakeSleep(clock))
-    await pacer.send_turn()
-    pacer.on_rate_limited(2.0)
-    await pacer.send_turn()
-    assert clock.now == 2.0
+    sleep = FakeSleep(clock)
+    pacer = SubmitPacer(rate=4.0, rate_min=0.1, clock=clock, sleep=sleep)
+    assert await pacer.send_turn() == 0.0
+    pacer.on_rate_limited(30.0)
+    assert await pacer.send_turn() is None
+    assert clock.now == 0.0
+    assert sleep.delays == []
+
+
+def test_a_429_for_a_request_sent_before_the_pause_is_an_echo_even_after_it() -> None:
+    """With pauses of a few slots, answers to requests sent before a cut often come after the pause: told
+    when the request left, the pacer does not cut again for them, nor count their successes as clean."""
+    clock = FakeClock()
+    pacer = make_pacer(clock, rate=20.0)
+    clean_submits(pacer, 30)
+    clock.now = 1.0
+    pacer.on_rate_limited(None, sent_at=0.99)
+    cut = pacer.rate
+    clock.now = pacer.paused_until + 0.5  # the pause is over
+    pacer.on_rate_limited(None, sent_at=0.98)  # sent before it: an echo
+    assert pacer.rate == cut
+    assert pacer.paused_until < clock.now
+    pacer.on_rate_limited(None, sent_at=clock.now - 0.01)  # sent after it: a fresh 429, cut again
+    assert pacer.rate < cut
+
+
+def test_a_submit_that_sends_nothing_gives_its_slot_to_the_next() -> None:
+    """give_back_turn: the slot the last acquire claimed is handed to the next caller."""
+    clock = FakeClock(5.0)
+    pacer = make_pacer(clock, rate=2.0)
+    assert pacer.reserve() == 5.0
+    assert pacer.reserve() == 5.5
+    pacer.give_back_turn()
+    assert pacer.reserve() == 5.5
+
+
+def test_probing_above_the_settled_rate_does_not_prove_a_higher_one() -> None:
+    """The probe raises the rate a little per submit; those submits prove no rate: the rate known good
+    stays the settled one (a 429 while probing may go back to it)."""
+    clock = FakeClock()
+    pacer = make_pacer(clock, rate=20.0)
+    pacer.on_rate_limited(1.0)
+    clock.now = 1.0
+    clean_submits(pacer, HOLD_SUBMITS * 20)
+    settled = pacer.rate
+    assert f"known_good={settled:.4g}/s" in repr(pacer)
+    clock.now = 1000.0
+    clean_submits(pacer, PROVE * 3)
+    assert pacer.rate > settled
+    assert f"known_good={settled:.4g}/s" in repr(pacer)
 
 
 async def test_send_turn_makes_up_a_slightly_late_wake_up_but_not_a_long_stall() -> None:

@@ -151,7 +151,8 @@ class Submitter:
             except BaseException:  # a graceful stop cancels waiting submitters: the slot must go back
                 slot.release()
                 raise
-            if control.over_cap():  # a slot taken before the API's concurrency cut: wait for a place again
+            if control.over_cap():  # a slot taken before the cap was cut: wait for a place again
+                self._pacer.give_back_turn()
                 slot.release()
                 continue
             if control.submitting_closed.is_set() or not control.reserve_submit():
@@ -227,11 +228,15 @@ class Submitter:
             log.warning("%s", exc)
             self._ctx.control.refund_submit()
             return None, _Next.DONE
+        sent_at = await self._pacer.send_turn()
+        if sent_at is None:  # a 429's pause began after this submit's slot: nothing sent, queue again
+            await self._unpaid(item_id, state)
+            state.delay = 0.0
+            return None, _Next.AGAIN
         try:
-            await self._pacer.send_turn()
             prediction = await send(self._ctx.client)
         except SlowDown as exc:
-            return None, await self._rate_limited(item_id, state, exc)
+            return None, await self._rate_limited(item_id, state, exc, sent_at)
         except NotAccepted as exc:
             return None, await self._refused(item_id, state, exc)
         except SubmitOutcomeUnknown as exc:
@@ -254,7 +259,7 @@ class Submitter:
             self._ctx.control.stop_submitting(StopReason.BALANCE)
             log.error("%s", exc.message)
             return None, _Next.DONE
-        self._pacer.on_success()
+        self._pacer.on_success(sent_at)
         self._plan.refusals.answered()
         if self._plan.route.synchronous:  # no id: the row stays submitting until the sink saves the outputs
             ledger.answered()
@@ -285,7 +290,7 @@ class Submitter:
         self._ctx.control.refund_submit()
         await self._ctx.ledger.not_accepted(item_id, possible_duplicate=state.possible_duplicate)
 
-    async def _rate_limited(self, item_id: str, state: _Attempts, exc: SlowDown) -> _Next:
+    async def _rate_limited(self, item_id: str, state: _Attempts, exc: SlowDown, sent_at: float) -> _Next:
         await self._unpaid(item_id, state)
         self._ctx.ledger.saw_rate_limit()
         # 429s at the same in-flight level are the API's concurrency limit, not the rate: the auto cap
@@ -293,7 +298,7 @@ class Submitter:
         pause = 0.0
         if not self._ctx.control.concurrency_limited(self._pacer.rate):
             rate_before = self._pacer.rate
-            pause = self._pacer.on_rate_limited(exc.retry_after)
+            pause = self._pacer.on_rate_limited(exc.retry_after, sent_at=sent_at)
             if self._plan.gate is not None:  # the key is every worker's: they all pause, and adopt a cut
                 await self._plan.gate.rate_limited(self._pacer, rate_before, pause)
         if self._run_throttled(state):

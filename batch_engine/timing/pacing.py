@@ -28,8 +28,8 @@ DEFAULT_PAUSE_INITIAL = 1.0  #: seconds: the jitter range of the first pause whe
 # searches for the limit between two remembered rates, the way bisection does: ``known_bad``, the rate
 # at the last 429 (CUBIC's W_max: Ha, Rhee, Xu, "CUBIC: A New TCP-Friendly High-Speed TCP Variant",
 # 2008; RFC 9438), and ``known_good``, the highest rate PROVE submits in a row were accepted at. A 429
-# cuts the rate, but never below a rate proven good since (that one is safe: going back to it costs no
-# further 429); PROVE clean submits at a rate prove it and, while it is more than SETTLE below the rate
+# above a rate proven good cuts the rate, but not below that one (going back to it costs no further
+# 429); PROVE clean submits at a rate prove it and, while it is more than SETTLE below the rate
 # that was refused, move it halfway there. Once within SETTLE it holds, and probes above only slowly.
 # The cut itself is sized from how soon the 429 came, in the spirit of BBR's use of delivery
 # measurements (Cardwell et al., "BBR: Congestion-Based Congestion Control", ACM Queue 2016): sending
@@ -155,7 +155,7 @@ class SubmitPacer:
         self._proving = 0  #: clean submits in a row at the current rate
         self._clean = 0  #: accepted submits since the last cut
         self._at_rate = 0  #: accepted submits since the rate was last set (a probe's steps do not reset it)
-        self._burstless = False  #: a 429 came on the first or second submit after a pause
+        self._burstless = False  #: a 429 was the first or second answer since the last one (or the start)
         self._epoch_started = -math.inf  #: when the last cut happened
         self._hold = 0.0  #: seconds to stay at the plateau after a cut before probing above it
         self._streak = 0  #: cuts in a row with no accepted submit between them
@@ -211,31 +211,47 @@ class SubmitPacer:
                 if generation == self._generation:  # else a pause began meanwhile: queue again after it
                     return
 
-    async def send_turn(self) -> None:
+    async def send_turn(self) -> float | None:
         """Just before a request goes out: one interval of the current rate since the last one went out.
 
         :meth:`acquire` spaces the slots; between a slot and its request come the journal's commit of the
         intent and the event loop's other work, whose delays vary by milliseconds and would bunch
         requests together. A limiter with no burst refuses the second of two requests closer than its
         interval, so the spacing is enforced again here, on the times requests actually leave.
+
+        Returns the send time, to hand back with the answer (`on_success`, `on_rate_limited`), or None
+        when a pause is in force (it began after this caller's slot): then nothing may be sent, and the
+        caller queues again in :meth:`acquire`, which waits the pause out. This never waits for a pause
+        itself: the caller has recorded its intent to send, and a pause of up to a minute would hold the
+        item as "submitting" (ambiguous if the run stopped meanwhile) for a request never sent.
         """
         async with self._send_lock:
-            while (
-                delay := (slot := max(self._paused_until, self._last_sent + 1.0 / self._rate)) - self._clock()
-            ) > 0:
-                await self._sleep(delay)
+            while True:
+                now = self._clock()
+                if now < self._paused_until:
+                    return None
+                slot = self._last_sent + 1.0 / self._rate
+                if slot <= now:
+                    break
+                await self._sleep(slot - now)
             # A wake-up a little late (the event loop's latency) is made up on the next one, or every
             # late wake-up would cost the rate a few percent; one later than that starts afresh.
             now = self._clock()
             self._last_sent = slot if now - slot <= CATCH_UP / self._rate else now
+            return now
 
-    def on_success(self) -> None:
+    def give_back_turn(self) -> None:
+        """The caller of the last :meth:`acquire` sends nothing after all: its slot goes to the next one."""
+        self._tat = max(self._clock(), self._tat - 1.0 / self._rate)
+
+    def on_success(self, sent_at: float | None = None) -> None:
         """A submit was accepted: PROVE of them in a row prove the rate, and move it up (see the note above).
 
-        Successes during a pause answer requests sent before it, at the rate just cut: they prove
-        nothing about the new rate, so they neither count as clean nor raise it.
+        Successes during a pause, or for requests sent (``sent_at``, from `send_turn`) before the last
+        429's pause began, answer requests sent at the rate just cut: they prove nothing about the new
+        rate, so they neither count as clean nor raise it.
         """
-        if self._clock() < self._paused_until:
+        if self._clock() < self._paused_until or (sent_at is not None and sent_at < self._epoch_started):
             return
         self._streak = 0
         self._clean += 1
@@ -252,6 +268,7 @@ class SubmitPacer:
         held = self._clock() - self._epoch_started >= self._hold and self._clean >= HOLD_SUBMITS
         if held and self._rate >= self._settle * self._known_bad:
             self._rate = min(self._ceiling, self._rate + PROBE * self._known_bad)
+            self._proving = 0  # a rising rate proves nothing: the settled one stays the rate known good
 
     @property
     def _settle(self) -> float:
@@ -265,16 +282,18 @@ class SubmitPacer:
         self._rate = min(self._ceiling, max(self._floor, rate))
         self._proving = self._at_rate = 0
 
-    def on_rate_limited(self, retry_after: float | None) -> float:
+    def on_rate_limited(self, retry_after: float | None, sent_at: float | None = None) -> float:
         """A submit got a 429: pause every submitter and, once per pause, cut the rate.
 
-        Returns the pause now in force, in seconds. 429s arriving during a pause answer requests sent
-        before it (in flight): they do not cut the rate again, and lengthen the pause only when their
-        own Retry-After asks for longer.
+        Returns the pause now in force, in seconds. 429s arriving during a pause, or for requests sent
+        (``sent_at``, from `send_turn`) before it began, answer requests sent at the old rate (in flight:
+        with pauses of a few slots, many such answers come after the pause is over): they do not cut the
+        rate again, and lengthen the pause only when their own Retry-After asks for longer.
         """
         self.rate_limited += 1
         now = self._clock()
-        if now >= self._paused_until:
+        echo = sent_at is not None and sent_at < self._epoch_started
+        if now >= self._paused_until and not echo:
             self._start_epoch(now, retry_after)
         elif retry_after is not None:
             self._pause(max(self._paused_until, now + self._pause_for(retry_after)))
