@@ -181,6 +181,15 @@ def clean_submits(pacer: SubmitPacer, count: int) -> None:
         pacer.on_success()
 
 
+def settled_pacer(clock: FakeClock, rate: float) -> SubmitPacer:
+    """A pacer at ``rate`` that met a 429 at once (halved, burstless) and then searched until it settled."""
+    pacer = make_pacer(clock, rate=rate)
+    pacer.on_rate_limited(1.0)
+    clock.now = 1.0
+    clean_submits(pacer, HOLD_SUBMITS * 20)
+    return pacer
+
+
 def test_clean_submits_prove_the_rate_and_move_it_halfway_to_the_refused_one() -> None:
     """After a cut, PROVE accepted submits in a row at the cut rate move it halfway back up (bisection)."""
     clock = FakeClock()
@@ -210,10 +219,7 @@ def test_the_search_settles_within_settle_of_the_refused_rate_and_holds() -> Non
     """Once a proven rate is within SETTLE of the refused one, clean submits leave it alone until the hold
     is over, however many come."""
     clock = FakeClock()
-    pacer = make_pacer(clock, rate=10.0)
-    pacer.on_rate_limited(1.0)
-    clock.now = 1.0
-    clean_submits(pacer, HOLD_SUBMITS * 20)
+    pacer = settled_pacer(clock, 10.0)
     settled = pacer.rate
     assert pacer.known_bad is not None
     assert SETTLE * pacer.known_bad <= settled < pacer.known_bad == 10.0
@@ -224,10 +230,7 @@ def test_the_search_settles_within_settle_of_the_refused_rate_and_holds() -> Non
 def test_after_the_hold_the_rate_probes_above_the_settled_level_slowly() -> None:
     """Once the hold time and submits have passed, each clean submit adds a small step, up to the ceiling."""
     clock = FakeClock()
-    pacer = make_pacer(clock, rate=10.0)
-    pacer.on_rate_limited(1.0)
-    clock.now = 1.0
-    clean_submits(pacer, HOLD_SUBMITS * 20)
+    pacer = settled_pacer(clock, 10.0)
     settled = pacer.rate
     clock.now = 1000.0
     pacer.on_success()
@@ -396,10 +399,7 @@ def test_probing_above_the_settled_rate_does_not_prove_a_higher_one() -> None:
     """The probe raises the rate a little per submit; those submits prove no rate: the rate known good
     stays the settled one (a 429 while probing may go back to it)."""
     clock = FakeClock()
-    pacer = make_pacer(clock, rate=20.0)
-    pacer.on_rate_limited(1.0)
-    clock.now = 1.0
-    clean_submits(pacer, HOLD_SUBMITS * 20)
+    pacer = settled_pacer(clock, 20.0)
     settled = pacer.rate
     assert f"known_good={settled:.4g}/s" in repr(pacer)
     clock.now = 1000.0
