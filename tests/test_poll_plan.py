@@ -313,3 +313,16 @@ def test_the_budget_is_cut_after_overspending_and_never_raised() -> None:
     for _ in range(BUDGET_AFTER):
         cheap.observe(10.0, polls=1)
     assert cheap.budget_now() == DEFAULT_BUDGET
+
+
+def test_a_prediction_far_past_the_learned_tail_is_polled_ever_more_rarely() -> None:
+    """A stuck edit at 10x the learned median: past the fitted p99 its polls come each 1.25x the age of
+    the last, not every even step for as long as it runs (56 polls before; 19 now: ~12 up to the p99)."""
+    rng = random.Random(5)
+    planner = make_planner(prior=60.0)
+    run_predictions(planner, [60.0 * math.exp(rng.gauss(0, 0.4)) for _ in range(200)])
+    polls, _ = run_predictions(planner, [600.0])
+    assert polls <= 20
+    p99 = planner.quantile(0.99)
+    assert p99 is not None
+    assert planner.next_poll(polls=5, running_at=2 * p99) == pytest.approx(2.5 * p99)

@@ -48,6 +48,11 @@ PROBES = 8  #: predictions polled at geometric times from a small start, before 
 PROBE_DIVISOR = 64.0  #: the probes start at the prior / this
 PROBE_GROWTH = 2.0  #: each probe poll comes this many times later than the last
 BLIND_GROWTH = 2.0  #: before learning, a prediction still running at its prior is polled at ages x this
+# Past the fitted p99 a prediction is a straggler (or stuck): the even steps that suit the body of the
+# distribution would poll it every step for as long as it runs (a stuck edit at 10x the median: ~30
+# polls). There the polls spread out geometrically instead, each TAIL_GROWTH times the age of the last.
+TAIL_Z = 2.326  #: the standard normal's 99th percentile
+TAIL_GROWTH = 1.25
 HOLD_LIMIT = 16.0  #: before learning, a prediction is held back (see `_blind`) up to this times the prior
 WAKE_GROWTH = 1.25  #: a waiting prediction is woken (no request) at least this often, in age ratio
 MIN_LEARNED = 3  #: completions before the fit replaces the prior
@@ -164,6 +169,9 @@ class PollPlanner:
             growth = PROBE_GROWTH if probe else BLIND_GROWTH
             return self._blind(max(running_at * growth, running_at + _TINY), probe)
         first, step = self._learned_schedule()
+        mu, sigma = self._fit
+        if running_at >= math.exp(mu + TAIL_Z * sigma):  # past the fitted tail: a straggler, or stuck
+            return max(running_at * TAIL_GROWTH, running_at + step)
         if running_at < first:  # (a poll just before a first poll that has since moved a little later:
             return max(first, running_at + 0.5 * step)  # not polled again at once)
         # the small slack: a poll made at first + k * step (rounded) must count as poll k, not k - 1
