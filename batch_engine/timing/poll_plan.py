@@ -49,7 +49,7 @@ PROBE_DIVISOR = 64.0  #: the probes start at the prior / this
 PROBE_GROWTH = 2.0  #: each probe poll comes this many times later than the last
 BLIND_GROWTH = 2.0  #: before learning, a prediction still running at its prior is polled at ages x this
 # Past the fitted p99 a prediction is a straggler (or stuck): the even steps that suit the body of the
-# distribution would poll it every step for as long as it runs (a stuck edit at 10x the median: ~30
+# distribution would poll it every step for as long as it runs (a stuck edit at 10x the median: 56
 # polls). There the polls spread out geometrically instead, each TAIL_GROWTH times the age of the last.
 TAIL_Z = 2.326  #: the standard normal's 99th percentile
 TAIL_GROWTH = 1.25
