@@ -157,7 +157,7 @@ class SubmitPacer:
         self._at_rate = 0  #: accepted submits since the rate was last set (a probe's steps do not reset it)
         self._burstless = False  #: a 429 was the first or second answer since the last one (or the start)
         self._epoch_started = -math.inf  #: when the last cut happened
-        self._hold = 0.0  #: seconds to stay at the plateau after a cut before probing above it
+        self._hold = 0.0  #: seconds to hold the settled rate after a cut before probing above it
         self._streak = 0  #: cuts in a row with no accepted submit between them
         self._last_sent = -math.inf  #: when the last request passed :meth:`send_turn`
         self._send_lock = anyio.Lock()
