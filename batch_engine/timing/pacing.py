@@ -235,9 +235,12 @@ class SubmitPacer:
                     break
                 await self._sleep(slot - now)
             # A wake-up a little late (the event loop's latency) is made up on the next one, or every
-            # late wake-up would cost the rate a few percent; one later than that starts afresh.
+            # late wake-up would cost the rate a few percent; one later than that starts afresh. Not
+            # behind a limiter with no burst: it counts each interval from the last request's arrival,
+            # so a late request earns nothing and the one after it, sent early, is refused.
             now = self._clock()
-            self._last_sent = slot if now - slot <= CATCH_UP / self._rate else now
+            catch_up = 0.0 if self._burstless else CATCH_UP / self._rate
+            self._last_sent = slot if now - slot <= catch_up else now
             return now
 
     def give_back_turn(self) -> None:
