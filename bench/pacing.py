@@ -68,6 +68,8 @@ def _adaptive_rows(name: str, runs: list[dict[str, Any]], *, rate: float) -> tup
     """The worst of the runs against its target, with the spread: a figure that holds every time."""
     steady = [_second_half_rate(run["accepted_times"]) / rate for run in runs]
     shares = [run["rate_limited_submits"] / max(1, run["submit_requests"]) for run in runs]
+    counts = [run["rate_limited_submits"] for run in runs]
+    late = [_second_half_share(run) for run in runs]
     tag = name[:2]
     rows = [
         Row(f"{name}: at {OVERSHOOT:g}R, adapt, {len(runs)} runs", ""),
@@ -84,6 +86,10 @@ def _adaptive_rows(name: str, runs: list[dict[str, Any]], *, rate: float) -> tup
             max(shares) <= TARGET_429_SHARE,
         ),
         Row(
+            f"{tag}   429s per run; 429s / attempts in the 2nd half (after the search), worst",
+            f"{' '.join(str(n) for n in counts)}; {max(late):.3f}",
+        ),
+        Row(
             f"{tag}   engine's final rate / R, per run",
             " ".join(f"{run['rate_final'] / rate:.2f}" for run in runs),
         ),
@@ -91,6 +97,7 @@ def _adaptive_rows(name: str, runs: list[dict[str, Any]], *, rate: float) -> tup
     data = {
         "steady_ratios": steady,
         "rate_limited_shares": shares,
+        "second_half_429_shares": late,
         "runs": [_summary(run) for run in runs],
     }
     return rows, data
@@ -119,12 +126,22 @@ def _run(
 
 def _summary(stats: dict[str, Any]) -> dict[str, Any]:
     keys = ("accepted", "submit_requests", "rate_limited_submits", "rate_final")
-    return {key: stats[key] for key in keys} | {"accepted_times": stats["accepted_times"]}
+    times = {key: stats[key] for key in ("accepted_times", "rate_limited_times")}
+    return {key: stats[key] for key in keys} | times
 
 
 def _overall_rate(times: list[float]) -> float:
     """Accepted submits per second over the span they cover: (n - 1) gaps in (last - first) seconds."""
     return (len(times) - 1) / (times[-1] - times[0])
+
+
+def _second_half_share(stats: dict[str, Any]) -> float:
+    """429s over submit attempts (accepted or refused) in the second half of the accepted span: what the
+    limiter costs once the search is over (the first half holds the search from 5x)."""
+    accepted: list[float] = stats["accepted_times"]
+    middle = (accepted[0] + accepted[-1]) / 2
+    refused: int = sum(t >= middle for t in stats["rate_limited_times"])
+    return refused / max(1, refused + sum(t >= middle for t in accepted))
 
 
 def _second_half_rate(times: list[float]) -> float:
