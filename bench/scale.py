@@ -163,10 +163,10 @@ def _windows() -> Iterator[dict[str, list[float]]]:
     windows: dict[str, list[float]] = {"sync": [], "reports": []}
     sync, reports = SqliteJournal.sync_manifest, report.write_reports  # the engine's write_reports
 
-    async def timed_sync(self: SqliteJournal, manifest: Manifest) -> SyncResult:
+    async def timed_sync(self: SqliteJournal, manifest: Manifest, **kwargs: Any) -> SyncResult:
         windows["sync"].append(time.perf_counter())
         try:
-            return await sync(self, manifest)
+            return await sync(self, manifest, **kwargs)
         finally:
             windows["sync"].append(time.perf_counter())
 
