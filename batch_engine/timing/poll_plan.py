@@ -36,7 +36,7 @@ from __future__ import annotations
 import functools
 import math
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from statistics import NormalDist
 
@@ -522,6 +522,83 @@ def evaluate(times: list[float], first: float, step: float) -> Schedule:
     lags.sort()
     n = len(lags)
     return Schedule(first, step, polls / n, lags[n // 2], lags[min(n - 1, int(0.9 * n))])
+
+
+def least_polls(
+    cdf: Callable[[float], float], lag: float, horizon: float, *, share: float = 0.5, per_lag: int = 12
+) -> float:
+    """The least mean polls per prediction that any polling policy needs for ``share`` of completions
+    (0.5: the median) to be seen within ``lag`` of finishing, for completion times of distribution ``cdf``
+    on ``[0, horizon]``: the floor under every schedule, even steps or not.
+
+    A poll reveals only "still running", so a policy is a fixed list of poll times per prediction,
+    ``t_1 < t_2 < ...``, possibly drawn at random per prediction. It costs ``1 + S(t_1) + ... + S(t_n)``
+    polls (S = 1 - cdf: the ones still running at a poll are polled again, at least once more) and sees
+    within ``lag`` the completions in ``(max(t_{k-1}, t_k - lag), t_k]``. Both are sums over consecutive
+    pairs of poll times, so for a price ``lam`` per unit of that share the best list is a shortest path
+    over a grid of times (``per_lag`` points per ``lag``; a step of ``lag`` or more counts the same
+    whichever earlier poll it comes from, so a running minimum covers those). The price is bisected to
+    reach ``share``, and the two lists either side of it are mixed across predictions (cost and share
+    are both means over predictions, so mixing reaches every point between): the answer is the lower
+    convex hull at ``share``, exact up to the grid. O(grid * per_lag) per price."""
+    if not (0.0 < share < 1.0) or lag <= 0 or horizon <= lag or per_lag < 1:
+        raise ValueError("need 0 < share < 1, 0 < lag < horizon and per_lag >= 1")
+    h = lag / per_lag
+    size = math.ceil(horizon / h) + 1
+    done = [min(max(cdf(i * h), 0.0), 1.0) for i in range(size)]
+    left = [1.0 - f for f in done]
+
+    def solve(price: float) -> tuple[float, float]:
+        """(polls, share seen within lag) of the best list at this price per unit of share."""
+        value = [0.0] * size  #: index 0: no poll yet (time 0)
+        cost = [0.0] * size
+        seen = [0.0] * size
+        far, far_at = math.inf, -1  #: the least value of a list ending at least ``lag`` before
+        for i in range(1, size):
+            if i - per_lag >= 0 and value[i - per_lag] < far:
+                far, far_at = value[i - per_lag], i - per_lag
+            best, at, got = math.inf, -1, 0.0
+            if far_at >= 0:
+                got = done[i] - done[i - per_lag]
+                best, at = far + left[i] - price * got, far_at
+            for j in range(max(0, i - per_lag + 1), i):
+                gain = done[i] - done[j]
+                v = value[j] + left[i] - price * gain
+                if v < best:
+                    best, at, got = v, j, gain
+            value[i], cost[i], seen[i] = best, cost[at] + left[i], seen[at] + got
+        end = min(range(1, size), key=value.__getitem__)
+        return 1.0 + cost[end], seen[end]
+
+    low, high = 0.0, 1.0
+    while solve(high)[1] < share:
+        high *= 2.0
+        if high > 1e9:
+            return math.inf  # the grid cannot see that share within lag (a horizon too short)
+    for _ in range(40):
+        mid = (low + high) / 2
+        if solve(mid)[1] >= share:
+            high = mid
+        else:
+            low = mid
+    (cost_low, seen_low), (cost_high, seen_high) = solve(low), solve(high)
+    if seen_high - seen_low < 1e-12:
+        return cost_high
+    mix = min(max((share - seen_low) / (seen_high - seen_low), 0.0), 1.0)
+    return cost_low + mix * (cost_high - cost_low)
+
+
+@functools.lru_cache(maxsize=32)
+def least_polls_lognormal(sigma: float, lag: float, share: float = 0.5) -> float:
+    """`least_polls` for a lognormal of spread ``sigma`` (median 1; ``lag`` in units of the median),
+    up to its 1 - 1e-6 quantile. At a lag of 0.12: 2.51 polls at sigma 0.4, 2.80 at 0.45, 3.12 at 0.5."""
+    _check_positive("sigma", sigma)
+    scale = 1.0 / (sigma * _SQRT2)
+
+    def cdf(t: float) -> float:
+        return 0.0 if t <= 0 else 0.5 * math.erfc(-math.log(t) * scale)
+
+    return least_polls(cdf, lag, max(math.exp(4.75 * sigma), 4.0 * lag), share=share)
 
 
 def _check_positive(name: str, value: float) -> None:
