@@ -119,11 +119,9 @@ def test_the_fit_finds_median_and_spread_from_censored_completions(
     assert learned is not None
     # Against the sample's own median (its geometric mean, what a lognormal fit estimates), not the
     # distribution's: 60 draws alone put that up to ~0.3 off (median 1, sigma 0.56, seed 352 did), which
-    # is the sample's noise, not the fit's. Over 300 random cases the fit was within 0.157 of it (0.166
-    # at a budget of 2.7); that one example, whose intervals change with the schedules, hence with the
-    # budget, 0.226 (0.138 at 2.7, 0.083 at 2.75).
+    # is the sample's noise, not the fit's. Over 300 random cases the fit was within 0.132 of it.
     sample = math.exp(sum(math.log(t) for t in times) / len(times))
-    assert abs(math.log(learned / sample)) < 0.25
+    assert abs(math.log(learned / sample)) < 0.2
 
 
 def test_quantile_is_none_before_anything_is_learned() -> None:
@@ -385,34 +383,6 @@ def test_no_even_step_schedule_beats_the_floor(sigma: float, first: float, step:
     polls, seen = _even_steps(sigma, first, step, 0.12)
     assume(0.05 < seen < 0.95)
     assert polls >= least_polls_lognormal(sigma, 0.12, share=round(seen, 6) - 1e-6) - 1e-3
-
-
-@pytest.mark.parametrize("seed", [0, 1, 2, 3])
-def test_predictions_still_running_count_in_the_fit_past_the_first_completions(seed: int) -> None:
-    """150 predictions started together (median 10 s, sigma 0.4), polled every half second from 6 s: when
-    100 are done, the 50 still running are the slow ones, and the fit still counts them (right-censored).
-    Counted only for the first 64 completions, as before, the fit said a median of 7.5-8.6 s and a
-    spread of 0.22-0.25: schedules too dense for the tail, whose polls the next predictions paid back."""
-    rng = random.Random(seed)
-    times = [10.0 * math.exp(rng.gauss(0, 0.4)) for _ in range(150)]
-    planner = make_planner(prior=10.0)
-    last = dict.fromkeys(range(150), 0.0)
-    age = 6.0
-    while planner.observed < 100:
-        for i in list(last):
-            if times[i] <= age:
-                planner.observe(age, not_done_at=last.pop(i), polls=1, key=str(i))
-                if planner.observed == 100:
-                    break
-            else:
-                planner.running(str(i), age)
-                last[i] = age
-        age += 0.5
-    median, p90 = planner.quantile(0.5), planner.quantile(0.9)
-    assert median is not None
-    assert p90 is not None
-    assert abs(math.log(median / 10.0)) < 0.1
-    assert math.log(p90 / median) / NormalDist().inv_cdf(0.9) > 0.33
 
 
 def test_the_budget_counts_the_predictions_still_in_flight() -> None:

@@ -13,12 +13,14 @@ Three sources of completion times:
   ``lo`` finished somewhere in ``(lo, hi]``. A quantile of the ``hi`` alone only ratchets up (whenever the
   first poll grows, every early finisher reports that later time), so the fit uses the intervals;
 - **sync answers**: a submit that comes back already finished is an (almost exact) free sample;
-- **the running ones**, right-censored, until the window of completions is full (``CENSORED_UNTIL``
-  completions): a prediction last seen running at age ``a`` finishes after ``a``. Without them the
-  completions so far (the quicker predictions: the slow ones are still in flight) say the model is
-  faster and narrower than it is, the schedules are too dense, and the predictions after them are
-  starved to pay the polls back. (Counting them only for the first 64 completions, a run at sigma 0.4
-  fitted 0.35-0.36 from the 64th to the 200th completion; counted throughout, 0.385-0.39.)
+- **the running ones**, right-censored, while the run is young (``CENSORED_UNTIL`` completions): a
+  prediction last seen running at age ``a`` finishes after ``a``. Without them the first completions
+  (the quickest predictions) say the model is faster than it is, the first schedules are too dense, and
+  the predictions after them are starved to pay the polls back. (They still bias the fit after that:
+  in a replay of the bench's pattern at sigma 0.4, the fit said 0.35-0.36 from the 64th to the 200th
+  completion, 0.385-0.39 with the running ones counted until 512. Counted that long, the concurrency-cap
+  test of test_in_flight failed 1 run in 3-4 (an auto cap of 260 against the API's 12), not understood
+  yet, so not done.)
 
 Before any prediction finished, a prediction that is not a probe is not polled at an age the probes
 were already seen running at (`PollPlanner._blind`): with a prior far too low, the first wave would
@@ -43,9 +45,7 @@ from dataclasses import dataclass
 from statistics import NormalDist
 
 DEFAULT_GROWTH = 1.5  #: the cadence after a user's first poll (--poll-after): interval * growth**k, capped
-#: target polls per prediction over the run (probes and the first wave included); the bench's runs at
-#: sigma 0.4 spend 2.92-2.98 with it (the in-flight ones' remaining polls are counted as one)
-DEFAULT_BUDGET = 2.8
+DEFAULT_BUDGET = 2.7  #: target polls per prediction over the run (probes and the first wave included)
 BUDGET_GAIN = 1.5  #: how hard the schedule makes up for polls spent over the budget (see `budget_now`)
 BUDGET_AFTER = 64  #: completions before `budget_now` looks at what was spent (the first are probes, quick)
 PROBES = 8  #: predictions polled at geometric times from a small start, before anything is learned
@@ -68,9 +68,7 @@ REFIT_EVERY = 8  #: past 4 * this many completions, the fit is redone every this
 #: ... or every this share of the completions seen, when more: a refit costs O(WINDOW) on the event loop
 #: (every 8 of 4,000 completions was 1 ms of CPU per item), and a long run's fit moves little
 REFIT_SHARE = 16
-#: completions until which predictions still running count in the fit (right-censored): until the window
-#: is full, the completions and the running ones are every prediction polled so far, a sample without bias
-CENSORED_UNTIL = WINDOW
+CENSORED_UNTIL = 64  #: completions until which predictions still running count in the fit (right-censored)
 CENSORED_BINS = 32  #: the running ones enter the fit as this many weighted ages at most (the fit stays cheap)
 _SIGMA_MIN, _SIGMA_MAX = 0.1, 1.5  #: the fitted spread (log seconds) is kept within these
 _SIGMA_FEW = 0.5  #: with few completions the spread is taken at least this (a narrow fit of 3 is luck)
