@@ -6,9 +6,10 @@ import heapq
 import math
 import random
 import statistics
+from statistics import NormalDist
 
 import pytest
-from hypothesis import example, given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 from batch_engine.timing.poll_plan import (
@@ -21,6 +22,8 @@ from batch_engine.timing.poll_plan import (
     _truncated_moments,
     best_schedule,
     fit_lognormal,
+    least_polls,
+    least_polls_lognormal,
 )
 
 
@@ -326,3 +329,74 @@ def test_a_prediction_far_past_the_learned_tail_is_polled_ever_more_rarely() -> 
     p99 = planner.quantile(0.99)
     assert p99 is not None
     assert planner.next_poll(polls=5, running_at=2 * p99) == pytest.approx(2.5 * p99)
+
+
+# --- the floor under every schedule ------------------------------------------------------------------
+
+
+def _uniform(t: float) -> float:
+    return min(max(t, 0.0), 1.0)
+
+
+def test_least_polls_matches_a_case_worked_by_hand() -> None:
+    """Completions uniform on (0, 1], seen within 0.1: each poll sees at most 0.1 of them within the lag,
+    and the cheapest place for a poll is late (fewer are still running to pay for it). Half within the
+    lag: polls at 0.6, 0.7, 0.8, 0.9, 1.0 cost 1 + 0.4 + 0.3 + 0.2 + 0.1 + 0 = 2.0. A quarter: two such
+    polls (1.1 for 0.2) and three (1.3 for 0.3), half the predictions each: 1.2, less than three polls'
+    1.3 for all."""
+    assert least_polls(_uniform, 0.1, 1.0) == pytest.approx(2.0, abs=1e-9)
+    assert least_polls(_uniform, 0.1, 1.0, share=0.25) == pytest.approx(1.2, abs=1e-9)
+
+
+def test_least_polls_of_the_issues_lognormal() -> None:
+    """The figures the bench prints: at a lag of 0.12 M, 2.51 polls at sigma 0.4 (the issue's spread:
+    3 polls are enough), 3.12 at sigma 0.5 (no schedule meets the target)."""
+    assert least_polls_lognormal(0.4, 0.12) == pytest.approx(2.51, abs=0.01)
+    assert least_polls_lognormal(0.5, 0.12) == pytest.approx(3.12, abs=0.01)
+    assert least_polls_lognormal(0.4, 0.12, share=0.6) > least_polls_lognormal(0.4, 0.12)
+
+
+def _even_steps(sigma: float, first: float, step: float, lag: float) -> tuple[float, float]:
+    """(mean polls, share seen within ``lag``) of ``first, first + step, ...`` for a lognormal of median
+    1, exactly from its CDF."""
+    cdf = NormalDist(0.0, sigma).cdf
+    polls, seen, before, k = 1.0, 0.0, 0.0, 0
+    while True:
+        t = first + k * step
+        done = cdf(math.log(t))
+        seen += done - cdf(math.log(max(before, t - lag))) if max(before, t - lag) > 0 else done
+        if 1.0 - done < 1e-9:
+            return polls, seen
+        polls += 1.0 - done
+        before, k = t, k + 1
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    sigma=st.sampled_from([0.3, 0.4, 0.5]),
+    first=st.floats(0.5, 1.6),
+    step=st.floats(0.05, 0.5),
+)
+def test_no_even_step_schedule_beats_the_floor(sigma: float, first: float, step: float) -> None:
+    """Any schedule (first poll, even steps) seeing a share of completions within 0.12 M spends at least
+    what `least_polls_lognormal` says that share needs."""
+    polls, seen = _even_steps(sigma, first, step, 0.12)
+    assume(0.05 < seen < 0.95)
+    assert polls >= least_polls_lognormal(sigma, 0.12, share=round(seen, 6) - 1e-6) - 1e-3
+
+
+def test_the_budget_counts_the_predictions_still_in_flight() -> None:
+    """64 quick predictions took 2 polls each (under the budget), while 40 slow ones in flight have been
+    seen running 4 times each: the run is spending over the budget, and the schedule is cut, though the
+    finished ones alone say it is under. Once they finish (or are given up), only their polls count."""
+    planner = make_planner(prior=10.0)
+    for i in range(BUDGET_AFTER):
+        planner.observe(10.0, not_done_at=9.0, polls=2, key=f"quick-{i}")
+    assert planner.budget_now() == DEFAULT_BUDGET
+    for i in range(40):
+        for k in range(4):
+            planner.running(f"slow-{i}", 10.0 + k)
+    assert planner.budget_now() < DEFAULT_BUDGET
+    for i in range(40):
+        planner.resolved(f"slow-{i}")
+    assert planner.budget_now() == DEFAULT_BUDGET

@@ -93,6 +93,7 @@ class Poller:
                     self._ctx.control.stop_now(StopReason.DISK)
                 except LeaseLost as exc:  # taken for dead: another worker polls it now
                     log.warning("%s", exc)
+                    self._queue.forget(tracked)  # (not in flight here any more: the planner's budget)
                     if tracked.slot.held:
                         tracked.slot.release()
                 except TransitionRefused as exc:
@@ -116,6 +117,7 @@ class Poller:
             # The prediction is paid for: never fail it. It stays "submitted"; the next run polls it.
             ctx.control.stop_submitting(StopReason.BALANCE)
             log.error("%s; item %s is left to the next run to poll", exc.message, tracked.item_id)
+            self._queue.forget(tracked)
             tracked.slot.release()
         except ItemRejected as exc:
             await self._fail(tracked, ItemError(exc.kind, exc.message, exc.status))
